@@ -1,0 +1,1 @@
+"""BentoML service, input validation, drift monitor and Prometheus metrics. Never imports torch."""

@@ -1,0 +1,1 @@
+"""torch: backbones, the dual-head model with its frozen simplex-ETF projector, losses and the trainer."""
