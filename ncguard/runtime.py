@@ -1,0 +1,119 @@
+"""Running an exported model with ONNX Runtime: provider choice and batched prediction.
+
+Shared by `ncguard predict`, `ncguard evaluate` and the service, so every path scores inputs
+the same way. Torch-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ConfigError, DataError, ModelError
+from .model_file import INPUT_NAME, OUTPUT_NAMES, LoadedModel, load_model
+
+log = logging.getLogger("ncguard.runtime")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+
+def select_providers(requested: str | None, available: list[str]) -> list[str]:
+    """Execution providers in preference order.
+
+    `auto` takes CUDA when onnxruntime-gpu offers it (ONNX Runtime itself falls back to CPU when no
+    GPU is present at session creation, and `Predictor.providers_` reports what was really used).
+    """
+    requested = (requested or "auto").lower()
+    if requested not in PROVIDER_CHOICES:
+        raise ConfigError(f"unknown provider {requested!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
+    if requested == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA, CPU]
+    if requested == "cuda":
+        raise ConfigError(
+            "the CUDA provider was requested but this onnxruntime offers only "
+            f"{', '.join(available)}; install onnxruntime-gpu in place of onnxruntime"
+        )
+    return [CPU]
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - depends on the installed extras
+        raise ModelError("onnxruntime is not installed: pip install 'ncguard[serve]' (or 'ncguard[gpu]')") from exc
+    return onnxruntime
+
+
+@dataclass(frozen=True)
+class Predictions:
+    logits: np.ndarray  # [N, C]
+    probabilities: np.ndarray  # [N, C]
+    ood_score: np.ndarray  # [N]
+    features: np.ndarray  # [N, D] transfer features
+    class_index: np.ndarray  # [N]
+    confidence: np.ndarray  # [N] probability of the predicted class
+    is_ood: np.ndarray  # [N] bool: score above the calibrated threshold
+
+
+class Predictor:
+    """An ONNX Runtime session over one verified ncguard model."""
+
+    def __init__(self, model: str | os.PathLike | LoadedModel, *, provider: str | None = None, threads: int | None = None):
+        self.model = model if isinstance(model, LoadedModel) else load_model(model)
+        self.metadata = self.model.metadata
+        ort = _import_onnxruntime()
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        wanted = select_providers(provider, ort.get_available_providers())
+        try:
+            self.session = ort.InferenceSession(self.model.serialized, sess_options=options, providers=wanted)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types from C++
+            raise ModelError(f"ONNX Runtime cannot load this model: {exc}") from exc
+        self.providers_ = self.session.get_providers()
+        log.info("ONNX Runtime providers: %s", ", ".join(self.providers_))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.metadata.input_shape)
+
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        """Return `x` as float32 [N, *input_shape], or raise DataError naming what is wrong."""
+        x = np.asarray(x)
+        if x.dtype.kind not in "fiu":
+            raise DataError(f"inputs must be numbers, got dtype {x.dtype}")
+        if x.shape[1:] != self.input_shape:
+            if x.shape == self.input_shape:
+                x = x[None]
+            else:
+                raise DataError(
+                    f"inputs must have shape [N, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}"
+                )
+        if len(x) == 0:
+            raise DataError("the batch is empty")
+        x = x.astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            raise DataError("inputs contain NaN or infinity")
+        return x
+
+    def predict(self, x: np.ndarray, batch_size: int = 256) -> Predictions:
+        x = self.check_input(x)
+        parts = [self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
+        logits, probabilities, ood_score, features = (np.concatenate([p[k] for p in parts]) for k in range(4))
+        class_index = probabilities.argmax(axis=1)
+        return Predictions(
+            logits=logits,
+            probabilities=probabilities,
+            ood_score=ood_score,
+            features=features,
+            class_index=class_index,
+            confidence=probabilities[np.arange(len(x)), class_index],
+            is_ood=ood_score > self.metadata.threshold,
+        )
