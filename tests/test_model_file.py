@@ -3,37 +3,20 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import DriftReference, ModelMetadata, load_model, save_model, stamp
 from ncguard.runtime import CPU, CUDA, Predictor, select_providers
+
+from . import tiny_models
 
 WEIGHT = np.array([[1.0, -1.0], [-1.0, 1.0], [0.5, 0.5]], dtype=np.float32)  # 2 features -> 3 classes
 
 
 def tiny_graph() -> onnx.ModelProto:
     """input [N,2] -> logits = x W^T, ood_score = -max logit, features = x."""
-    nodes = [
-        helper.make_node("MatMul", ["input", "weight_t"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        helper.make_node("ReduceMax", ["logits", "class_axis"], ["max_logit"], keepdims=0),
-        helper.make_node("Neg", ["max_logit"], ["ood_score"]),
-        helper.make_node("Identity", ["input"], ["features"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 2])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3]),
-            helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["N"]),
-            helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", 2]),
-        ],
-        [numpy_helper.from_array(WEIGHT.T.copy(), "weight_t"), numpy_helper.from_array(np.array([1]), "class_axis")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    return tiny_models.tiny_graph(WEIGHT, (2,))
 
 
 def metadata(**overrides) -> ModelMetadata:
