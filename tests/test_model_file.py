@@ -94,7 +94,7 @@ def test_corrupt_or_missing_files_are_refused(tmp_path, content):
 
 def test_invalid_graph_is_not_written(tmp_path):
     model = tiny_graph()
-    model.graph.node[0].input[1] = "no_such_tensor"
+    model.graph.node[1].input[1] = "no_such_tensor"
     with pytest.raises(ModelError, match="invalid ONNX graph"):
         save_model(model, tmp_path / "bad.onnx")
     assert not list(tmp_path.iterdir())
