@@ -1,0 +1,51 @@
+"""The OOD threshold, calibrated on held-out ID data only (never on OOD data).
+
+Serving flags an input when ``score > threshold``; the threshold is the smallest held-out ID
+score that keeps at least the target fraction (TPR) of ID inputs at or below it.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from ncguard.errors import ConfigError, DataError
+from ncguard.ood_metrics import check_scores
+
+
+def _check_open_unit(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 1.0:
+        raise ConfigError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def calibrate_threshold(id_scores, tpr: float = 0.95) -> float:
+    """Smallest ID score t with mean(id_scores <= t) >= tpr, so `score > t` flags <= 1 - tpr of ID.
+
+    This is the empirical quantile of type 1 (inverse of the empirical CDF), computed on the
+    exact fractions k/n so that e.g. 19 of 20 scores count as 0.95 without rounding surprises.
+    """
+    tpr = _check_open_unit(tpr, "tpr")
+    scores = np.sort(check_scores(id_scores, "id_scores"))
+    kept_fraction = np.arange(1, scores.size + 1) / scores.size
+    index = int(np.searchsorted(kept_fraction, tpr, side="left"))
+    return float(scores[min(index, scores.size - 1)])
+
+
+def split_for_calibration(n: int, fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint (fit_index, calibration_index) over range(n): a seeded random split, each sorted.
+
+    The calibration part holds round(fraction * n) samples, at least one, and the fit part keeps
+    at least one; the same (n, fraction, seed) always gives the same split.
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise ConfigError(f"n must be an integer sample count, got {n!r}")
+    if n < 2:
+        raise DataError(f"need at least 2 samples to split off a calibration set, got {n}")
+    fraction = _check_open_unit(fraction, "fraction")
+    n_calibration = min(max(int(round(fraction * n)), 1), n - 1)
+    permutation = np.random.default_rng(seed).permutation(int(n))
+    calibration_index = np.sort(permutation[:n_calibration])
+    fit_index = np.sort(permutation[n_calibration:])
+    return fit_index, calibration_index
