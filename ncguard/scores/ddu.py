@@ -1,0 +1,67 @@
+"""Gaussian discriminant density (Mukhoti, Kirsch, van Amersfoort, Torr & Gal, "Deep
+Deterministic Uncertainty: A New Simple Baseline", CVPR 2023)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from .base import Detector, logsumexp
+
+# Jitter added to a class covariance's diagonal: the first that makes it positive definite
+# wins. DDU walks a ladder of powers of ten; 1e-12 is about where float64 round-off in a
+# unit-scale covariance ends, and 1 is the most that still leaves the density meaningful.
+JITTER_LADDER = (0.0,) + tuple(10.0**exponent for exponent in range(-12, 1))
+
+
+def smallest_jitter_cholesky(covariance: np.ndarray) -> tuple[float, np.ndarray]:
+    """(jitter, L) with L L^T = covariance + jitter I, for the smallest jitter on the ladder."""
+    identity = np.eye(covariance.shape[0])
+    for jitter in JITTER_LADDER:
+        try:
+            return jitter, np.linalg.cholesky(covariance + jitter * identity)
+        except np.linalg.LinAlgError:
+            continue
+    raise DataError(f"a class covariance stays non-positive-definite even with jitter {JITTER_LADDER[-1]}")
+
+
+class DDU(Detector):
+    """score = -log sum_c pi_c N(v; mu_c, Sigma_c + j_c I).
+
+    pi_c are the class priors (counts / N), Sigma_c the per-class full (maximum-likelihood)
+    covariances and j_c the smallest jitter from `JITTER_LADDER` that makes the Cholesky
+    factorisation succeed, chosen per class (a class with few samples needs more than a
+    well-populated one). With L_c the Cholesky factor, log N = -(D log 2 pi + 2 sum log diag L_c
+    + ||L_c^-1 (v - mu_c)||^2) / 2, and the mixture is summed with logsumexp, so nothing under-
+    or overflows. `whitening_` stores L_c^-1 so scoring is a matrix product per class.
+    """
+
+    name = "ddu"
+    uses_features = True
+
+    def _fit(self, stats, weight, bias):
+        if not hasattr(stats, "class_covariances_"):
+            raise ConfigError("the 'ddu' score needs per-class covariances: fit the statistics with per_class_covariance=True")
+        n_classes, width = stats.means_.shape
+        self.means_ = stats.means_.copy()
+        self.whitening_ = np.empty((n_classes, width, width))
+        self.jitters_ = np.empty(n_classes)
+        log_det = np.empty(n_classes)
+        for c in range(n_classes):
+            jitter, cholesky = smallest_jitter_cholesky(stats.class_covariances_[c])
+            self.jitters_[c] = jitter
+            self.whitening_[c] = np.linalg.inv(cholesky)
+            log_det[c] = 2.0 * np.log(np.diag(cholesky)).sum()
+        priors = stats.counts_ / stats.counts_.sum()
+        # Everything in log N that does not depend on v, plus the log prior.
+        self.log_weights_ = np.log(priors) - 0.5 * (width * np.log(2.0 * np.pi) + log_det)
+
+    def _feature_width(self):
+        return self.means_.shape[1]
+
+    def _score(self, features, logits):
+        log_joint = np.empty((features.shape[0], self.means_.shape[0]))
+        for c, (mean, whitening) in enumerate(zip(self.means_, self.whitening_)):
+            whitened = (features - mean) @ whitening.T
+            log_joint[:, c] = self.log_weights_[c] - 0.5 * (whitened**2).sum(axis=1)
+        return -logsumexp(log_joint)
