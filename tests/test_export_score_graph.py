@@ -1,0 +1,177 @@
+"""The ONNX score graphs against the NumPy reference detectors, for every score (torch-free)."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+from sklearn.linear_model import LogisticRegression
+
+from export.parity import SCORE_RTOL, compare_scores
+from export.score_graph import SCORE_GRAPHS, append_ood_head
+from ncguard.errors import ConfigError, ModelError
+from ncguard.ood_metrics import auroc
+from ncguard.scores import SCORES, make_detector
+from ncguard.stats import ClassStatistics
+
+N_CLASSES, WIDTH = 5, 24
+
+
+def collapsed_features(n, rng, spread=0.25):
+    """Detection-head-like features: unit vectors scattered around C simplex directions."""
+    directions = np.sqrt(N_CLASSES / (N_CLASSES - 1)) * (np.eye(N_CLASSES) - 1.0 / N_CLASSES)
+    directions = np.c_[directions, np.zeros((N_CLASSES, WIDTH - N_CLASSES))]
+    labels = np.r_[np.arange(N_CLASSES), rng.integers(0, N_CLASSES, n - N_CLASSES)]
+    raw = directions[labels] + spread * rng.standard_normal((n, WIDTH)) / np.sqrt(WIDTH)
+    return raw / np.linalg.norm(raw, axis=1, keepdims=True), labels
+
+
+@pytest.fixture(scope="module")
+def setting():
+    rng = np.random.default_rng(0)
+    train, labels = collapsed_features(2000, rng)
+    stats = ClassStatistics(N_CLASSES, bank_size=1000, seed=3).fit(train, labels)
+    classifier = LogisticRegression(C=10.0, max_iter=2000).fit(train, labels)
+    weight, bias = classifier.coef_, classifier.intercept_
+    id_features = collapsed_features(300, rng)[0].astype(np.float32)
+    ood_raw = rng.standard_normal((300, WIDTH))
+    ood_features = (ood_raw / np.linalg.norm(ood_raw, axis=1, keepdims=True)).astype(np.float32)
+    return stats, weight, bias, id_features, ood_features
+
+
+def scoring_graph(opset: int) -> onnx.ModelProto:
+    """A graph whose inputs are the features and the logits, and no nodes yet."""
+    inputs = [
+        helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", WIDTH]),
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", N_CLASSES]),
+    ]
+    graph = helper.make_graph([], "scores", inputs, [])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+def run(model: onnx.ModelProto, **feeds) -> np.ndarray:
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    return session.run(["ood_score"], {k: v for k, v in feeds.items() if k in wanted})[0]
+
+
+def test_every_score_has_a_graph():
+    assert set(SCORE_GRAPHS) == set(SCORES)
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("name", sorted(SCORES))
+def test_graph_matches_reference_and_keeps_the_ranking(name, opset, setting):
+    stats, weight, bias, id_features, ood_features = setting
+    detector = make_detector(name).fit(stats, weight, bias)
+    model = append_ood_head(scoring_graph(opset), detector, features="features", logits="logits")
+    for features in (id_features, ood_features):
+        logits = (features.astype(np.float64) @ weight.T + bias).astype(np.float32)
+        graph_scores = run(model, features=features, logits=logits)
+        assert graph_scores.dtype == np.float32 and graph_scores.shape == (len(features),)
+        reference = detector.score(features=features, logits=logits)
+        result = compare_scores(name, reference, graph_scores, width=WIDTH)
+        assert result.worst_ratio < 0.1, result.describe()  # 10x margin inside the tolerance
+    id_logits = (id_features.astype(np.float64) @ weight.T + bias).astype(np.float32)
+    ood_logits = (ood_features.astype(np.float64) @ weight.T + bias).astype(np.float32)
+    reference_auroc = auroc(detector.score(features=id_features, logits=id_logits), detector.score(features=ood_features, logits=ood_logits))
+    graph_auroc = auroc(run(model, features=id_features, logits=id_logits), run(model, features=ood_features, logits=ood_logits))
+    assert abs(graph_auroc - reference_auroc) <= 1.0 / (len(id_features) * len(ood_features))  # at most one pair swapped
+
+
+@pytest.mark.parametrize("name", ["etf", "mahalanobis", "knn", "vim", "ddu"])
+def test_parity_check_catches_a_graph_built_from_other_statistics(name, setting):
+    """The tolerance is tight enough to see a graph whose parameters are slightly off."""
+    stats, weight, bias, id_features, _ = setting
+    rng = np.random.default_rng(1)
+    train, labels = collapsed_features(2000, rng, spread=0.3)
+    other = ClassStatistics(N_CLASSES, bank_size=1000, seed=3).fit(train, labels)
+    detector = make_detector(name).fit(stats, weight, bias)
+    wrong = append_ood_head(scoring_graph(18), make_detector(name).fit(other, weight, bias), features="features", logits="logits")
+    logits = (id_features.astype(np.float64) @ weight.T + bias).astype(np.float32)
+    with pytest.raises(ModelError, match="parity check failed"):
+        compare_scores(name, detector.score(features=id_features, logits=logits), run(wrong, features=id_features, logits=logits), width=WIDTH)
+
+
+def test_tolerance_is_relative_to_the_scores_spread():
+    reference = np.array([1.0, 2.0, 3.0])
+    compare_scores("energy", reference, reference * (1 + SCORE_RTOL / 2))
+    with pytest.raises(ModelError):
+        compare_scores("energy", reference, reference * (1 + 3 * SCORE_RTOL))
+
+
+def foreign_classifier(weight: np.ndarray, input_shape, opset: int) -> onnx.ModelProto:
+    """A classifier as someone else might export it: its own tensor names, no OOD score."""
+    n_classes, width = weight.shape
+    nodes = [
+        helper.make_node("Flatten", ["pixels"], ["embedding"], axis=1),
+        helper.make_node("MatMul", ["embedding", "w"], ["class_logits"]),
+        helper.make_node("Softmax", ["class_logits"], ["probs"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "foreign",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", *input_shape])],
+        [
+            helper.make_tensor_value_info("class_logits", TensorProto.FLOAT, ["batch", n_classes]),
+            helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", n_classes]),
+        ],
+        [onnx.numpy_helper.from_array(weight.T.astype(np.float32), "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18])
+@pytest.mark.parametrize("name", ["mahalanobis", "vim"])
+def test_head_appends_to_a_foreign_classifier(name, opset):
+    """Bring your own model: a graph not written by ncguard keeps its outputs and gains ood_score."""
+    rng = np.random.default_rng(2)
+    input_shape = (1, 4, 4)
+    weight = rng.normal(size=(3, 16))
+    model = foreign_classifier(weight, input_shape, opset)
+    x = rng.random((64, *input_shape)).astype(np.float32)
+    features = x.reshape(64, -1).astype(np.float64)
+    stats = ClassStatistics(3, bank_size=64).fit(features, (features @ weight.T).argmax(axis=1))
+    detector = make_detector(name).fit(stats, weight, np.zeros(3))
+    wrapped = append_ood_head(model, detector, features="embedding", logits="class_logits")
+    onnx.checker.check_model(wrapped, full_check=True)
+    assert [o.name for o in wrapped.graph.output] == ["class_logits", "probs", "ood_score"]
+    assert wrapped.graph.output[2].type.tensor_type.shape.dim[0].dim_param == "batch"
+    session = ort.InferenceSession(wrapped.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits, score = session.run(["class_logits", "ood_score"], {"pixels": x})
+    np.testing.assert_allclose(logits, features @ weight.T, rtol=1e-4, atol=1e-4)
+    compare_scores(name, detector.score(features=features, logits=logits), score, width=16)
+    assert len(model.graph.node) == 3  # the input model is left untouched
+
+
+def test_half_precision_features_are_cast_and_any_rank_is_flattened(setting):
+    stats, weight, bias, id_features, _ = setting
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["features16", "shape"], ["maps"])],
+        "half",
+        [helper.make_tensor_value_info("features16", TensorProto.FLOAT16, ["N", WIDTH])],
+        [],
+        [onnx.numpy_helper.from_array(np.array([-1, WIDTH, 1, 1], dtype=np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    detector = make_detector("etf").fit(stats)
+    wrapped = append_ood_head(model, detector, features="maps")
+    half = id_features.astype(np.float16)
+    scores = run(wrapped, features16=half)
+    compare_scores("etf", detector.score(features=half.astype(np.float64)), scores, width=WIDTH)
+
+
+def test_bad_requests_are_clear_errors(setting):
+    stats, weight, bias, *_ = setting
+    fitted = make_detector("etf").fit(stats)
+    with pytest.raises(ConfigError, match="must be fitted"):
+        append_ood_head(scoring_graph(18), make_detector("etf"), features="features")
+    with pytest.raises(ModelError, match="no tensor named 'nope'"):
+        append_ood_head(scoring_graph(18), fitted, features="nope")
+    with pytest.raises(ConfigError, match="reads features"):
+        append_ood_head(scoring_graph(18), fitted, logits="logits")
+    with pytest.raises(ModelError, match="already has a tensor named 'logits'"):
+        append_ood_head(scoring_graph(18), fitted, features="features", output="logits")
+    with pytest.raises(ModelError, match="opset 12"):
+        append_ood_head(scoring_graph(12), fitted, features="features")
