@@ -1,0 +1,107 @@
+"""`ncguard serve MODEL.onnx`: check the model and the options, then run BentoML's server.
+
+Everything is checked before BentoML starts, so a wrong path, a foreign file or a busy port is a
+one-line error, not a worker crash log. Options reach the workers as environment variables
+(serving.settings), the same ones a Bento reads. Also runnable as `python -m serving.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+from ncguard.errors import ConfigError, NcguardError
+from ncguard.model_file import load_model
+from ncguard.runtime import PROVIDER_CHOICES
+
+from . import settings as s
+
+SERVICE_IMPORT = "serving.service:NcguardService"
+ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the `serving` package
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `ncguard serve` (ncguard/cli.py declares the same ones)."""
+    p.add_argument("model", help="exported .onnx model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--workers", type=int, default=1, help="worker processes, each with its own ONNX Runtime session")
+    p.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES, help="ONNX Runtime execution provider")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per worker (default: CPU cores / workers)")
+    p.add_argument("--max-batch-inputs", type=int, default=None, help=f"inputs allowed per request (default {s.DEFAULT_MAX_BATCH_INPUTS})")
+    p.add_argument("--max-body-bytes", type=int, default=None, help=f"request body size limit (default {s.DEFAULT_MAX_BODY_BYTES})")
+
+
+def _check_port(host: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port} is not a TCP port (1-65535)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server running there?)") from None
+
+
+def serve_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The variables that carry the command's options to BentoML's worker processes."""
+    workers = int(args.workers)
+    if workers < 1:
+        raise ConfigError(f"--workers {workers} must be at least 1")
+    threads = getattr(args, "threads", None)
+    if threads is None and workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)  # one session per worker: share the cores
+    env = {
+        s.MODEL_ENV: str(Path(args.model).resolve()),
+        s.WORKERS_ENV: str(workers),
+        s.PROVIDER_ENV: getattr(args, "provider", None) or os.environ.get(s.PROVIDER_ENV, "auto"),
+    }
+    optional = {
+        s.THREADS_ENV: threads,
+        s.MAX_BATCH_INPUTS_ENV: getattr(args, "max_batch_inputs", None),
+        s.MAX_BODY_BYTES_ENV: getattr(args, "max_body_bytes", None),
+    }
+    env.update({name: str(value) for name, value in optional.items() if value is not None})
+    s.ServeSettings.from_env({**os.environ, **env})  # ConfigError now rather than in every worker
+    return env
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    loaded = load_model(args.model)  # ModelError for a missing, foreign or tampered file
+    env = serve_environment(args)
+    _check_port(args.host, args.port)
+    os.environ.update(env)
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage reporting: the server may have no network
+    meta = loaded.metadata
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"serving {meta.name} ({len(meta.classes)} classes, score {meta.score}, threshold {meta.threshold:.6g}) "
+        f"at http://{shown_host}:{args.port} with {env[s.WORKERS_ENV]} worker(s): "
+        "POST /predict, POST /predict_image, GET /model, /metrics, /readyz; Ctrl+C stops",
+        flush=True,
+    )
+    import bentoml
+
+    bentoml.serve(SERVICE_IMPORT, working_dir=str(ROOT), host=args.host, port=args.port, blocking=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.cli", description="serve an exported model over HTTP with BentoML")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_serve(args)
+    except NcguardError as exc:
+        print(f"ncguard serve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The BentoML service: one verified ncguard model behind /predict, /predict_image and /model.
+
+Request flow. The public routes are a small Starlette app mounted into the service, so that every
+refusal (malformed JSON, a missing field, an oversized body, a broken image) becomes a 4xx with
+`{"error": ...}` that we word and count; BentoML's own request parsing answers some of these with
+its generic validation text or a 500. Validated arrays then go through the service's batchable
+method `infer_batch` via the service's self-proxy (`self.to_async.infer_batch`), which is how
+BentoML 1.4 lets one endpoint reach a batchable one in the same process: the call enters BentoML's
+adaptive-batching dispatcher, which merges rows from concurrent requests into one ONNX Runtime call.
+(`bentoml.depends` on a second service would batch too, but costs a process hop and pickles.)
+
+`infer_batch` is also reachable at POST /infer_batch (BentoML exposes every api); it re-checks its
+input with the same `Predictor.check_input`, so direct callers get a 400, never a 5xx.
+
+Options come from the environment (serving.settings), set by `ncguard serve` or by hand.
+Never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import bentoml
+import numpy as np
+import pydantic
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from ncguard.runtime import Predictor
+
+from .limits import BodySizeLimit
+from .metrics import count_rejection
+from .model_source import resolve_model_path
+from .settings import ServeSettings
+from .validation import Rejected, decode_images, parse_json_inputs
+
+log = logging.getLogger("ncguard.serving")
+
+settings = ServeSettings.from_env()
+
+INFER_ROUTE = "/infer_batch"
+IMAGE_TYPES = ("image/png", "image/jpeg")
+# The self-proxy re-encodes validated float32 rows as JSON, which can take several times the bytes
+# of the client's own JSON ("0.1" comes back as 0.10000000149011612), so the internal route gets room.
+INFER_BODY_FACTOR = 8
+
+
+class Prediction(pydantic.BaseModel):
+    label: str
+    class_index: int
+    confidence: float
+    ood_score: float
+    is_ood: bool
+
+
+def _current() -> "NcguardService | None":
+    try:
+        return bentoml.get_current_service()
+    except Exception:  # no instance yet (during start-up)
+        return None
+
+
+def _model_label() -> str:
+    service = _current()
+    return service.model_name if service is not None else "unknown"
+
+
+def _check_infer_rows(x: np.ndarray) -> np.ndarray:
+    """Validation of /infer_batch input: the same check as /predict, so direct callers get a 400."""
+    service = _current()
+    if service is None:
+        return x
+    if x.ndim >= 1 and len(x) > settings.max_batch_inputs:
+        raise ValueError(f"the batch has {len(x)} inputs, more than the {settings.max_batch_inputs} allowed per request")
+    return service.predictor.check_input(x)
+
+
+async def _predict_route(request: Request) -> JSONResponse:
+    service = _current()
+    try:
+        x = parse_json_inputs(await request.body(), service.predictor, settings.max_batch_inputs)
+    except Rejected as exc:
+        return service.refuse(exc)
+    return await service.answer(x)
+
+
+async def _read_image_files(request: Request) -> list[tuple[str, bytes]]:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type in IMAGE_TYPES:
+        return [("body", await request.body())]
+    if content_type != "multipart/form-data":
+        raise Rejected(
+            "missing_field",
+            f"send images as multipart/form-data (curl -F image=@photo.png) or one image as the body with "
+            f"Content-Type {' or '.join(IMAGE_TYPES)}; got Content-Type {content_type or 'none'!r}",
+            415,
+        )
+    # The body size is already capped by BodySizeLimit; these caps only keep the parser in step with it.
+    try:
+        form = await request.form(max_files=10_000, max_fields=10_000, max_part_size=settings.max_body_bytes)
+    except (HTTPException, MultiPartException) as exc:
+        raise Rejected("malformed_multipart", f"the multipart body cannot be read: {getattr(exc, 'detail', None) or exc}", 400) from None
+    try:
+        return [(value.filename or key, await value.read()) for key, value in form.multi_items() if isinstance(value, UploadFile)]
+    finally:
+        await form.close()
+
+
+async def _predict_image_route(request: Request) -> JSONResponse:
+    service = _current()
+    try:
+        files = await _read_image_files(request)
+        x = decode_images(files, service.predictor, max_inputs=settings.max_batch_inputs, max_pixels=settings.max_image_pixels)
+    except Rejected as exc:
+        return service.refuse(exc)
+    return await service.answer(x)
+
+
+async def _model_route(request: Request) -> JSONResponse:
+    return JSONResponse(_current().model_description())
+
+
+routes = Starlette(
+    routes=[
+        Route("/predict", _predict_route, methods=["POST"]),
+        Route("/predict_image", _predict_image_route, methods=["POST"]),
+        Route("/model", _model_route, methods=["GET"]),
+    ]
+)
+
+
+@bentoml.service(name="ncguard", workers=settings.workers, traffic={"timeout": 60})
+@bentoml.asgi_app(routes, path="/")
+class NcguardService:
+    """Loads the model once per worker; every public route ends in `answer`."""
+
+    def __init__(self) -> None:
+        path = resolve_model_path(settings)
+        self.predictor = Predictor(path, provider=settings.provider, threads=settings.threads)
+        self.metadata = self.predictor.metadata
+        self.model_name = self.metadata.name
+        log.info("serving %s (%s, score %s, threshold %.6g) from %s", self.model_name, self.metadata.version, self.metadata.score, self.metadata.threshold, path)
+
+    @bentoml.api(
+        route=INFER_ROUTE,
+        batchable=True,
+        batch_dim=(0, 0),
+        max_batch_size=settings.batch_size,
+        max_latency_ms=settings.batch_latency_ms,
+    )
+    def infer_batch(self, inputs: Annotated[np.ndarray, pydantic.AfterValidator(_check_infer_rows)]) -> list[Prediction]:
+        """Score float32 rows [N, *input_shape] (internal: /predict and /predict_image call this)."""
+        result = self.predictor.predict(inputs, batch_size=max(len(inputs), 1))
+        classes = self.metadata.classes
+        return [
+            Prediction(
+                label=classes[int(index)],
+                class_index=int(index),
+                confidence=float(confidence),
+                ood_score=float(score),
+                is_ood=bool(flag),
+            )
+            for index, confidence, score, flag in zip(result.class_index, result.confidence, result.ood_score, result.is_ood)
+        ]
+
+    async def answer(self, x: np.ndarray) -> JSONResponse:
+        from bentoml.exceptions import BentoMLException
+
+        try:
+            predictions = await self.to_async.infer_batch(inputs=x)
+        except BentoMLException as exc:  # e.g. 503 when the batching queue is over its latency budget
+            status = int(exc.error_code)
+            log.warning("inference failed with HTTP %d: %s", status, exc)
+            return JSONResponse({"error": f"the model could not answer: {exc}"}, status_code=status)
+        rows = [p.model_dump() if isinstance(p, pydantic.BaseModel) else dict(p) for p in predictions]
+        return JSONResponse({"predictions": rows, "model": self.model_name, "threshold": self.metadata.threshold})
+
+    def refuse(self, exc: Rejected) -> JSONResponse:
+        count_rejection(self.model_name, exc.reason)
+        log.debug("rejected (%s): %s", exc.reason, exc)
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    def model_description(self) -> dict:
+        meta = self.metadata
+        return {
+            "name": meta.name,
+            "version": meta.version,
+            "classes": list(meta.classes),
+            "input_shape": list(meta.input_shape),
+            "score": meta.score,
+            "threshold": meta.threshold,
+        }
+
+
+def _body_limit(path: str) -> int:
+    factor = INFER_BODY_FACTOR if path.rstrip("/") == INFER_ROUTE else 1
+    return settings.max_body_bytes * factor
+
+
+NcguardService.add_asgi_middleware(
+    BodySizeLimit,
+    limit_for_path=_body_limit,
+    on_reject=lambda: count_rejection(_model_label(), "body_too_large"),
+)

@@ -1,0 +1,88 @@
+"""What the service is told through its environment, read and checked in one place.
+
+`ncguard serve` sets these variables before BentoML starts its workers; a Bento (or a plain
+`bentoml serve serving.service:NcguardService`) reads the same ones, so every way of starting the
+service takes the same options. Torch-free and cheap: read at import time by serving.service.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from ncguard.errors import ConfigError
+from ncguard.runtime import PROVIDER_CHOICES
+
+MODEL_ENV = "NCGUARD_MODEL"  # path of an exported .onnx file
+MODEL_TAG_ENV = "NCGUARD_MODEL_TAG"  # a tag in BentoML's model store (used when MODEL_ENV is unset)
+DEFAULT_MODEL_TAG = "ncguard-model:latest"  # what bentofile.yaml packs into the Bento
+WORKERS_ENV = "NCGUARD_WORKERS"
+PROVIDER_ENV = "NCGUARD_PROVIDER"
+THREADS_ENV = "NCGUARD_THREADS"
+MAX_BATCH_INPUTS_ENV = "NCGUARD_MAX_BATCH_INPUTS"
+MAX_BODY_BYTES_ENV = "NCGUARD_MAX_BODY_BYTES"
+MAX_IMAGE_PIXELS_ENV = "NCGUARD_MAX_IMAGE_PIXELS"
+BATCH_SIZE_ENV = "NCGUARD_BATCH_SIZE"
+BATCH_LATENCY_MS_ENV = "NCGUARD_BATCH_LATENCY_MS"
+
+# Adaptive batching defaults, chosen from benchmarks/serving (see benchmarks/results/serving.md):
+# 64 rows is where ONNX Runtime's per-row cost on the reference models stops falling, and a
+# latency ceiling of 1 s leaves the dispatcher room under load (a tight ceiling such as 10 ms
+# makes BentoML shed requests with 503 as soon as a queue forms) while it still releases a
+# lone request at once.
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_LATENCY_MS = 1000
+DEFAULT_MAX_BATCH_INPUTS = 256
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number") from None
+    if value < 1:
+        raise ConfigError(f"{name}={value} must be at least 1")
+    return value
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model_path: str | None
+    model_tag: str
+    workers: int
+    provider: str
+    threads: int | None  # ONNX Runtime intra-op threads per worker; None lets ONNX Runtime decide
+    max_batch_inputs: int  # inputs one request may carry
+    max_body_bytes: int
+    max_image_pixels: int
+    batch_size: int  # adaptive batching: most rows in one ONNX Runtime call
+    batch_latency_ms: int  # adaptive batching: latency ceiling before BentoML sheds load
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServeSettings":
+        environ = os.environ if environ is None else environ
+        provider = environ.get(PROVIDER_ENV, "").strip().lower() or "auto"
+        if provider not in PROVIDER_CHOICES:
+            raise ConfigError(f"{PROVIDER_ENV}={provider!r}: choose one of {', '.join(PROVIDER_CHOICES)}")
+        threads = environ.get(THREADS_ENV, "").strip()
+        batch_size = _positive_int(environ, BATCH_SIZE_ENV, DEFAULT_BATCH_SIZE)
+        if batch_size < 2:
+            raise ConfigError(f"{BATCH_SIZE_ENV}={batch_size}: adaptive batching needs a batch size of at least 2")
+        return cls(
+            model_path=environ.get(MODEL_ENV, "").strip() or None,
+            model_tag=environ.get(MODEL_TAG_ENV, "").strip() or DEFAULT_MODEL_TAG,
+            workers=_positive_int(environ, WORKERS_ENV, 1),
+            provider=provider,
+            threads=_positive_int(environ, THREADS_ENV, 1) if threads else None,
+            max_batch_inputs=_positive_int(environ, MAX_BATCH_INPUTS_ENV, DEFAULT_MAX_BATCH_INPUTS),
+            max_body_bytes=_positive_int(environ, MAX_BODY_BYTES_ENV, DEFAULT_MAX_BODY_BYTES),
+            max_image_pixels=_positive_int(environ, MAX_IMAGE_PIXELS_ENV, DEFAULT_MAX_IMAGE_PIXELS),
+            batch_size=batch_size,
+            batch_latency_ms=_positive_int(environ, BATCH_LATENCY_MS_ENV, DEFAULT_BATCH_LATENCY_MS),
+        )
