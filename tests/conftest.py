@@ -1,0 +1,37 @@
+"""Shared fixtures. The model the serving tests run against is chosen in ONE place: `served_model_path`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import write_tiny_model
+
+# Limits of the test server, small so that the limit tests send small requests.
+SERVER_LIMITS = {
+    "NCGUARD_MAX_BATCH_INPUTS": "64",
+    "NCGUARD_MAX_BODY_BYTES": str(512 * 1024),
+    "NCGUARD_MAX_IMAGE_PIXELS": str(256 * 256),
+}
+
+
+@pytest.fixture(scope="session")
+def served_model_path(tmp_path_factory) -> Path:
+    """The model every serving test serves.
+
+    For now a hand-built tiny model (8x8 grayscale input, 3 classes); switch this fixture to the
+    digits model from `ncguard export` (of `ncguard train --data digits`) when it exists.
+    """
+    return write_tiny_model(tmp_path_factory.mktemp("served-model") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def server(served_model_path, tmp_path_factory):
+    """A real `ncguard serve` on a free 127.0.0.1 port, one per test module; yields a ready client."""
+    from ncguard.client import local_server
+
+    bentoml_home = tmp_path_factory.mktemp("bentoml-home")
+    env = {**SERVER_LIMITS, "BENTOML_HOME": str(bentoml_home)}
+    with local_server(served_model_path, env=env, ready_timeout=120) as client:
+        yield client
