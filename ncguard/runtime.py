@@ -62,23 +62,41 @@ class Predictions:
     is_ood: np.ndarray  # [N] bool: score above the calibrated threshold
 
 
+def open_session(serialized: bytes, *, provider: str | None = None, threads: int | None = None):
+    """An ONNX Runtime InferenceSession on the selected providers, for any serialized graph.
+
+    Predictor uses it for verified ncguard models; the exporter uses it for its parity checks on
+    a graph before metadata is stamped, so both run on the same providers and options.
+    """
+    ort = _import_onnxruntime()
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    wanted = select_providers(provider, ort.get_available_providers())
+    try:
+        session = ort.InferenceSession(serialized, sess_options=options, providers=wanted)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types from C++
+        raise ModelError(f"ONNX Runtime cannot load this model: {exc}") from exc
+    log.info("ONNX Runtime providers: %s", ", ".join(session.get_providers()))
+    return session
+
+
+def run_batched(session, x: np.ndarray, names: list[str] | tuple[str, ...], batch_size: int = 256) -> list[np.ndarray]:
+    """The named outputs for x [N, ...], fed to `session` batch_size rows at a time."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    parts = [session.run(list(names), {INPUT_NAME: x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
+    return [np.concatenate([p[k] for p in parts]) for k in range(len(names))]
+
+
 class Predictor:
     """An ONNX Runtime session over one verified ncguard model."""
 
     def __init__(self, model: str | os.PathLike | LoadedModel, *, provider: str | None = None, threads: int | None = None):
         self.model = model if isinstance(model, LoadedModel) else load_model(model)
         self.metadata = self.model.metadata
-        ort = _import_onnxruntime()
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        wanted = select_providers(provider, ort.get_available_providers())
-        try:
-            self.session = ort.InferenceSession(self.model.serialized, sess_options=options, providers=wanted)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types from C++
-            raise ModelError(f"ONNX Runtime cannot load this model: {exc}") from exc
+        self.session = open_session(self.model.serialized, provider=provider, threads=threads)
         self.providers_ = self.session.get_providers()
-        log.info("ONNX Runtime providers: %s", ", ".join(self.providers_))
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -105,8 +123,7 @@ class Predictor:
 
     def predict(self, x: np.ndarray, batch_size: int = 256) -> Predictions:
         x = self.check_input(x)
-        parts = [self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x[i : i + batch_size]}) for i in range(0, len(x), batch_size)]
-        logits, probabilities, ood_score, features = (np.concatenate([p[k] for p in parts]) for k in range(4))
+        logits, probabilities, ood_score, features = run_batched(self.session, x, OUTPUT_NAMES, batch_size)
         class_index = probabilities.argmax(axis=1)
         return Predictions(
             logits=logits,
