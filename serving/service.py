@@ -18,13 +18,16 @@ Never imports torch.
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Annotated
+import sys
+from typing import Annotated, Awaitable, Callable
 
 import bentoml
 import numpy as np
 import pydantic
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
@@ -81,12 +84,28 @@ def _check_infer_rows(x: np.ndarray) -> np.ndarray:
     return service.predictor.check_input(x)
 
 
+def _json_errors(route: Callable[[Request], Awaitable[JSONResponse]]) -> Callable[[Request], Awaitable[JSONResponse]]:
+    """Refusals become their 4xx; anything else is our bug: logged, and a JSON 500 without internals."""
+
+    @functools.wraps(route)
+    async def wrapped(request: Request) -> JSONResponse:
+        try:
+            return await route(request)
+        except Rejected as exc:
+            return _current().refuse(exc)
+        except Exception:
+            log.exception("unexpected error on %s", request.url.path)
+            return JSONResponse({"error": "internal error in the ncguard service; see its log"}, status_code=500)
+
+    return wrapped
+
+
+@_json_errors
 async def _predict_route(request: Request) -> JSONResponse:
     service = _current()
-    try:
-        x = parse_json_inputs(await request.body(), service.predictor, settings.max_batch_inputs)
-    except Rejected as exc:
-        return service.refuse(exc)
+    body = await request.body()
+    # parsing and checking run off the event loop, which also runs BentoML's batching dispatcher
+    x = await run_in_threadpool(parse_json_inputs, body, service.predictor, settings.max_batch_inputs)
     return await service.answer(x)
 
 
@@ -112,16 +131,17 @@ async def _read_image_files(request: Request) -> list[tuple[str, bytes]]:
         await form.close()
 
 
+@_json_errors
 async def _predict_image_route(request: Request) -> JSONResponse:
     service = _current()
-    try:
-        files = await _read_image_files(request)
-        x = decode_images(files, service.predictor, max_inputs=settings.max_batch_inputs, max_pixels=settings.max_image_pixels)
-    except Rejected as exc:
-        return service.refuse(exc)
+    files = await _read_image_files(request)
+    x = await run_in_threadpool(
+        functools.partial(decode_images, files, service.predictor, max_inputs=settings.max_batch_inputs, max_pixels=settings.max_image_pixels)
+    )
     return await service.answer(x)
 
 
+@_json_errors
 async def _model_route(request: Request) -> JSONResponse:
     return JSONResponse(_current().model_description())
 
@@ -169,15 +189,37 @@ class NcguardService:
             for index, confidence, score, flag in zip(result.class_index, result.confidence, result.ood_score, result.is_ood)
         ]
 
+    def _self_client(self):
+        """The service's own async client (BentoML's self-proxy), with session recycling turned off.
+
+        BentoML 1.4.30+ recycles the proxy's aiohttp session every 100 requests or 5 minutes and
+        closes the old one with requests still in flight, which fails them under concurrent load
+        ("Server disconnected"; bentoml/BentoML#5544, #5698). The self-proxy talks to this process
+        in memory, so there is nothing to gain from recycling: keep one session for the worker's life.
+        """
+        client = self.to_async
+        manager = getattr(client, "_session_manager", None)
+        if manager is not None and getattr(manager, "max_requests", None) != sys.maxsize:
+            manager.max_requests = sys.maxsize
+            manager.max_age = float("inf")
+        return client
+
     async def answer(self, x: np.ndarray) -> JSONResponse:
+        import aiohttp
         from bentoml.exceptions import BentoMLException
 
-        try:
-            predictions = await self.to_async.infer_batch(inputs=x)
-        except BentoMLException as exc:  # e.g. 503 when the batching queue is over its latency budget
-            status = int(exc.error_code)
-            log.warning("inference failed with HTTP %d: %s", status, exc)
-            return JSONResponse({"error": f"the model could not answer: {exc}"}, status_code=status)
+        for attempt in (1, 2):
+            try:
+                predictions = await self._self_client().infer_batch(inputs=x)
+                break
+            except BentoMLException as exc:  # e.g. 503 when the batching queue is over its latency budget
+                status = int(exc.error_code)
+                log.warning("inference failed with HTTP %d: %s", status, exc)
+                return JSONResponse({"error": f"the model could not answer: {exc}"}, status_code=status)
+            except aiohttp.ClientConnectionError:  # the in-memory hop dropped; scoring is pure, so retry once
+                if attempt == 2:
+                    log.exception("inference failed twice on the in-process connection")
+                    return JSONResponse({"error": "the model could not answer (internal connection failed); retry"}, status_code=503)
         rows = [p.model_dump() if isinstance(p, pydantic.BaseModel) else dict(p) for p in predictions]
         return JSONResponse({"predictions": rows, "model": self.model_name, "threshold": self.metadata.threshold})
 
