@@ -71,19 +71,29 @@ class _ReferenceCDF:
         return np.where(on_knot, self.level_right[position], self.left_limit(x))
 
 
-def psi(window, ref_quantiles, eps: float = 1e-4) -> float:
-    """Population stability index sum_b (w_b - r_b) ln(w_b / r_b) over the reference bins.
+def psi(window, ref_quantiles, eps: float = 1e-4, n_bins: int | None = 10) -> float:
+    """Population stability index sum_b (w_b - r_b) ln(w_b / r_b) over equal-reference-mass bins.
 
-    Bins are (-inf, q_1], (q_1, q_2], ..., (q_{n-2}, inf): the inner reference quantiles cut the
-    line into n-1 bins of reference mass 1/(n-1) each (repeated quantiles merge bins and add up
-    their mass). Window values beyond the reference range fall in the end bins. Empty bins are
-    floored at `eps` so the log stays finite. Rule of thumb: < 0.1 stable, > 0.25 shifted.
+    The reference quantiles cut the line into bins (-inf, c_1], (c_1, c_2], ..., (c_k, inf) of
+    equal reference mass: by default `n_bins` = 10 (the usual decile PSI), with cuts read off the
+    reference quantile function; `n_bins=None` uses every inner quantile as a cut. Few bins on
+    purpose: with 99 bins a same-distribution window of 200 scores leaves many bins empty and
+    scores PSI ~ 1 from sampling noise alone (about 0.05 with 10 bins). Repeated quantiles merge
+    bins and add up their mass. Window values beyond the reference range fall in the end bins;
+    empty bins are floored at `eps` so the log stays finite. Rule of thumb: < 0.1 stable, > 0.25 shifted.
     """
     reference = _ReferenceCDF(ref_quantiles)
     window = check_scores(window, "window")
     if not eps > 0:
         raise ConfigError(f"eps must be positive, got {eps!r}")
-    cuts = np.unique(reference.quantiles[1:-1])
+    if n_bins is not None and (isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 2):
+        raise ConfigError(f"n_bins must be an integer of at least 2, or None for every reference bin; got {n_bins!r}")
+    quantiles = reference.quantiles
+    if n_bins is None or n_bins >= quantiles.size - 1:
+        cuts = quantiles[1:-1]
+    else:  # inverse of the piecewise-linear reference CDF at the bin edges
+        cuts = np.interp(np.linspace(0.0, 1.0, int(n_bins) + 1)[1:-1], np.linspace(0.0, 1.0, quantiles.size), quantiles)
+    cuts = np.unique(cuts)
     reference_mass = np.diff(np.concatenate([[0.0], reference.value(cuts), [1.0]]))
     window_mass = np.bincount(np.searchsorted(cuts, window, side="left"), minlength=cuts.size + 1) / window.size
     reference_mass, window_mass = np.maximum(reference_mass, eps), np.maximum(window_mass, eps)

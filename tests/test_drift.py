@@ -59,9 +59,27 @@ def test_psi_hand_case():
 @pytest.mark.parametrize("shift", [0.0, 0.3, 1.0])
 def test_psi_matches_direct_computation(shift):
     rng = np.random.default_rng(1)
-    quantiles = reference_quantiles(rng.normal(size=5000), 20)
+    quantiles = reference_quantiles(rng.normal(size=5000), 91)  # 90 bins: every 9th edge is a decile
     window = rng.normal(shift, 1.0, size=800)
-    assert psi(window, quantiles) == pytest.approx(direct_psi(window, quantiles), rel=1e-12)
+    assert psi(window, quantiles, n_bins=None) == pytest.approx(direct_psi(window, quantiles), rel=1e-12)
+    assert psi(window, quantiles) == pytest.approx(direct_psi(window, quantiles[::9]), rel=1e-12)
+    assert psi(window, quantiles, n_bins=30) == pytest.approx(direct_psi(window, quantiles[::3]), rel=1e-12)
+
+
+def test_default_decile_bins_keep_small_same_distribution_windows_quiet():
+    rng = np.random.default_rng(9)
+    quantiles = reference_quantiles(rng.normal(size=20_000), 100)
+    windows = [rng.normal(size=200) for _ in range(20)]
+    # Sampling noise alone: (bins - 1) / window size on average, so ~0.05 with 10 bins and ~0.5+ with 99.
+    assert np.mean([psi(w, quantiles) for w in windows]) < 0.1
+    assert np.mean([psi(w, quantiles, n_bins=None) for w in windows]) > 0.3
+    assert np.mean([psi(rng.normal(0.5, size=200), quantiles) for _ in range(20)]) > 0.25
+
+
+@pytest.mark.parametrize("n_bins", [1, 0, 2.5, True])
+def test_psi_rejects_bad_bin_counts(n_bins):
+    with pytest.raises(ConfigError, match="n_bins"):
+        psi([0.1, 0.2], np.arange(20.0), n_bins=n_bins)
 
 
 def test_psi_is_near_zero_for_the_same_distribution_and_large_when_shifted():
