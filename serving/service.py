@@ -24,6 +24,7 @@ import sys
 from typing import Annotated, Awaitable, Callable
 
 import bentoml
+from bentoml.validators import ContentType
 import numpy as np
 import pydantic
 from starlette.applications import Starlette
@@ -54,12 +55,9 @@ IMAGE_TYPES = ("image/png", "image/jpeg")
 INFER_BODY_FACTOR = 8
 
 
-class Prediction(pydantic.BaseModel):
-    label: str
-    class_index: int
-    confidence: float
-    ood_score: float
-    is_ood: bool
+# Declaring the media type spares BentoML from deriving it from the output's JSON schema on every
+# response (measured: about half of /infer_batch's time for a one-row request).
+JSON_OUTPUT = ContentType("application/json")
 
 
 def _current() -> "NcguardService | None":
@@ -174,20 +172,14 @@ class NcguardService:
         max_batch_size=settings.batch_size,
         max_latency_ms=settings.batch_latency_ms,
     )
-    def infer_batch(self, inputs: Annotated[np.ndarray, pydantic.AfterValidator(_check_infer_rows)]) -> list[Prediction]:
-        """Score float32 rows [N, *input_shape] (internal: /predict and /predict_image call this)."""
+    def infer_batch(self, inputs: Annotated[np.ndarray, pydantic.AfterValidator(_check_infer_rows)]) -> Annotated[np.ndarray, JSON_OUTPUT]:
+        """Score float32 rows [N, *input_shape] -> float64 [N, 4]: class index, confidence, OOD score, is-OOD.
+
+        Internal: /predict and /predict_image call this. A plain array (not a list of models) because
+        BentoML rebuilds the output's JSON schema on every call, which costs milliseconds for nested models.
+        """
         result = self.predictor.predict(inputs, batch_size=max(len(inputs), 1))
-        classes = self.metadata.classes
-        return [
-            Prediction(
-                label=classes[int(index)],
-                class_index=int(index),
-                confidence=float(confidence),
-                ood_score=float(score),
-                is_ood=bool(flag),
-            )
-            for index, confidence, score, flag in zip(result.class_index, result.confidence, result.ood_score, result.is_ood)
-        ]
+        return np.stack([result.class_index, result.confidence, result.ood_score, result.is_ood], axis=1).astype(np.float64)
 
     def _self_client(self):
         """The service's own async client (BentoML's self-proxy), with session recycling turned off.
@@ -220,7 +212,11 @@ class NcguardService:
                 if attempt == 2:
                     log.exception("inference failed twice on the in-process connection")
                     return JSONResponse({"error": "the model could not answer (internal connection failed); retry"}, status_code=503)
-        rows = [p.model_dump() if isinstance(p, pydantic.BaseModel) else dict(p) for p in predictions]
+        classes = self.metadata.classes
+        rows = [
+            {"label": classes[int(index)], "class_index": int(index), "confidence": float(confidence), "ood_score": float(score), "is_ood": bool(flag)}
+            for index, confidence, score, flag in np.asarray(predictions, dtype=np.float64).reshape(-1, 4)
+        ]
         return JSONResponse({"predictions": rows, "model": self.model_name, "threshold": self.metadata.threshold})
 
     def refuse(self, exc: Rejected) -> JSONResponse:
