@@ -1,0 +1,496 @@
+"""`ncguard train`: validate the options, train, fit the class statistics, calibrate, write the run.
+
+The run directory (every file written atomically):
+    config.json       all settings, data spec, classes, input shape/scale, run id, versions
+    checkpoint.pt     trainer state after the last finished epoch (what --resume continues from)
+    statistics.npz    StatisticsBundle: class statistics per layer, classifier on z, threshold in meta
+    metrics.json      loss/accuracy per epoch, NC1 per epoch, test accuracy, calibration, timings
+    collapse.json     NC1-NC4 of the transfer and detection layers
+    model.pt          final state_dict, written last: its presence marks a finished run
+Defaults that depend on the data: --arch (cnn for images, mlp for vectors), --epochs
+(`default_epochs`), --entropy-weight (0.05 for the etf head, 0 for the plain and l2 baselines),
+--augment (`training.augment.auto_augmentation`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import ncguard
+from ncguard.calibration import calibrate_threshold, split_for_calibration
+from ncguard.collapse import NearestMeanAgreement, collapse_report
+from ncguard.data import Dataset, load_dataset, test_split_of
+from ncguard.errors import ConfigError, DataError, ModelError, NcguardError
+from ncguard.scores import SCORES, make_detector
+from ncguard.stats import ClassStatistics, StatisticsBundle
+
+from .augment import AUGMENTATIONS, Augmentation, auto_augmentation
+from .backbones import ARCHITECTURES
+from .files import atomic_torch_save, atomic_write_json
+from .inference import accuracy_and_loss, iter_layer_features
+from .losses import LOSSES, TrainingLoss
+from .model import CLASSIFIERS, HEADS, DualHeadModel, build_model, normalization_stats
+from .runs import CONFIG_FILE, RUN_FORMAT, RunFiles, read_config
+from .trainer import Trainer, TrainSettings, distributed_context, parameter_fingerprint, seed_everything
+
+DEFAULT_ENTROPY_WEIGHT = 0.05
+DEFAULT_BATCH_SIZE = 128
+DEFAULT_LR = 2e-3
+DEFAULT_TPR = 0.95
+DEFAULT_CALIBRATION_FRACTION = 0.1
+DEFAULT_LAYERS = ("block1", "transfer", "detection")
+REQUIRED_LAYERS = ("transfer", "detection")
+DEFAULT_SCORE = {"etf": "etf", "plain": "etf", "l2": "ddu"}
+# --epochs default: about TARGET_STEPS optimizer steps, within [MIN_EPOCHS, MAX_EPOCHS] epochs.
+# Fashion-MNIST (54,000 training samples at batch 128: 421 steps an epoch) gets 12 epochs;
+# digits (1,213 samples: 9 steps an epoch) gets the 40-epoch cap, well under a minute.
+TARGET_STEPS = 5000
+MIN_EPOCHS, MAX_EPOCHS = 3, 40
+THREADS = 2
+
+
+def default_epochs(n_train: int, batch_size: int) -> int:
+    """Epochs for about TARGET_STEPS steps: few epochs for large data sets, more for small ones."""
+    steps_per_epoch = max(1, n_train // batch_size)
+    return int(min(MAX_EPOCHS, max(MIN_EPOCHS, round(TARGET_STEPS / steps_per_epoch))))
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Every `ncguard train` flag (ncguard/cli.py's _train_args declares the same list)."""
+    p.add_argument("--data", required=True, help="data SPEC: fashion-mnist[:train|:test], digits, FILE.npz or an image folder")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--arch", default=None, help="backbone: cnn, resnet18 or mlp (default: cnn for images, mlp for vectors)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: about 5000 steps, 3 to 40 epochs)")
+    p.add_argument("--entropy-weight", type=float, default=None, help="weight of the entropy regularizer on the transfer features, 0 disables it (default: 0.05 for --head etf, else 0)")
+    p.add_argument("--head", default="etf", help="detection head: etf, plain or l2")
+    p.add_argument("--classifier", default="learned", help="classifier on the detection features: learned or simplex (fixed class-simplex ETF)")
+    p.add_argument("--loss", default="ce", help="ce (label-smoothed cross-entropy) or nc (differentiable NC1+NC2+NC3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="global batch size")
+    p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak AdamW learning rate")
+    p.add_argument("--augment", default="auto", help="auto, none, shift or shift-flip (auto: shift-flip for fashion-mnist, shift for other images, none for vectors)")
+    p.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="comma-separated layers whose class statistics are fitted (transfer and detection always)")
+    p.add_argument("--calibration-fraction", type=float, default=DEFAULT_CALIBRATION_FRACTION, help="fraction of the training data held out to calibrate the OOD threshold")
+    p.add_argument("--tpr", type=float, default=DEFAULT_TPR, help="fraction of held-out in-distribution inputs the threshold keeps")
+    p.add_argument("--deterministic", action="store_true", help="use deterministic kernels only (slower on GPU)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its checkpoint")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Validated `ncguard train` options (None = the data-dependent default, resolved later)."""
+
+    data: str
+    out: str
+    arch: str | None = None
+    epochs: int | None = None
+    entropy_weight: float | None = None
+    head: str = "etf"
+    classifier: str = "learned"
+    loss: str = "ce"
+    seed: int = 0
+    batch_size: int = DEFAULT_BATCH_SIZE
+    lr: float = DEFAULT_LR
+    augment: str = "auto"
+    layers: tuple[str, ...] = DEFAULT_LAYERS
+    calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION
+    tpr: float = DEFAULT_TPR
+    deterministic: bool = False
+    resume: bool = False
+    device: str = "auto"
+    quiet: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainOptions":
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+        if isinstance(values.get("layers"), str):
+            values["layers"] = tuple(name.strip() for name in values["layers"].split(",") if name.strip())
+        return cls(**values).validated()
+
+    def validated(self) -> "TrainOptions":
+        def choice(name, value, allowed):
+            if value not in allowed:
+                raise ConfigError(f"--{name} {value!r} is not one of: {', '.join(allowed)}")
+
+        if not isinstance(self.data, str) or not self.data.strip():
+            raise ConfigError("--data must name a data SPEC (fashion-mnist, digits, FILE.npz or an image folder)")
+        if not isinstance(self.out, str) or not self.out.strip():
+            raise ConfigError("--out must name a run directory")
+        if self.arch is not None:
+            choice("arch", self.arch, ARCHITECTURES)
+        choice("head", self.head, HEADS)
+        choice("classifier", self.classifier, CLASSIFIERS)
+        choice("loss", self.loss, LOSSES)
+        choice("augment", self.augment, AUGMENTATIONS)
+        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 1):
+            raise ConfigError(f"--epochs must be a whole number >= 1, got {self.epochs!r}")
+        if self.entropy_weight is not None and not (math.isfinite(self.entropy_weight) and self.entropy_weight >= 0):
+            raise ConfigError(f"--entropy-weight must be a finite number >= 0, got {self.entropy_weight!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"--seed must be a whole number >= 0, got {self.seed!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 2:
+            raise ConfigError(f"--batch-size must be a whole number >= 2, got {self.batch_size!r}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise ConfigError(f"--lr must be a number in (0, 1], got {self.lr!r}")
+        if not (math.isfinite(self.calibration_fraction) and 0 < self.calibration_fraction <= 0.5):
+            raise ConfigError(f"--calibration-fraction must be in (0, 0.5], got {self.calibration_fraction!r}")
+        if not (math.isfinite(self.tpr) and 0 < self.tpr < 1):
+            raise ConfigError(f"--tpr must be strictly between 0 and 1, got {self.tpr!r}")
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"--layers must list distinct layer names, got {','.join(self.layers)!r}")
+        layers = tuple(dict.fromkeys((*self.layers, *REQUIRED_LAYERS)))
+        resolve_device(self.device)
+        return TrainOptions(**{**asdict(self), "layers": layers})
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> CUDA when available, else CPU; an explicit device that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+def _check_trainable(dataset: Dataset, fit_index: np.ndarray) -> None:
+    if len(dataset.classes) < 2:
+        raise DataError(f"{dataset.name} has {len(dataset.classes)} class; training a classifier needs at least 2")
+    counts = np.bincount(dataset.y[fit_index], minlength=len(dataset.classes))
+    missing = [dataset.classes[c] for c in np.flatnonzero(counts == 0)]
+    if missing:
+        raise DataError(
+            f"{dataset.name}: classes {missing} have no training samples after holding out the calibration split: "
+            f"every class needs samples (use more data or a smaller --calibration-fraction)"
+        )
+
+
+def _resolved_settings(options: TrainOptions, dataset: Dataset, n_fit: int) -> dict:
+    """The data-dependent defaults made explicit: what config.json records and resume compares."""
+    images = len(dataset.input_shape) == 3
+    arch = options.arch or ("cnn" if images else "mlp")
+    entropy_weight = options.entropy_weight
+    if entropy_weight is None:
+        entropy_weight = DEFAULT_ENTROPY_WEIGHT if options.head == "etf" else 0.0
+    augment = auto_augmentation(dataset.name, dataset.input_shape) if options.augment == "auto" else options.augment
+    return {
+        "arch": arch,
+        "head": options.head,
+        "classifier": options.classifier,
+        "loss": options.loss,
+        "epochs": options.epochs or default_epochs(n_fit, options.batch_size),
+        "batch_size": options.batch_size,
+        "lr": options.lr,
+        "weight_decay": TrainSettings.weight_decay,
+        "warmup_fraction": TrainSettings.warmup_fraction,
+        "entropy_weight": float(entropy_weight),
+        "label_smoothing": 0.1,
+        "augment": augment,
+        "seed": options.seed,
+        "deterministic": options.deterministic,
+        "layers": list(options.layers),
+        "score": DEFAULT_SCORE[options.head],
+        "tpr": options.tpr,
+        "calibration_fraction": options.calibration_fraction,
+    }
+
+
+def _versions() -> dict:
+    return {
+        "ncguard": ncguard.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _prepare_run_dir(options: TrainOptions, settings: dict, data: dict, files: RunFiles) -> dict:
+    """config.json for a new run, or the existing one (checked against these options) on --resume."""
+    if options.resume:
+        if not files.config.is_file():
+            raise ConfigError(f"--resume: {files.root} has no {CONFIG_FILE}; it is not a run directory (drop --resume)")
+        config = read_config(files.root)
+        changed = {
+            key: (config["settings"].get(key), value) for key, value in settings.items()
+            if config["settings"].get(key) != value
+        }
+        if config["data"]["spec"] != data["spec"]:
+            changed["data"] = (config["data"]["spec"], data["spec"])
+        if changed:
+            listed = ", ".join(f"{key} {old!r} (now {new!r})" for key, (old, new) in sorted(changed.items()))
+            raise ConfigError(f"--resume: {files.root} was started with different settings: {listed}")
+        return config
+    if files.root.exists() and (not files.root.is_dir() or any(files.root.iterdir())):
+        raise ConfigError(
+            f"--out {files.root} already exists and is not an empty directory: choose a new run directory, "
+            f"or add --resume to continue the run in it"
+        )
+    config = {
+        "format": RUN_FORMAT,
+        "run_id": uuid.uuid4().hex,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": settings,
+        "data": data,
+        "versions": _versions(),
+    }
+    atomic_write_json(files.config, config)
+    return config
+
+
+def _fit_statistics(model, dataset: Dataset, layers, settings, device) -> dict[str, ClassStatistics]:
+    """Class statistics of every fitted layer, streaming over the fit split (one pass)."""
+    n_classes = len(dataset.classes)
+    stats = {layer: ClassStatistics(n_classes, seed=settings["seed"]) for layer in layers}
+    for rows, features in iter_layer_features(model, dataset.x, layers, device=device):
+        for layer in layers:
+            stats[layer].partial_fit(features[layer], dataset.y[rows])
+    return {layer: value.finalize() for layer, value in stats.items()}
+
+
+def _nearest_mean_agreement(model, dataset: Dataset, stats, device) -> dict[str, NearestMeanAgreement]:
+    """NC4 of the transfer and detection layers: a second pass, now that the class means exist."""
+    agreement = {layer: NearestMeanAgreement(stats[layer].means_) for layer in REQUIRED_LAYERS}
+    for _, features in iter_layer_features(model, dataset.x, (*REQUIRED_LAYERS, "logits"), device=device):
+        predictions = features["logits"].argmax(axis=1)
+        for layer in REQUIRED_LAYERS:
+            agreement[layer].partial_fit(features[layer], predictions)
+    return {layer: value.finalize() for layer, value in agreement.items()}
+
+
+def _calibration_scores(model, dataset: Dataset, detector, device) -> np.ndarray:
+    scores = []
+    for _, features in iter_layer_features(model, dataset.x, ("detection", "logits"), device=device):
+        scores.append(detector.score(features=features["detection"], logits=features["logits"]))
+    return np.concatenate(scores)
+
+
+def _available_layers(model: DualHeadModel) -> tuple[str, ...]:
+    probe = torch.zeros((2, *model.input_shape))
+    model.eval()
+    with torch.inference_mode():
+        return tuple(model.layer_features(probe))
+
+
+def _shared_outcome(rank: int, world_size: int, action):
+    """Run `action` on rank 0 only and give every replica its result, or its error, so that a
+    refused --out stops all processes instead of leaving the others waiting in a collective."""
+    outcome = [None, None]
+    if rank == 0:
+        try:
+            outcome = [action(), None]
+        except NcguardError as exc:
+            outcome = [None, (type(exc).__name__, str(exc))]
+    if world_size > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        kind, message = outcome[1]
+        raise {"ConfigError": ConfigError, "DataError": DataError}.get(kind, ModelError)(message)
+    return outcome[0]
+
+
+def _replica_report(model: DualHeadModel, world_size: int) -> dict | None:
+    """Every replica's parameter fingerprint (DDP only), for metrics.json."""
+    if world_size == 1:
+        return None
+    fingerprints = [None] * world_size
+    dist.all_gather_object(fingerprints, parameter_fingerprint(model))
+    return {
+        "world_size": world_size,
+        "backend": dist.get_backend(),
+        "parameter_fingerprints": fingerprints,
+        "replicas_agree": len(set(fingerprints)) == 1,
+    }
+
+
+def train(options: TrainOptions) -> dict | None:
+    """Run `ncguard train` end to end; returns a summary (run dir, accuracies, NC1, threshold).
+
+    Under torch.distributed every process calls this; rank 0 writes the run and gets the
+    summary, the other ranks return None.
+    """
+    started = time.perf_counter()
+    rank, world_size = distributed_context()
+    torch.set_num_threads(max(1, THREADS // world_size))
+    device = resolve_device(options.device)
+    dataset = load_dataset(options.data)
+    fit_index, calibration_index = split_for_calibration(len(dataset), options.calibration_fraction, options.seed)
+    _check_trainable(dataset, fit_index)
+    test_spec = test_split_of(options.data)
+    settings = _resolved_settings(options, dataset, len(fit_index))
+    data = {
+        "spec": options.data,
+        "name": dataset.name,
+        "classes": list(dataset.classes),
+        "input_shape": list(dataset.input_shape),
+        "input_scale": dataset.input_scale,
+        "n_samples": len(dataset),
+        "n_fit": int(len(fit_index)),
+        "n_calibration": int(len(calibration_index)),
+        "calibration_fraction": options.calibration_fraction,
+        "calibration_seed": options.seed,
+        "test_spec": test_spec,
+    }
+    files = RunFiles(Path(options.out))
+    seed_everything(options.seed, options.deterministic)
+    fit_data, calibration_data = dataset.subset(fit_index), dataset.subset(calibration_index)
+    mean, std = normalization_stats(fit_data.x)
+    model = build_model(
+        settings["arch"], dataset.input_shape, len(dataset.classes), settings["head"], settings["classifier"], mean, std
+    )
+    available = _available_layers(model)
+    unknown = [layer for layer in settings["layers"] if layer not in available]
+    if unknown:
+        raise ConfigError(f"--layers: {', '.join(unknown)} not in the {settings['arch']} model; available: {', '.join(available)}")
+    config = _shared_outcome(rank, world_size, lambda: _prepare_run_dir(options, settings, data, files))
+
+    trainer = Trainer(
+        model,
+        TrainingLoss(settings["loss"], settings["entropy_weight"]),
+        TrainSettings(epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"], seed=settings["seed"]),
+        Augmentation(settings["augment"], dataset.input_shape),
+        device=device,
+        checkpoint_path=files.checkpoint,
+        progress=not options.quiet,
+    )
+    trainer.fit(fit_data.x, fit_data.y, calibration_data.x, calibration_data.y, resume=options.resume)
+    replicas = _replica_report(model, world_size)
+    if rank != 0:
+        return None
+    train_seconds = sum(record["seconds"] for record in trainer.history_)
+    return finish_run(
+        model, trainer.history_, config, files, fit_data, calibration_data, device, train_seconds, started, replicas
+    )
+
+
+def finish_run(
+    model, history, config, files: RunFiles, fit_data, calibration_data, device, train_seconds, started, replicas=None
+) -> dict:
+    """After training: statistics, calibration, NC report, test accuracy; write the run files."""
+    settings, data = config["settings"], config["data"]
+    fit_start = time.perf_counter()
+    layers = tuple(settings["layers"])
+    stats = _fit_statistics(model, fit_data, layers, settings, device)
+    agreement = _nearest_mean_agreement(model, fit_data, stats, device)
+    weight, bias = model.classifier_weight_bias()
+    reports = {}
+    for layer in REQUIRED_LAYERS:
+        classifier_input = layer == "detection" or settings["head"] == "plain"  # plain: z is h
+        reports[layer] = collapse_report(stats[layer], weight if classifier_input else None, agreement[layer])
+
+    detector = make_detector(settings["score"]).fit(stats["detection"], weight, bias)
+    calibration_scores = _calibration_scores(model, calibration_data, detector, device)
+    threshold = calibrate_threshold(calibration_scores, settings["tpr"])
+    fit_seconds = time.perf_counter() - fit_start
+
+    test = None
+    if data["test_spec"]:
+        test_data = load_dataset(data["test_spec"])
+        accuracy, loss = accuracy_and_loss(model, test_data.x, test_data.y, device)
+        test = {"spec": data["test_spec"], "accuracy": accuracy, "loss": loss, "n": len(test_data)}
+
+    quantile_levels = np.linspace(0.0, 1.0, 21)
+    calibration = {
+        "score": settings["score"],
+        "layer": "detection",
+        "threshold": threshold,
+        "tpr": settings["tpr"],
+        "n": int(len(calibration_scores)),
+        "flagged_fraction": float(np.mean(calibration_scores > threshold)),
+        "score_quantile_levels": quantile_levels.tolist(),
+        "score_quantiles": np.quantile(calibration_scores, quantile_levels).tolist(),
+    }
+    bundle = StatisticsBundle(
+        layers=stats, weight=weight, bias=bias, classes=tuple(data["classes"]),
+        meta={
+            "run_id": config["run_id"],
+            "score": settings["score"],
+            "score_layer": "detection",
+            "threshold": threshold,
+            "tpr": settings["tpr"],
+            "classifier_layer": "detection",
+            "head": settings["head"],
+            "calibration": {key: calibration[key] for key in ("n", "score_quantile_levels", "score_quantiles")},
+        },
+    )
+    checksum = bundle.save(files.statistics)
+
+    nc1_history = {
+        layer: [record.get(f"nc1_{layer}") for record in history] for layer in REQUIRED_LAYERS
+    }
+    if any(value is None for values in nc1_history.values() for value in values):
+        nc1_history = None
+    atomic_write_json(files.collapse, {"run_id": config["run_id"], "head": settings["head"], "layers": reports})
+    metrics = {
+        "run_id": config["run_id"],
+        "history": history,
+        "nc1_history": nc1_history,
+        "final": {key: history[-1].get(key) for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")},
+        "test": test,
+        "calibration": calibration,
+        "statistics_checksum": checksum,
+        "distributed": replicas,
+        "timings": {
+            "train_seconds": train_seconds,
+            "fit_seconds": fit_seconds,
+            "total_seconds": time.perf_counter() - started,
+        },
+    }
+    atomic_write_json(files.metrics, metrics)
+    atomic_torch_save(files.model, model.state_dict())
+    return {
+        "run_dir": str(files.root),
+        "run_id": config["run_id"],
+        "test_accuracy": None if test is None else test["accuracy"],
+        "val_accuracy": history[-1].get("val_accuracy"),
+        "nc1": {layer: reports[layer]["nc1"] for layer in REQUIRED_LAYERS},
+        "score": settings["score"],
+        "threshold": threshold,
+        "total_seconds": metrics["timings"]["total_seconds"],
+    }
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Handler of `ncguard train` (wired in ncguard/cli.py)."""
+    summary = train(TrainOptions.from_args(args))
+    accuracy = summary["test_accuracy"] if summary["test_accuracy"] is not None else summary["val_accuracy"]
+    which = "test" if summary["test_accuracy"] is not None else "held-out"
+    print(f"run {summary['run_id']} written to {summary['run_dir']} in {summary['total_seconds']:.0f}s")
+    print(f"{which} accuracy {accuracy:.4f}; NC1 transfer {summary['nc1']['transfer']:.4g}, "
+          f"detection {summary['nc1']['detection']:.4g}; {summary['score']} threshold {summary['threshold']:.4g}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training.cli ...`: the same as `ncguard train ...`."""
+    parser = argparse.ArgumentParser(prog="ncguard train", description="train a dual-head classifier")
+    add_train_arguments(parser)
+    try:
+        return run_train(parser.parse_args(argv))
+    except NcguardError as exc:
+        print(f"ncguard train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

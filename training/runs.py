@@ -1,0 +1,141 @@
+"""Reading a run directory written by `ncguard train`: the model, its config and its statistics.
+
+`load_run(run_dir)` is what export uses; every missing, corrupt or mismatched file is a
+ModelError that names the file and what to do about it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ncguard.calibration import split_for_calibration
+from ncguard.errors import ModelError, NcguardError
+from ncguard.stats import StatisticsBundle
+
+from .model import DualHeadModel, build_model
+
+RUN_FORMAT = "ncguard-run-1"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The file names inside a run directory."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint.pt"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model.pt"
+
+    @property
+    def statistics(self) -> Path:
+        return self.root / "statistics.npz"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def collapse(self) -> Path:
+        return self.root / "collapse.json"
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            value = json.load(stream)
+    except FileNotFoundError:
+        raise ModelError(f"{path} not found: {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path} is not readable JSON ({exc}): the run directory is damaged") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def read_config(run_dir: str | os.PathLike) -> dict:
+    """config.json of a run, checked for the keys everything else relies on."""
+    files = RunFiles(Path(run_dir))
+    if not files.root.is_dir():
+        raise ModelError(f"run directory not found: {files.root}")
+    config = read_json(files.config, "not an ncguard run directory (write one with `ncguard train`)")
+    if config.get("format") != RUN_FORMAT:
+        raise ModelError(f"{files.config} is not an ncguard run config (format {config.get('format')!r}, expected {RUN_FORMAT!r})")
+    required = {
+        "settings": ("arch", "head", "classifier", "layers", "score", "seed", "calibration_fraction"),
+        "data": ("spec", "classes", "input_shape", "input_scale", "n_samples"),
+    }
+    for section, keys in required.items():
+        missing = [key for key in keys if key not in config.get(section, {})]
+        if missing:
+            raise ModelError(f"{files.config} lacks {section} entries {', '.join(missing)}: the run directory is damaged")
+    if "run_id" not in config:
+        raise ModelError(f"{files.config} has no run_id: the run directory is damaged")
+    return config
+
+
+def model_from_config(config: dict) -> DualHeadModel:
+    """An untrained model with the run's architecture (weights come from model.pt or a checkpoint)."""
+    settings, data = config["settings"], config["data"]
+    try:
+        return build_model(
+            settings["arch"], tuple(data["input_shape"]), len(data["classes"]), settings["head"], settings["classifier"]
+        )
+    except NcguardError as exc:
+        raise ModelError(f"the run config describes a model that cannot be built: {exc}") from None
+
+
+def load_state_dict(path: Path) -> dict:
+    """A state_dict saved with torch.save, read without unpickling code (weights_only=True)."""
+    if not path.is_file():
+        raise ModelError(
+            f"{path} not found: training did not finish; continue it with `ncguard train ... --resume`"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many exception types for truncated or foreign files
+        raise ModelError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ModelError(f"{path} is not a model state_dict")
+    return state
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[DualHeadModel, dict, StatisticsBundle]:
+    """(model in eval mode with the trained weights, config dict, StatisticsBundle) of a finished run."""
+    files = RunFiles(Path(run_dir))
+    config = read_config(files.root)
+    model = model_from_config(config)
+    state = load_state_dict(files.model)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(f"{files.model} does not match the model described in {files.config}: {exc}") from None
+    bundle = StatisticsBundle.load(files.statistics)
+    if bundle.meta.get("run_id") != config["run_id"]:
+        raise ModelError(
+            f"{files.statistics} belongs to run {bundle.meta.get('run_id')!r}, not to this run {config['run_id']!r}"
+        )
+    if list(bundle.classes) != list(config["data"]["classes"]):
+        raise ModelError(f"{files.statistics} and {files.config} disagree on the class names")
+    return model.eval(), config, bundle
+
+
+def calibration_split(config: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(fit_index, calibration_index) into the run's training data, exactly as training split it."""
+    data = config["data"]
+    return split_for_calibration(int(data["n_samples"]), float(data["calibration_fraction"]), int(data["calibration_seed"]))
