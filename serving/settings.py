@@ -26,12 +26,11 @@ MAX_IMAGE_PIXELS_ENV = "NCGUARD_MAX_IMAGE_PIXELS"
 BATCH_SIZE_ENV = "NCGUARD_BATCH_SIZE"
 BATCH_LATENCY_MS_ENV = "NCGUARD_BATCH_LATENCY_MS"
 
-# Adaptive batching defaults, from benchmarks/serving/bench_serving.py (benchmarks/results/serving.md):
-# under 8 concurrent clients a latency ceiling of 10 ms made BentoML shed 15-30% of requests with
-# 503 and 100 ms still shed a few, while 1000 ms shed none and still answered a lone request at once
-# (the ceiling bounds waiting, it is not a fixed wait). Batch size 16, 64 or 256 changed throughput
-# little on the tiny test model (HTTP-bound); 64 bounds the rows per ONNX Runtime call, and so the
-# time one merged call holds the worker. Re-measure with the trained digits model.
+# Adaptive batching defaults, from benchmarks/serving/bench_serving.py (benchmarks/results/serving.md,
+# digits CNN on 2 shared cores): ONNX Runtime's cost per row falls from ~620 us at batch 1 to ~95 us
+# at 64 and rises again at 256, hence 64. Under 8 concurrent clients a latency ceiling of 10 ms made
+# BentoML shed 40-65% of requests with 503 and 100 ms still shed some in one run, while 1000 ms shed
+# none and still answered a lone request at once (the ceiling bounds waiting; it is not a fixed wait).
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_BATCH_LATENCY_MS = 1000
 DEFAULT_MAX_BATCH_INPUTS = 256

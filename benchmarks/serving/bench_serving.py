@@ -186,6 +186,7 @@ def _markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="exported .onnx model (default: the hand-built tiny 8x8 test model)")
+    parser.add_argument("--describe", default="exported model", help="how the --model file was made, for the report")
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--out-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.model:
         model = Path(args.model)
-        description = "exported model"
+        description = args.describe
     else:
         from tests.tiny_models import write_tiny_model
 
