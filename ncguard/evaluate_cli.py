@@ -129,12 +129,13 @@ def evaluate_model(
     }, id_scores, ood_scores
 
 
-def evaluate_all_scores(run_dir: str, id_data: Dataset, ood_inputs: dict[str, np.ndarray], tpr: float) -> dict[str, dict[str, dict]]:
-    """{score: {OOD set: metrics}} for every score in ncguard.scores, on the run's torch features."""
+def evaluate_all_scores(run_dir: str, id_data: Dataset, ood_inputs: dict[str, np.ndarray], tpr: float) -> dict:
+    """{"scores": {score: {OOD set: metrics}}, "skipped": {score: reason}} for every score of ncguard.scores."""
     from export.all_scores import score_every_detector  # torch: only on this path
 
-    id_scores, ood_scores = score_every_detector(run_dir, id_data.x, ood_inputs)
-    return {name: {ood: ood_report(id_scores[name], ood_scores[name][ood], tpr) for ood in ood_inputs} for name in id_scores}
+    id_scores, ood_scores, skipped = score_every_detector(run_dir, id_data.x, ood_inputs)
+    reports = {name: {ood: ood_report(id_scores[name], ood_scores[name][ood], tpr) for ood in ood_inputs} for name in id_scores}
+    return {"run_dir": str(run_dir), "scores": reports, "skipped": skipped}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,7 +168,10 @@ def run(args: argparse.Namespace) -> int:
     print(metrics_table(result["ood"], meta.tpr))
     if all_scores_dir:
         print(f"\nevery score on the run's features ({all_scores_dir}):")
-        rows = {f"{score} / {ood}": report for score, per_set in document["all_scores"].items() for ood, report in per_set.items()}
+        every = document["all_scores"]
+        rows = {f"{score} / {ood}": report for score, per_set in every["scores"].items() for ood, report in per_set.items()}
         print(metrics_table(rows, meta.tpr, "score / OOD set"))
+        for score, reason in every["skipped"].items():
+            print(f"  {score}: skipped ({reason})")
     print(f"\nwrote {out_dir / REPORT_FILE}, {plots[0]}, {plots[1]}")
     return 0

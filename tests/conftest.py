@@ -35,3 +35,29 @@ def server(served_model_path, tmp_path_factory):
     env = {**SERVER_LIMITS, "BENTOML_HOME": str(bentoml_home)}
     with local_server(served_model_path, env=env, ready_timeout=120) as client:
         yield client
+
+
+# ---------------------------------------------------------------------- a trained and exported digits model
+# Trained once per test session (real training, real export), shared by every test that needs a
+# real ncguard model. DIGITS_TEST_EPOCHS keeps it fast (about 50 s on 2 busy CPU cores) while the
+# model still reaches ~99% test accuracy and its etf threshold flags most unseen OOD inputs.
+DIGITS_TEST_EPOCHS = 15
+
+
+@pytest.fixture(scope="session")
+def digits_run_dir(tmp_path_factory) -> Path:
+    """A finished `ncguard train --data digits --epochs 15` run directory."""
+    from training.cli import TrainOptions, train
+
+    run_dir = tmp_path_factory.mktemp("digits-run") / "run"
+    train(TrainOptions(data="digits", out=str(run_dir), epochs=DIGITS_TEST_EPOCHS, quiet=True).validated())
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def digits_model_path(digits_run_dir, tmp_path_factory) -> Path:
+    """`ncguard export` of the digits run with its default score (etf), as one .onnx file."""
+    from export.cli import export_run
+
+    path, _ = export_run(str(digits_run_dir), str(tmp_path_factory.mktemp("digits-model") / "digits.onnx"))
+    return path

@@ -1,0 +1,58 @@
+"""Every OOD score of `ncguard.scores` on one run's features, for `ncguard evaluate --all-scores RUN_DIR`.
+
+The features come from the run's torch model (one pass per data set over the layers the scores
+read, plus the logits); each detector is fitted from the run's statistics exactly as the exporter
+fits it (export.detectors), and scored with the NumPy reference. Uses torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tqdm import tqdm
+
+from export.detectors import fit_detector
+from ncguard.errors import NcguardError
+from ncguard.scores import SCORES
+
+BATCH_SIZE = 512
+
+
+def _layer_features(model, x: np.ndarray, layers: tuple[str, ...], name: str) -> dict[str, np.ndarray]:
+    from training.inference import iter_layer_features
+
+    parts: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
+    batches = iter_layer_features(model, x, layers, batch_size=BATCH_SIZE)
+    for _, features in tqdm(batches, total=math.ceil(len(x) / BATCH_SIZE), desc=f"features of {name}", unit="batch", leave=False):
+        for layer in layers:
+            parts[layer].append(features[layer])
+    return {layer: np.concatenate(values) for layer, values in parts.items()}
+
+
+def score_every_detector(run_dir: str, id_x: np.ndarray, ood_inputs: dict[str, np.ndarray]):
+    """({score: ID scores}, {score: {OOD set: scores}}, {score: why it was skipped})."""
+    import torch
+
+    from training.runs import load_run
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model, _, bundle = load_run(run_dir)
+    detectors, skipped = {}, {}
+    for name in sorted(SCORES):
+        try:
+            detectors[name] = fit_detector(name, bundle)
+        except NcguardError as exc:  # e.g. statistics fitted without what this score needs
+            skipped[name] = str(exc)
+    layers = tuple(sorted({layer for _, layer in detectors.values() if layer} | {"logits"}))
+    sets = {"ID": id_x, **ood_inputs}
+    features = {set_name: _layer_features(model, x, layers, set_name) for set_name, x in sets.items()}
+
+    def scores(name: str, set_name: str) -> np.ndarray:
+        detector, layer = detectors[name]
+        values = features[set_name]
+        return detector.score(features=values[layer] if layer else None, logits=values["logits"])
+
+    id_scores = {name: scores(name, "ID") for name in detectors}
+    ood_scores = {name: {set_name: scores(name, set_name) for set_name in ood_inputs} for name in detectors}
+    return id_scores, ood_scores, skipped

@@ -1,0 +1,99 @@
+"""`ncguard export RUN_DIR --out MODEL.onnx [--score NAME] [--tpr 0.95] [--provider P] [--bentoml [NAME]]`.
+
+Reads the run (model, config, statistics) with `training.runs.load_run`, rebuilds the held-out ID
+calibration split exactly as training drew it (the data SPEC, fraction and seed in config.json),
+exports and checks the graph (export.torch_export), writes one .onnx file and, with --bentoml,
+copies it into BentoML's model store the way the service loads it (serving.model_source).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from ncguard.data import load_dataset
+from ncguard.errors import ConfigError, DataError, ModelError
+from ncguard.model_file import load_model, save_model
+
+DEFAULT_TPR = 0.95
+
+
+def calibration_inputs(config: dict) -> tuple[np.ndarray, float]:
+    """(held-out ID inputs, input scale): the split training held out, redrawn from config.json."""
+    from training.runs import calibration_split
+
+    data = config["data"]
+    dataset = load_dataset(data["spec"])
+    if int(data["n_samples"]) != len(dataset):
+        raise DataError(
+            f"the run was trained on {data['n_samples']} samples of {data['spec']}, but it now holds {len(dataset)}: "
+            "the held-out calibration split cannot be redrawn (did the data change?)"
+        )
+    try:
+        _, calibration_index = calibration_split(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"the run's config.json does not say how the calibration split was drawn ({exc})") from None
+    return dataset.x[calibration_index], float(dataset.input_scale)
+
+
+def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float | None = None, layer: str | None = None,
+               provider: str | None = None, name: str | None = None):
+    """Export RUN_DIR to `out`; returns (written path, ExportReport)."""
+    import torch
+
+    from training.runs import load_run
+
+    from .torch_export import check_tpr, export_model
+
+    tpr = check_tpr(DEFAULT_TPR if tpr is None else tpr)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    model, config, bundle = load_run(run_dir)
+    score = score or config.get("settings", {}).get("score") or bundle.meta.get("score") or "etf"
+    calibration_x, input_scale = calibration_inputs(config)
+    proto, report = export_model(
+        model,
+        bundle,
+        calibration_x,
+        score=score,
+        tpr=tpr,
+        layer=layer,
+        provider=provider,
+        name=name or Path(run_dir).resolve().name,
+        run_id=str(config.get("run_id", "")),
+        input_scale=input_scale,
+        extra={"head": config.get("settings", {}).get("head"), "data": config.get("data", {}).get("spec")},
+    )
+    path = save_model(proto, out)
+    load_model(path)  # what every consumer will do: refuse to report success on a file that does not load
+    return path, report
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Handler of `ncguard export` (flags: run_dir, --out, --score, --tpr, --layer, --provider, --bentoml [NAME])."""
+    out = getattr(args, "out", None)
+    if not out:
+        raise ConfigError("--out must name the .onnx file to write")
+    if Path(out).suffix.lower() != ".onnx":
+        raise ConfigError(f"--out {out!r} should end in .onnx")
+    path, report = export_run(
+        args.run_dir,
+        out,
+        score=getattr(args, "score", None),
+        tpr=getattr(args, "tpr", None),
+        layer=getattr(args, "layer", None),
+        provider=getattr(args, "provider", None),
+    )
+    print(f"exported {args.run_dir} -> {path}")
+    print(f"score {report.score} on layer {report.layer or 'logits'}, threshold {report.threshold:.6g}; "
+          f"checked on ONNX Runtime provider {report.providers[0]}")
+    for line in report.describe():
+        print(f"  parity: {line}")
+    bentoml_name = getattr(args, "bentoml", None)
+    if bentoml_name:
+        from serving.model_source import import_to_store  # the service's own store layout
+
+        tag = import_to_store(path, bentoml_name)
+        print(f"saved to BentoML's model store as {tag}")
+    return 0

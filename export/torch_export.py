@@ -1,0 +1,237 @@
+"""DualHeadModel -> one self-contained ONNX file with logits, probabilities, OOD score and features.
+
+Exporter: torch.onnx's dynamo exporter (`torch.export` + onnxscript), called without a file so
+the ONNXProgram stays in memory and its weights are ordinary initializers: nothing can end up in
+a separate external-data file. It is the maintained path (the TorchScript exporter, `dynamo=False`,
+is deprecated), takes a named dynamic batch axis (`Dim("N")`), writes opset 18+ with IR version
+10 (which ONNX Runtime 1.31 reads) and runs onnxscript's optimizer (constant folding, dead-code
+removal), which gives a graph of plain ops with no functions. Input normalization is a buffer of
+the model, so it is inside the graph.
+
+Then the chosen score (export.score_graph) and a softmax are appended, the graph is checked
+against torch and the NumPy reference (export.parity; a mismatch raises ModelError), the
+threshold is calibrated on held-out ID data with the graph's own scores, and the metadata of
+DESIGN.md section 3 is stamped before `save_model` writes the file atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from export.detectors import DETECTION_LAYER, TRANSFER_LAYER, fit_detector
+from export.parity import ParityResult, compare, compare_logits, compare_scores
+from export.score_graph import append_ood_head
+from ncguard.calibration import calibrate_threshold
+from ncguard.drift import reference_quantiles
+from ncguard.errors import ConfigError, DataError, ModelError
+from ncguard.model_file import INPUT_NAME, OUTPUT_NAMES, DriftReference, ModelMetadata, stamp
+from ncguard.runtime import open_session, run_batched
+from ncguard.stats import StatisticsBundle
+from training.model import DualHeadModel
+
+log = logging.getLogger("ncguard.export")
+
+ORT_MAX_IR_VERSION = 10  # onnx 1.23 writes IR 14 by default; ONNX Runtime 1.31 reads up to 13
+SCORE_FEATURES = "ncguard/score_features"
+DRIFT_QUANTILES = 100
+PARITY_MAX_ROWS = 2048  # ID rows checked against torch (plus as many noise rows, at most 256)
+PARITY_NOISE_ROWS = 256
+
+
+class _ExportView(torch.nn.Module):
+    """What the graph needs from the model: logits, transfer features and the score's layer."""
+
+    def __init__(self, model: DualHeadModel, layer: str | None):
+        super().__init__()
+        self.model = model
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor):
+        if self.layer in (None, TRANSFER_LAYER, DETECTION_LAYER):
+            out = self.model(x)
+            if self.layer == DETECTION_LAYER:
+                return out.logits, out.transfer, out.detection
+            return out.logits, out.transfer
+        layers = self.model.layer_features(x)
+        return layers["logits"], layers[TRANSFER_LAYER], layers[self.layer]
+
+
+def _view_outputs(layer: str | None) -> list[str]:
+    names = ["logits", "features"]
+    if layer not in (None, TRANSFER_LAYER):
+        names.append(SCORE_FEATURES)
+    return names
+
+
+def torch_to_onnx(model: DualHeadModel, layer: str | None) -> onnx.ModelProto:
+    """The network alone: input -> logits, features (h) and, when the score reads it, the score's layer."""
+    view = _ExportView(model, layer).eval()
+    example = torch.zeros((2, *model.input_shape), dtype=torch.float32)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # torch.export's notes on its own internals, not actionable here
+        try:
+            program = torch.onnx.export(
+                view,
+                (example,),
+                dynamo=True,
+                input_names=[INPUT_NAME],
+                output_names=_view_outputs(layer),
+                dynamic_shapes={"x": {0: torch.export.Dim("N", min=1)}},
+                external_data=False,
+                verbose=False,
+            )
+        except Exception as exc:  # torch.export raises many types; the user needs the message, not the trace
+            raise ModelError(f"torch.onnx could not export the model: {exc}") from exc
+    proto = program.model_proto
+    proto.ir_version = min(proto.ir_version, ORT_MAX_IR_VERSION)
+    return proto
+
+
+def finish_graph(network: onnx.ModelProto, detector, layer: str | None) -> onnx.ModelProto:
+    """Append softmax and the OOD score, and leave exactly the contract's outputs in their order."""
+    graph = network.graph
+    graph.node.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1, name="ncguard/softmax"))
+    logits_info = next(o for o in graph.output if o.name == "logits")
+    probabilities = onnx.ValueInfoProto()
+    probabilities.CopyFrom(logits_info)
+    probabilities.name = "probabilities"
+    graph.output.append(probabilities)
+    features = None if layer is None else ("features" if layer == TRANSFER_LAYER else SCORE_FEATURES)
+    model = append_ood_head(network, detector, features=features, logits="logits", output="ood_score")
+    by_name = {o.name: o for o in model.graph.output}
+    ordered = [by_name[name] for name in OUTPUT_NAMES]
+    del model.graph.output[:]
+    model.graph.output.extend(ordered)
+    return model
+
+
+def torch_outputs(model: DualHeadModel, x: np.ndarray, layer: str | None, batch_size: int = 512) -> dict[str, np.ndarray]:
+    """logits, features (h) and the score layer's features from torch eager, float32."""
+    view = _ExportView(model, layer).eval()
+    names = _view_outputs(layer)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for start in range(0, len(x), batch_size):
+            outputs = view(torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], dtype=np.float32)))
+            for name, value in zip(names, outputs):
+                parts[name].append(value.float().cpu().numpy())
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+@dataclass
+class ExportReport:
+    score: str
+    layer: str | None
+    threshold: float
+    providers: list[str]
+    parity: list[ParityResult] = field(default_factory=list)
+
+    def describe(self) -> list[str]:
+        return [result.describe() for result in self.parity]
+
+
+def check_parity(session, model: DualHeadModel, detector, layer: str | None, x: np.ndarray) -> list[ParityResult]:
+    """Graph (ONNX Runtime) vs torch logits, labels and features, and vs the NumPy score on torch's features."""
+    reference = torch_outputs(model, x, layer)
+    logits, features, ood_score = run_batched(session, x, ["logits", "features", "ood_score"])
+    score_features = reference.get(SCORE_FEATURES, reference["features"]) if layer else None
+    reference_scores = detector.score(features=score_features, logits=reference["logits"])
+    return [
+        compare_logits(reference["logits"], logits),
+        compare("the transfer features", reference["features"], features),
+        compare_scores(detector.name, reference_scores, ood_score, width=None if score_features is None else score_features.shape[1]),
+    ]
+
+
+def parity_inputs(calibration_x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Held-out ID inputs plus uniform noise of the same shape, so the check also covers OOD-like features."""
+    rng = np.random.default_rng(seed)
+    rows = calibration_x[: PARITY_MAX_ROWS]
+    noise = rng.random((min(PARITY_NOISE_ROWS, max(len(rows), 1)), *calibration_x.shape[1:]), dtype=np.float32)
+    return np.concatenate([rows.astype(np.float32, copy=False), noise])
+
+
+def _drift_reference(bundle: StatisticsBundle, id_scores: np.ndarray, id_features: np.ndarray) -> DriftReference:
+    stats = bundle.layers.get(TRANSFER_LAYER)
+    if stats is not None and stats.global_mean_.shape[0] == id_features.shape[1]:
+        mean, std = stats.global_mean_, stats.feature_std_  # all training data, streamed at fit time
+    else:
+        mean, std = id_features.mean(axis=0, dtype=np.float64), id_features.std(axis=0, dtype=np.float64)
+    counts = next(iter(bundle.layers.values())).counts_.astype(np.float64)
+    return DriftReference(
+        score_quantiles=[float(q) for q in reference_quantiles(id_scores, DRIFT_QUANTILES)],
+        class_priors=[float(p) for p in counts / counts.sum()],
+        feature_mean=[float(v) for v in mean],
+        feature_std=[float(v) for v in std],
+    )
+
+
+def export_model(
+    model: DualHeadModel,
+    bundle: StatisticsBundle,
+    calibration_x: np.ndarray,
+    *,
+    score: str,
+    tpr: float = 0.95,
+    layer: str | None = None,
+    provider: str | None = None,
+    name: str = "ncguard-model",
+    run_id: str = "",
+    input_scale: float = 1.0,
+    extra: dict | None = None,
+) -> tuple[onnx.ModelProto, ExportReport]:
+    """The stamped ONNX model (not yet written) and what the export checked.
+
+    `calibration_x` is held-out ID data (never OOD data): the threshold keeps `tpr` of it, and the
+    drift reference's score quantiles come from it.
+    """
+    if len(calibration_x) < 2:
+        raise DataError(f"the calibration split holds {len(calibration_x)} inputs; at least 2 are needed for a threshold")
+    if tuple(calibration_x.shape[1:]) != tuple(model.input_shape):
+        raise DataError(f"calibration inputs have shape {list(calibration_x.shape[1:])}, the model takes {list(model.input_shape)}")
+    if list(bundle.classes) and len(bundle.classes) != model.n_classes:
+        raise ModelError(f"the statistics name {len(bundle.classes)} classes but the model has {model.n_classes}")
+    model = model.eval()
+    detector, layer = fit_detector(score, bundle, layer)
+    log.info("exporting with score %s on layer %s", score, layer or "logits")
+    graph = finish_graph(torch_to_onnx(model, layer), detector, layer)
+    session = open_session(graph.SerializeToString(), provider=provider)
+    providers = list(session.get_providers())
+    log.info("parity and calibration run on ONNX Runtime providers %s", ", ".join(providers))
+    parity = check_parity(session, model, detector, layer, parity_inputs(calibration_x))
+
+    id_scores, id_features = run_batched(session, calibration_x.astype(np.float32, copy=False), ["ood_score", "features"])
+    threshold = calibrate_threshold(id_scores.astype(np.float64), tpr)
+    metadata = ModelMetadata(
+        name=name,
+        classes=[str(c) for c in bundle.classes] or [str(i) for i in range(model.n_classes)],
+        input_shape=list(model.input_shape),
+        input_scale=float(input_scale),
+        score=score,
+        threshold=threshold,
+        tpr=float(tpr),
+        drift_reference=_drift_reference(bundle, id_scores.astype(np.float64), id_features),
+        statistics_checksum=bundle.checksum(),
+        run_id=run_id,
+        extra={
+            "score_layer": layer,
+            "calibration_inputs": int(len(calibration_x)),
+            "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
+            "parity": [r.describe() for r in parity],
+            **(extra or {}),
+        },
+    )
+    return stamp(graph, metadata), ExportReport(score, layer, threshold, providers, parity)
+
+
+def check_tpr(tpr) -> float:
+    if isinstance(tpr, bool) or not isinstance(tpr, (int, float)) or not 0.0 < float(tpr) < 1.0:
+        raise ConfigError(f"--tpr must be a number strictly between 0 and 1, got {tpr!r}")
+    return float(tpr)
