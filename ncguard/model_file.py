@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import onnx
 
 from . import __version__
+from .atomic import atomic_write
 from .errors import ModelError
 
 PREFIX = "ncguard."
@@ -116,20 +116,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ModelError(f"refusing to write an invalid ONNX graph: {exc}") from exc
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = model.SerializeToString()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, model.SerializeToString())
 
 
 @dataclass(frozen=True)
