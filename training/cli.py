@@ -362,8 +362,6 @@ def train(options: TrainOptions) -> dict | None:
     unknown = [layer for layer in settings["layers"] if layer not in available]
     if unknown:
         raise ConfigError(f"--layers: {', '.join(unknown)} not in the {settings['arch']} model; available: {', '.join(available)}")
-    config = _shared_outcome(rank, world_size, lambda: _prepare_run_dir(options, settings, data, files))
-
     trainer = Trainer(
         model,
         TrainingLoss(settings["loss"], settings["entropy_weight"]),
@@ -373,6 +371,7 @@ def train(options: TrainOptions) -> dict | None:
         checkpoint_path=files.checkpoint,
         progress=not options.quiet,
     )
+    config = _shared_outcome(rank, world_size, lambda: _prepare_run_dir(options, settings, data, files))
     trainer.fit(fit_data.x, fit_data.y, calibration_data.x, calibration_data.y, resume=options.resume)
     replicas = _replica_report(model, world_size)
     if rank != 0:
@@ -470,14 +469,17 @@ def finish_run(
     }
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Handler of `ncguard train` (wired in ncguard/cli.py)."""
-    summary = train(TrainOptions.from_args(args))
+def print_summary(summary: dict) -> None:
     accuracy = summary["test_accuracy"] if summary["test_accuracy"] is not None else summary["val_accuracy"]
     which = "test" if summary["test_accuracy"] is not None else "held-out"
     print(f"run {summary['run_id']} written to {summary['run_dir']} in {summary['total_seconds']:.0f}s")
     print(f"{which} accuracy {accuracy:.4f}; NC1 transfer {summary['nc1']['transfer']:.4g}, "
           f"detection {summary['nc1']['detection']:.4g}; {summary['score']} threshold {summary['threshold']:.4g}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Handler of `ncguard train` (wired in ncguard/cli.py)."""
+    print_summary(train(TrainOptions.from_args(args)))
     return 0
 
 

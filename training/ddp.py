@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from ncguard.errors import ConfigError, NcguardError
 
-from .cli import TrainOptions, add_train_arguments, train
+from .cli import TrainOptions, add_train_arguments, print_summary, train
 
 TIMEOUT = datetime.timedelta(minutes=10)
 
@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args.device = device
     dist.init_process_group(backend=backend, timeout=TIMEOUT)
     try:
-        train(TrainOptions.from_args(args))
+        summary = train(TrainOptions.from_args(args))
+        if summary is not None:
+            print_summary(summary)
     except NcguardError as exc:
         print(f"training.ddp (rank {dist.get_rank()}): error: {exc}", file=sys.stderr)
         return 2

@@ -34,12 +34,27 @@ def entropy_regularizer(h: torch.Tensor) -> torch.Tensor:
 
 
 def _class_moments(features: torch.Tensor, labels: torch.Tensor):
-    """(present class ids, class means [K, d], sample global mean [d], residuals x_i - mu_{y_i})."""
+    """(present class ids, counts [K], class means [K, d], sample global mean [d], residuals x_i - mu_{y_i})."""
     present, inverse = torch.unique(labels, return_inverse=True)
     counts = torch.bincount(inverse, minlength=present.numel()).to(features.dtype)
     sums = torch.zeros(present.numel(), features.shape[1], dtype=features.dtype, device=features.device)
     means = sums.index_add(0, inverse, features) / counts[:, None]
-    return present, means, features.mean(dim=0), features - means[inverse]
+    return present, counts, means, features.mean(dim=0), features - means[inverse]
+
+
+def _nc1(centered: torch.Tensor, counts: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+    """tr(Sigma_W Sigma_B^+) / K without a pseudo-inverse (whose gradient breaks at rank changes).
+
+    With the sample-weighted global mean, sum_k n_k m_k = 0, so M = T B with B the first K-1
+    centered means and T = [I; -n_{<K}^T / n_K]. For B of full row rank,
+    (B^T T^T T B)^+ = B^+ (T^T T)^-1 B^+T, hence tr(Sigma_W Sigma_B^+)/K = mean_i q_i^T S^-1 q_i
+    with q_i = (B B^T)^-1 B (x_i - mu_{y_i}) and S = T^T T = I + n n^T / n_K^2: two small
+    (K-1) x (K-1) solves, exact up to round-off.
+    """
+    basis, tail = centered[:-1], counts[:-1] / counts[-1]
+    projected = torch.linalg.solve(basis @ basis.T, basis @ residuals.T)  # [K-1, N]
+    shape = torch.eye(len(tail), dtype=centered.dtype, device=centered.device) + torch.outer(tail, tail)
+    return (projected * torch.linalg.solve(shape, projected)).sum(dim=0).mean()
 
 
 def _angle_terms(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,20 +73,13 @@ def _equinorm(vectors: torch.Tensor) -> torch.Tensor:
 def nc_terms(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """Differentiable NC1, NC2 terms and NC3 of one batch, over the classes present in it.
 
-    NC1 = tr(Sigma_W Sigma_B^+)/K is computed as mean_i ||A (x_i - mu_{y_i})||^2 with
-    A = (M M^T + eps I)^-1 M, M = [mu_k - mu_G] (K x d): the K x K system stays small, and the
-    tiny ridge only touches the direction M^T v = 0, along which the residual term is zero anyway,
-    so it matches the pseudo-inverse while keeping gradients finite.
+    NC1 as in `_nc1`; the NC2 and NC3 terms follow ncguard.collapse key by key.
     """
-    present, means, global_mean, residuals = _class_moments(features, labels)
+    present, counts, means, global_mean, residuals = _class_moments(features, labels)
     if present.numel() < 2:
         raise ConfigError("the NC loss needs at least 2 classes in every batch: increase --batch-size")
     centered = means - global_mean
-    gram = centered @ centered.T
-    ridge = 1e-6 * gram.diagonal().mean().detach() + 1e-12
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    projector = torch.linalg.solve(gram + ridge * eye, centered)  # [K, d]
-    nc1 = (residuals @ projector.T).pow(2).sum(dim=1).mean()
+    nc1 = _nc1(centered, counts, residuals)
 
     weight_present = weight[present]
     means_std, means_dev = _angle_terms(centered)
