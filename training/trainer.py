@@ -167,7 +167,10 @@ class Trainer:
                 f"each of the {self.world_size} replica(s) needs at least 2 samples per batch, but batch size "
                 f"{self.settings.batch_size} over {n} training samples gives {per_replica}: use a larger --batch-size or more data"
             )
-        self.model.to(self.device)
+        # channels_last lets oneDNN run convolutions and pooling without layout conversions: a
+        # large speed-up for small CNNs on CPU. Values (and the state_dict) are unaffected.
+        self.memory_format = torch.channels_last if len(self.model.input_shape) == 3 else torch.contiguous_format
+        self.model.to(self.device, memory_format=self.memory_format)
         self.network = self.model
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -278,6 +281,7 @@ class Trainer:
             inputs = torch.from_numpy(x[rows]).to(self.device)
             labels = torch.from_numpy(y[rows]).to(self.device)
             inputs = self.augmentation.apply(inputs, self.augmentation.slice(params, share))
+            inputs = inputs.contiguous(memory_format=self.memory_format)
             output = self.network(inputs)
             loss, parts = self.loss(output, labels, self.model.classifier_weight())
             loss_value = float(loss.detach())
