@@ -16,6 +16,7 @@ import numpy as np
 from ncguard.data import load_dataset
 from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import load_model, save_model
+from ncguard.runtime import select_providers
 
 DEFAULT_TPR = 0.95
 
@@ -38,6 +39,13 @@ def calibration_inputs(config: dict) -> tuple[np.ndarray, float]:
     return dataset.x[calibration_index], float(dataset.input_scale)
 
 
+def check_provider(provider: str | None) -> list[str]:
+    """The providers --provider selects on this machine (ConfigError if it cannot be honoured)."""
+    import onnxruntime
+
+    return select_providers(provider, onnxruntime.get_available_providers())
+
+
 def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float | None = None, layer: str | None = None,
                provider: str | None = None, name: str | None = None):
     """Export RUN_DIR to `out`; returns (written path, ExportReport)."""
@@ -48,6 +56,7 @@ def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float |
     from .torch_export import check_tpr, export_model
 
     tpr = check_tpr(DEFAULT_TPR if tpr is None else tpr)
+    check_provider(provider)  # before the slow part: a wrong --provider fails at once
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, config, bundle = load_run(run_dir)
     score = score or config.get("settings", {}).get("score") or bundle.meta.get("score") or "etf"

@@ -207,6 +207,11 @@ def test_export_of_a_logit_score_and_cli_errors(digits_run_dir, tmp_path, capsys
         export_run(str(digits_run_dir), str(tmp_path / "x.onnx"), tpr=1.5)
     with pytest.raises(ConfigError, match="should end in .onnx"):
         run_export(argparse.Namespace(**{**vars(args), "out": str(tmp_path / "model.bin")}))
+    if "CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers():
+        with pytest.raises(ConfigError, match="CUDA provider was requested"):
+            export_run(str(digits_run_dir), str(tmp_path / "x.onnx"), provider="cuda")
+    with pytest.raises(ConfigError, match="unknown provider 'tpu'"):
+        export_run(str(digits_run_dir), str(tmp_path / "x.onnx"), provider="tpu")
     with pytest.raises(ModelError, match="run directory not found"):
         export_run(str(tmp_path / "no-run"), str(tmp_path / "x.onnx"))
     assert not (tmp_path / "x.onnx").exists()
