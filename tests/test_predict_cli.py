@@ -99,3 +99,28 @@ def test_missing_file_and_images_for_a_vector_model(tmp_path, files):
         gather_inputs([str(tmp_path / "absent.npy")], INPUT_SHAPE)
     with pytest.raises(DataError, match="is an image"):
         gather_inputs([str(files["png"])], (64,))
+
+
+def test_predict_evaluate_and_the_score_graphs_run_without_torch(model_path, files, tmp_path):
+    """DESIGN.md: scoring an exported model, and building score graphs (bring your own model), need no torch."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.test_torch_free import BLOCK_TORCH
+
+    code = textwrap.dedent(
+        f"""
+        import argparse, sys
+        import export.score_graph, export.parity, export.detectors
+        from ncguard.predict_cli import run as predict
+        from ncguard.evaluate_cli import run as evaluate
+        assert predict(argparse.Namespace(model={str(model_path)!r}, files=[{str(files['npz'])!r}], json=True, provider=None)) == 0
+        assert evaluate(argparse.Namespace(model={str(model_path)!r}, id="digits:test", ood=["noise:uniform"],
+                        out_dir={str(tmp_path / 'eval')!r}, all_scores=None, provider=None)) == 0
+        assert "torch" not in sys.modules
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", BLOCK_TORCH + code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert '"predictions"' in done.stdout and (tmp_path / "eval" / "evaluation.json").is_file()
