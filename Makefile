@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test demo data clean
+.PHONY: setup test demo system-deps clean
 
 setup: $(STAMP)
 
@@ -16,15 +16,22 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist; install it when missing and root.
-data:
-	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
-		 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) || \
-		echo "note: could not install dataset-fashion-mnist; tests that need it will be skipped"; \
+# System packages the tests use: Fashion-MNIST (Debian's dataset-fashion-mnist) and a real
+# Prometheus with promtool (Debian's prometheus). Installed when missing and root; otherwise the
+# tests that need them are skipped with a message saying how to get them.
+DEB_PACKAGES := dataset-fashion-mnist prometheus
+system-deps:
+	@missing=""; \
+	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian packages:$$missing"; \
+		(apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null)) || \
+		echo "note: could not install$$missing; tests that need them will be skipped"; \
 	fi
 
-test: setup data
+test: setup system-deps
 	$(BIN)/python -m pytest -q
 
 demo: setup
