@@ -4,7 +4,8 @@
 
 For each run (default: a fresh `ncguard train --data digits` run in a temporary folder) and on
 2 threads for both runtimes (torch.set_num_threads(2), ONNX Runtime intra-op threads 2, CPU):
-- torch eager: DualHeadModel.forward (logits, transfer and detection features), inference mode;
+- torch eager: DualHeadModel.forward (logits, transfer and detection features), inference mode
+  (and, for context, the same on 1 thread);
 - ONNX Runtime, network only: the exported network plus softmax, no OOD score;
 - ONNX Runtime, full exported graph, once per score of ncguard.scores (the score's head is the
   only difference to the network-only graph);
@@ -93,11 +94,16 @@ def bench_run(run_dir: str, repeats: int) -> dict:
     variants = {}
     tensors = {size: torch.from_numpy(x) for size, x in inputs.items()}
 
-    def torch_call(size):
+    def torch_call(size, threads=THREADS):
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         with torch.inference_mode():
             model(tensors[size])
 
     variants["torch eager (network)"] = torch_call
+    # For context only: on a loaded machine torch's 2-thread parallel regions wait for a descheduled
+    # worker at every barrier, which a single thread never does.
+    variants["torch eager (network), 1 thread"] = lambda size: torch_call(size, 1)
     sessions = {"ONNX Runtime, network only": open_session(network_only(model).SerializeToString(), provider="cpu", threads=THREADS)}
     for name in sorted(SCORES):
         detector, layer = fit_detector(name, bundle)
@@ -131,6 +137,7 @@ def bench_run(run_dir: str, repeats: int) -> dict:
         rounds = max(1, repeats // block) if size == 1 else max(3, repeats // 100)
         for _ in tqdm(range(rounds), desc=f"batch {size}", leave=False):
             for label in rng.permutation(list(variants)):  # a new order each round: no variant always follows another
+                variants[label](size)  # one untimed call: thread-count switches and spinning neighbours settle
                 samples[label][size] += _time(lambda: variants[label](size), block)
 
     results = {}
@@ -165,6 +172,12 @@ def _markdown(document: dict) -> str:
         "Per-image time in microseconds, median (p90) over blocks of calls interleaved across variants; the "
         f"machine was shared with other processes (1-minute load average {document['load_average_before'][0]:.1f} "
         f"before, {document['load_average_after'][0]:.1f} after), so compare rows within a table rather than across runs.",
+        "",
+        "Reading the torch rows: on a loaded machine a 2-thread torch call waits at every parallel region for its",
+        "second thread to be scheduled (batch-1 medians near 100 ms are most likely such waits, not compute); the 1-thread row",
+        "shows the network's own cost. ONNX Runtime's pool lets the calling thread run the work itself, so it",
+        "degrades far less. \"Score's extra cost\" is the difference of two whole-graph medians and carries their",
+        "noise; the head-alone table measures the score's nodes by themselves (at batch 1 mostly per-call overhead).",
         "",
     ]
     for run in document["runs"]:
@@ -242,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": list(os.getloadavg()),
         "runs": [bench_run(run, args.repeats) for run in runs],
     }
+    torch.set_num_threads(THREADS)
     document["load_average_after"] = list(os.getloadavg())
     _write_atomically(RESULTS / "export_latency.json", json.dumps(document, indent=2) + "\n")
     _write_atomically(RESULTS / "export_latency.md", _markdown(document))

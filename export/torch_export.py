@@ -74,8 +74,13 @@ def torch_to_onnx(model: DualHeadModel, layer: str | None) -> onnx.ModelProto:
     """The network alone: input -> logits, features (h) and, when the score reads it, the score's layer."""
     view = _ExportView(model, layer).eval()
     example = torch.zeros((2, *model.input_shape), dtype=torch.float32)
+    exporter_log = logging.getLogger("torch.onnx")
+    previous_level = exporter_log.level
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # torch.export's notes on its own internals, not actionable here
+        # torch.export's notes on its own internals (and on torchvision ops we never use) are not
+        # actionable for a user; real failures still raise.
+        warnings.simplefilter("ignore")
+        exporter_log.setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(
                 view,
@@ -89,6 +94,8 @@ def torch_to_onnx(model: DualHeadModel, layer: str | None) -> onnx.ModelProto:
             )
         except Exception as exc:  # torch.export raises many types; the user needs the message, not the trace
             raise ModelError(f"torch.onnx could not export the model: {exc}") from exc
+        finally:
+            exporter_log.setLevel(previous_level)
     proto = program.model_proto
     proto.ir_version = min(proto.ir_version, ORT_MAX_IR_VERSION)
     return proto
