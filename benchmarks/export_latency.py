@@ -43,6 +43,7 @@ from export.cli import calibration_inputs  # noqa: E402
 from export.detectors import fit_detector  # noqa: E402
 from export.score_graph import append_ood_head  # noqa: E402
 from export.torch_export import SCORE_FEATURES, finish_graph, torch_outputs, torch_to_onnx  # noqa: E402
+from ncguard.atomic import atomic_write  # noqa: E402
 from ncguard.model_file import INPUT_NAME  # noqa: E402
 from ncguard.runtime import open_session  # noqa: E402
 from ncguard.scores import SCORES  # noqa: E402
@@ -219,19 +220,6 @@ def _markdown(document: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", action="append", help="run directory to measure (repeatable); default: train digits now")
@@ -257,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     torch.set_num_threads(THREADS)
     document["load_average_after"] = list(os.getloadavg())
-    _write_atomically(RESULTS / "export_latency.json", json.dumps(document, indent=2) + "\n")
-    _write_atomically(RESULTS / "export_latency.md", _markdown(document))
+    atomic_write(RESULTS / "export_latency.json", json.dumps(document, indent=2) + "\n")
+    atomic_write(RESULTS / "export_latency.md", _markdown(document))
     print(_markdown(document))
     return 0
 

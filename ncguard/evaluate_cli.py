@@ -17,12 +17,12 @@ import argparse
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import atomic_write
 from .data import Dataset, iter_batches, load_dataset
 from .errors import DataError
 from .ood_data import fit_to_shape, load_ood_dataset
@@ -40,20 +40,6 @@ def default_out_dir(model_path: str | os.PathLike) -> Path:
     """MODEL.onnx -> MODEL-evaluation/ next to it."""
     path = Path(model_path)
     return path.with_name(path.stem + "-evaluation")
-
-
-def _write_json_atomically(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(value, stream, indent=2)
-            stream.write("\n")
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def score_inputs(predictor: Predictor, x: np.ndarray, name: str, batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     all_scores_dir = getattr(args, "all_scores", None)
     if all_scores_dir:
         document["all_scores"] = evaluate_all_scores(all_scores_dir, id_data, ood_inputs, meta.tpr)
-    _write_json_atomically(out_dir / REPORT_FILE, document)
+    atomic_write(out_dir / REPORT_FILE, json.dumps(document, indent=2) + "\n")
 
     accuracy = result["id"]["accuracy"]
     accuracy_text = "n/a (its classes are not the model's)" if accuracy is None else f"{accuracy:.2%}"
