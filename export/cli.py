@@ -16,7 +16,8 @@ import numpy as np
 from ncguard.data import load_dataset
 from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import load_model, save_model
-from ncguard.runtime import select_providers
+from ncguard.runtime import PROVIDER_CHOICES, select_providers
+from ncguard.scores import SCORES
 
 DEFAULT_TPR = 0.95
 
@@ -77,6 +78,17 @@ def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float |
     path = save_model(proto, out)
     load_model(path)  # what every consumer will do: refuse to report success on a file that does not load
     return path, report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run directory written by `ncguard train`")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--score", default=None, help="OOD score to embed (default: the run's score); one of " + ", ".join(sorted(SCORES)))
+    p.add_argument("--tpr", type=float, default=None, help="fraction of held-out in-distribution inputs the threshold keeps (default: the run's, 0.95)")
+    p.add_argument("--layer", default=None, help="statistics layer the score reads (default: detection)")
+    p.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES, help="ONNX Runtime provider for the parity check")
+    p.add_argument("--bentoml", nargs="?", const="ncguard-model", default=None, metavar="NAME",
+                   help="also save the model into BentoML's model store under NAME (default ncguard-model)")
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -157,12 +157,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _serve_command() -> list[str]:
-    """`ncguard serve` once the CLI offers it; until then the same handler through `python -m serving.cli`."""
-    from .cli import COMMANDS
-
-    if any(c.name == "serve" and c.handler is not None for c in COMMANDS):
-        return [sys.executable, "-m", "ncguard", "serve"]
-    return [sys.executable, "-m", "serving.cli"]
+    return [sys.executable, "-m", "ncguard", "serve"]
 
 
 def _stop(process: subprocess.Popen, grace: float = 30.0) -> None:

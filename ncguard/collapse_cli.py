@@ -65,6 +65,10 @@ def read_nc1_history(run_dir: Path) -> dict[str, list[float]] | None:
     return curves
 
 
+def add_arguments(p) -> None:
+    p.add_argument("run_dir", help="run directory written by `ncguard train`")
+
+
 def run(args) -> int:
     """Handler of `ncguard collapse RUN_DIR`: print the table, write RUN_DIR/collapse.png."""
     from .plots import plot_collapse  # matplotlib is slow to import; only needed here

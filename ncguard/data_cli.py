@@ -23,6 +23,10 @@ def describe(dataset: Dataset) -> str:
     return "\n".join(lines)
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="data SPEC: fashion-mnist[:train|:test], digits[:train|:test], FILE.npz or an image folder")
+
+
 def run(args: argparse.Namespace) -> int:
     print(describe(load_dataset(args.spec)))
     return 0

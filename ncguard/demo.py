@@ -6,6 +6,7 @@ whose command has not landed yet ends the demo there and says so: nothing is fak
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 import subprocess
 import sys
@@ -17,7 +18,7 @@ OUT = Path("demo-out")
 
 
 def _available(command: str) -> bool:
-    return any(c.name == command and c.handler is not None for c in COMMANDS)
+    return any(c.name == command and importlib.util.find_spec(c.module) is not None for c in COMMANDS)
 
 
 def _run(*args: str) -> None:

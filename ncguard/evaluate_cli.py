@@ -28,7 +28,7 @@ from .errors import DataError
 from .ood_data import fit_to_shape, load_ood_dataset
 from .ood_metrics import ood_report
 from .plots import plot_roc_curves, plot_score_histograms
-from .runtime import Predictor
+from .runtime import PROVIDER_CHOICES, Predictor
 
 DEFAULT_BATCH_SIZE = 256
 REPORT_FILE = "evaluation.json"
@@ -122,6 +122,17 @@ def evaluate_all_scores(run_dir: str, id_data: Dataset, ood_inputs: dict[str, np
     id_scores, ood_scores, skipped = score_every_detector(run_dir, id_data.x, ood_inputs)
     reports = {name: {ood: ood_report(id_scores[name], ood_scores[name][ood], tpr) for ood in ood_inputs} for name in id_scores}
     return {"run_dir": str(run_dir), "scores": reports, "skipped": skipped}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="exported .onnx model")
+    p.add_argument("--id", required=True, help="in-distribution data SPEC")
+    p.add_argument("--ood", required=True, action="append",
+                   help="out-of-distribution data SPEC (repeatable); also noise:uniform, noise:gaussian, inverted:SPEC")
+    p.add_argument("--out-dir", default=None, help="where the JSON report and PNGs go (default: MODEL-evaluation/ beside the model)")
+    p.add_argument("--all-scores", metavar="RUN_DIR", default=None, help="also evaluate every score on the run's features (needs torch)")
+    p.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES, help="ONNX Runtime execution provider")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="inputs per ONNX Runtime call")
 
 
 def run(args: argparse.Namespace) -> int:

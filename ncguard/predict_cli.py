@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import DataError
 from .images import IMAGE_SUFFIXES, decode_image
-from .runtime import Predictor
+from .runtime import PROVIDER_CHOICES, Predictor
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,13 @@ def format_table(rows: list[dict]) -> str:
         table.append([*cells, row["label"], f"{row['confidence']:.3f}", f"{row['ood_score']:.5g}", decision])
     widths = [max(len(r[c]) for r in table) for c in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="exported .onnx model")
+    p.add_argument("files", nargs="+", help="PNG/JPEG images, .npy (one input or a batch) or .npz (array x, optional kind)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES, help="ONNX Runtime execution provider")
 
 
 def run(args: argparse.Namespace) -> int:

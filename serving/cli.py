@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from ncguard.errors import ConfigError, NcguardError
+from ncguard.errors import ConfigError
 from ncguard.model_file import load_model
 from ncguard.runtime import PROVIDER_CHOICES
 
@@ -91,16 +91,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m serving.cli", description="serve an exported model over HTTP with BentoML")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_serve(args)
-    except NcguardError as exc:
-        print(f"ncguard serve: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    """`python -m serving.cli ...`: the same as `ncguard serve ...`."""
+    from ncguard.cli import main as ncguard_main
+
+    return ncguard_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
