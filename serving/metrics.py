@@ -1,15 +1,27 @@
-"""The service's own Prometheus metrics (prefix `ncguard_`, label `model`).
+"""The service's own Prometheus metrics (prefix `ncguard_`, label `model`; DESIGN.md section 3).
 
 BentoML runs prometheus-client in multiprocess mode and sets PROMETHEUS_MULTIPROC_DIR in each
 worker *after* the service module is imported; metrics created before that would live in a
 private registry that /metrics never shows. So they are created on first use, once per process,
 and BentoML's /metrics endpoint (its MultiProcessCollector) exports them with its own.
+
+Several workers. Counters and the histogram add up across workers, which is what they mean. A
+rolling-window gauge is different: each worker keeps its own window of the traffic it served, so
+the collector holds one value per worker and must reduce them to one series. We take `livemax`,
+the largest value among the workers alive now: load is spread over workers at random, so every
+worker's window is a sample of the same traffic and the largest is a (slightly conservative)
+reading of it, while a drift that reaches only one worker (one client pinned to one connection)
+still shows instead of being averaged away; `live` drops the windows of workers that have exited.
+`liveall` (one series per pid) would move the reduction into every query and alert and leave
+series behind at every restart. The window fill, whose sum is meaningful, is the exception: it
+is kept per pid (`liveall`), which also shows how traffic is spread over the workers.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+from typing import Sequence
 
 _lock = threading.Lock()
 
@@ -28,6 +40,8 @@ REJECTION_REASONS = (
     "image_too_large",
 )
 
+WINDOW_GAUGE_MODE = "livemax"  # see the module docstring
+
 
 @functools.cache
 def rejected_inputs_counter():
@@ -44,3 +58,80 @@ def count_rejection(model: str, reason: str) -> None:
     with _lock:  # functools.cache alone could build the counter twice under a race
         counter = rejected_inputs_counter()
     counter.labels(model=model, reason=reason).inc()
+
+
+def start_rejection_counts(model: str) -> None:
+    """Create every reason's series at 0, so rates and alerts see a value before the first refusal."""
+    with _lock:
+        counter = rejected_inputs_counter()
+    for reason in REJECTION_REASONS:
+        counter.labels(model=model, reason=reason)
+
+
+class ModelMetrics:
+    """The per-model metrics the drift monitor writes, on one registry.
+
+    The service builds one per process with `model_metrics` (on the default registry, which
+    multiprocess mode exports); tests build their own on a fresh CollectorRegistry.
+    """
+
+    def __init__(self, score_buckets: Sequence[float], registry=None):
+        import prometheus_client
+
+        if registry is None:
+            registry = prometheus_client.REGISTRY
+        model = ("model",)
+
+        def gauge(name: str, documentation: str, mode: str = WINDOW_GAUGE_MODE, labelnames=model):
+            return prometheus_client.Gauge(name, documentation, labelnames=labelnames, registry=registry, multiprocess_mode=mode)
+
+        self.predictions = prometheus_client.Counter(
+            "ncguard_predictions", "Predictions served, by predicted label", labelnames=("model", "label"), registry=registry
+        )
+        self.ood = prometheus_client.Counter(
+            "ncguard_ood", "Inputs whose OOD score is above the model's threshold", labelnames=model, registry=registry
+        )
+        self.ood_score = prometheus_client.Histogram(
+            "ncguard_ood_score",
+            "OOD scores of served inputs; buckets at the model's in-distribution score quantiles",
+            labelnames=model,
+            buckets=tuple(score_buckets),
+            registry=registry,
+        )
+        self.ood_rate = gauge("ncguard_ood_rate", "Fraction of OOD-flagged inputs in the rolling window")
+        self.ood_rate_expected = gauge(
+            "ncguard_ood_rate_expected", "OOD rate expected on in-distribution traffic: 1 - the TPR the threshold keeps"
+        )
+        self.score_psi = gauge(
+            "ncguard_drift_score_psi", "Population stability index of the window's OOD scores against the reference (decile bins)"
+        )
+        self.score_ks = gauge(
+            "ncguard_drift_score_ks", "Kolmogorov-Smirnov distance of the window's OOD scores to the reference distribution"
+        )
+        self.class_js = gauge(
+            "ncguard_drift_class_js", "Jensen-Shannon distance (base 2) of the window's predicted classes to the training class priors"
+        )
+        self.feature_shift = gauge(
+            "ncguard_drift_feature_mean_shift",
+            "Mean over transfer features of |window mean - reference mean| / reference std",
+        )
+        self.window_samples = gauge(
+            "ncguard_drift_window_samples", "Predictions in this worker's drift window (one series per worker)", mode="liveall"
+        )
+        self.model_info = gauge(
+            "ncguard_model_info",
+            "The served model: version, OOD score and threshold (value 1)",
+            labelnames=("model", "version", "score", "threshold"),
+        )
+
+
+_model_metrics: ModelMetrics | None = None
+
+
+def model_metrics(score_buckets: Sequence[float]) -> ModelMetrics:
+    """This process's ModelMetrics, created on first use (one model per worker, so one bucket layout)."""
+    global _model_metrics
+    with _lock:
+        if _model_metrics is None:
+            _model_metrics = ModelMetrics(score_buckets)
+        return _model_metrics

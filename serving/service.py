@@ -12,6 +12,9 @@ adaptive-batching dispatcher, which merges rows from concurrent requests into on
 `infer_batch` is also reachable at POST /infer_batch (BentoML exposes every api); it re-checks its
 input with the same `Predictor.check_input`, so direct callers get a 400, never a 5xx.
 
+Every scored batch also goes to the worker's drift monitor (serving.monitor), which keeps the
+Prometheus counters and drift gauges that /metrics exports.
+
 Options come from the environment (serving.settings), set by `ncguard serve` or by hand.
 Never imports torch.
 """
@@ -39,8 +42,9 @@ from starlette.routing import Route
 from ncguard.runtime import Predictor
 
 from .limits import BodySizeLimit
-from .metrics import count_rejection
+from .metrics import count_rejection, model_metrics, start_rejection_counts
 from .model_source import resolve_model_path
+from .monitor import DriftMonitor, score_buckets
 from .settings import ServeSettings
 from .validation import Rejected, decode_images, parse_json_inputs
 
@@ -163,6 +167,10 @@ class NcguardService:
         self.predictor = Predictor(path, provider=settings.provider, threads=settings.threads)
         self.metadata = self.predictor.metadata
         self.model_name = self.metadata.name
+        reference = self.metadata.drift_reference
+        metrics = model_metrics(score_buckets(reference.score_quantiles, self.metadata.threshold))
+        self.monitor = DriftMonitor(self.metadata, metrics, window=settings.drift_window, min_samples=settings.drift_min_samples).start()
+        start_rejection_counts(self.model_name)
         log.info("serving %s (%s, score %s, threshold %.6g) from %s", self.model_name, self.metadata.version, self.metadata.score, self.metadata.threshold, path)
 
     @bentoml.api(
@@ -179,6 +187,10 @@ class NcguardService:
         BentoML rebuilds the output's JSON schema on every call, which costs milliseconds for nested models.
         """
         result = self.predictor.predict(inputs, batch_size=max(len(inputs), 1))
+        try:
+            self.monitor.observe(result.class_index, result.ood_score, result.is_ood, result.features)
+        except Exception:  # monitoring must never cost a client its prediction
+            log.exception("the drift monitor failed on a batch of %d; the predictions are still returned", len(inputs))
         return np.stack([result.class_index, result.confidence, result.ood_score, result.is_ood], axis=1).astype(np.float64)
 
     def _self_client(self):

@@ -25,6 +25,8 @@ MAX_BODY_BYTES_ENV = "NCGUARD_MAX_BODY_BYTES"
 MAX_IMAGE_PIXELS_ENV = "NCGUARD_MAX_IMAGE_PIXELS"
 BATCH_SIZE_ENV = "NCGUARD_BATCH_SIZE"
 BATCH_LATENCY_MS_ENV = "NCGUARD_BATCH_LATENCY_MS"
+DRIFT_WINDOW_ENV = "NCGUARD_DRIFT_WINDOW"
+DRIFT_MIN_SAMPLES_ENV = "NCGUARD_DRIFT_MIN_SAMPLES"
 
 # Adaptive batching defaults, from benchmarks/serving/bench_serving.py (benchmarks/results/serving.md,
 # digits CNN on 2 shared cores): ONNX Runtime's cost per row falls from ~620 us at batch 1 to ~95 us
@@ -36,6 +38,14 @@ DEFAULT_BATCH_LATENCY_MS = 1000
 DEFAULT_MAX_BATCH_INPUTS = 256
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+
+# Drift windows (per worker). Sampling noise alone gives a same-distribution window of n scores a
+# decile PSI of about 9/n and a KS distance of about 0.9/sqrt(n): 1000 keeps both an order of
+# magnitude under the alert thresholds (0.25 and 0.2), and a window still turns over within
+# minutes at a few requests per second. Gauges wait for 200 values (PSI noise ~0.05) so that
+# the first requests after a start do not read as drift.
+DEFAULT_DRIFT_WINDOW = 1000
+DEFAULT_DRIFT_MIN_SAMPLES = 200
 
 
 def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
@@ -63,6 +73,8 @@ class ServeSettings:
     max_image_pixels: int
     batch_size: int  # adaptive batching: most rows in one ONNX Runtime call
     batch_latency_ms: int  # adaptive batching: latency ceiling before BentoML sheds load
+    drift_window: int = DEFAULT_DRIFT_WINDOW  # most recent predictions each worker's drift gauges cover
+    drift_min_samples: int = DEFAULT_DRIFT_MIN_SAMPLES  # predictions a worker needs before it publishes them
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServeSettings":
@@ -74,6 +86,13 @@ class ServeSettings:
         batch_size = _positive_int(environ, BATCH_SIZE_ENV, DEFAULT_BATCH_SIZE)
         if batch_size < 2:
             raise ConfigError(f"{BATCH_SIZE_ENV}={batch_size}: adaptive batching needs a batch size of at least 2")
+        drift_window = _positive_int(environ, DRIFT_WINDOW_ENV, DEFAULT_DRIFT_WINDOW)
+        drift_min_samples = _positive_int(environ, DRIFT_MIN_SAMPLES_ENV, min(DEFAULT_DRIFT_MIN_SAMPLES, drift_window))
+        if drift_min_samples > drift_window:
+            raise ConfigError(
+                f"{DRIFT_MIN_SAMPLES_ENV}={drift_min_samples} is larger than the drift window "
+                f"({DRIFT_WINDOW_ENV}={drift_window}): the gauges would never be published"
+            )
         return cls(
             model_path=environ.get(MODEL_ENV, "").strip() or None,
             model_tag=environ.get(MODEL_TAG_ENV, "").strip() or DEFAULT_MODEL_TAG,
@@ -85,4 +104,6 @@ class ServeSettings:
             max_image_pixels=_positive_int(environ, MAX_IMAGE_PIXELS_ENV, DEFAULT_MAX_IMAGE_PIXELS),
             batch_size=batch_size,
             batch_latency_ms=_positive_int(environ, BATCH_LATENCY_MS_ENV, DEFAULT_BATCH_LATENCY_MS),
+            drift_window=drift_window,
+            drift_min_samples=drift_min_samples,
         )

@@ -1,0 +1,174 @@
+"""The drift monitor: what one worker served, compared with the reference stored in the model.
+
+Every scored batch updates the counters (predictions by label, OOD-flagged inputs), the OOD-score
+histogram, and bounded rolling windows of the latest scores, flags, predicted classes and transfer
+features; the window gauges (OOD rate, PSI, KS, Jensen-Shannon, feature mean shift) are then
+recomputed from the windows with the NumPy reference in ncguard.drift. Recomputing per batch
+costs well under a millisecond for the default window and keeps every worker's gauges current,
+which matters because /metrics may be answered by any worker (multiprocess mode: see
+serving.metrics for how the workers' values are merged). Never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+
+from ncguard import drift
+from ncguard.errors import DataError
+from ncguard.model_file import ModelMetadata
+
+from .metrics import ModelMetrics
+
+log = logging.getLogger("ncguard.serving.monitor")
+
+# Histogram buckets, read off the reference score quantiles: dense where in-distribution scores
+# fall, so the histogram shows a shift within the ID range, plus the threshold and a ladder above
+# the largest ID score (multiples of the ID score range), where OOD inputs land.
+BUCKET_PROBABILITIES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
+BEYOND_REFERENCE = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+BUCKET_DIGITS = 6  # significant digits of a bucket bound: readable `le` labels, distinct bounds
+
+
+def score_buckets(score_quantiles, threshold: float) -> tuple[float, ...]:
+    """Upper bounds of the ncguard_ood_score histogram buckets (sorted, distinct; +Inf is implied).
+
+    `score_quantiles` are the model's reference quantiles at probabilities linspace(0, 1, n)
+    (ncguard.drift.reference_quantiles); the nearest stored quantile stands for each probability.
+    """
+    quantiles = np.asarray(score_quantiles, dtype=np.float64)
+    if quantiles.ndim != 1 or quantiles.size < 2 or not np.isfinite(quantiles).all():
+        raise DataError(f"score_quantiles must be at least 2 finite values, got {quantiles.size}")
+    if not np.isfinite(threshold):
+        raise DataError(f"the threshold must be a finite number, got {threshold!r}")
+    positions = np.rint(np.asarray(BUCKET_PROBABILITIES) * (quantiles.size - 1)).astype(int)
+    lowest, highest = quantiles[0], quantiles[-1]
+    spread = highest - lowest
+    if spread <= 0:  # a constant reference: give the ladder a scale of its own
+        spread = max(abs(highest), 1.0)
+    bounds = np.concatenate([quantiles[positions], [threshold], highest + spread * np.asarray(BEYOND_REFERENCE)])
+    rounded = {float(f"{bound:.{BUCKET_DIGITS}g}") for bound in bounds}
+    return tuple(sorted(rounded))
+
+
+class DriftMonitor:
+    """Counters, histogram and rolling-window drift gauges of one served model, in one worker.
+
+    Thread-safe: `observe` may be called from several threads at once (BentoML runs the batchable
+    method in a thread pool). The windows hold at most `window` predictions each, and window gauges
+    appear once `min_samples` predictions are in, so a few early requests are not read as drift.
+    """
+
+    def __init__(self, metadata: ModelMetadata, metrics: ModelMetrics, *, window: int, min_samples: int):
+        self.metadata = metadata
+        self.metrics = metrics
+        self.window = window
+        self.min_samples = min_samples
+        self._scores = drift.RollingWindow(window)
+        self._flags = drift.RollingWindow(window)
+        self._classes = drift.RollingWindow(window)
+        self._features = drift.RollingWindow(window)
+        self._lock = threading.Lock()
+        self._features_usable = len(metadata.drift_reference.feature_mean) > 0
+
+    @property
+    def model(self) -> str:
+        return self.metadata.name
+
+    def start(self) -> "DriftMonitor":
+        """Publish what is known before any traffic: model info, expected OOD rate, zeroed counters."""
+        meta = self.metadata
+        m = self.metrics
+        m.model_info.labels(model=self.model, version=meta.version, score=meta.score, threshold=repr(float(meta.threshold))).set(1)
+        m.ood_rate_expected.labels(model=self.model).set(1.0 - meta.tpr)
+        for label in meta.classes:
+            m.predictions.labels(model=self.model, label=label)
+        m.ood.labels(model=self.model)
+        return self
+
+    def observe(self, class_index, ood_score, is_ood, features) -> None:
+        """Count one scored batch and move the windows and their gauges on.
+
+        class_index [N] ints, ood_score [N], is_ood [N] bools, features [N, D] (the model's outputs).
+        """
+        class_index = np.asarray(class_index, dtype=np.int64).reshape(-1)
+        ood_score = np.asarray(ood_score, dtype=np.float64).reshape(-1)
+        is_ood = np.asarray(is_ood, dtype=bool).reshape(-1)
+        features = np.asarray(features, dtype=np.float64)
+        n = class_index.size
+        if not (ood_score.size == is_ood.size == n and features.ndim == 2 and len(features) == n):
+            raise DataError(
+                f"a batch needs as many scores, flags and feature rows as predictions; got {n} classes, "
+                f"{ood_score.size} scores, {is_ood.size} flags and features of shape {list(features.shape)}"
+            )
+        if n == 0:
+            return
+        self._count(class_index, ood_score, is_ood)
+        finite = np.isfinite(ood_score)  # inputs are finite, but a model may still overflow
+        with self._lock:  # windows and gauges move together, so a gauge always describes one window
+            self._scores.extend(ood_score[finite])
+            self._flags.extend(is_ood)
+            self._classes.extend(class_index)
+            self._extend_features(features)
+            self._publish()
+
+    def _count(self, class_index: np.ndarray, ood_score: np.ndarray, is_ood: np.ndarray) -> None:
+        m = self.metrics
+        classes = self.metadata.classes
+        for index, count in enumerate(np.bincount(class_index, minlength=len(classes))):
+            if count:
+                m.predictions.labels(model=self.model, label=classes[index]).inc(int(count))
+        flagged = int(is_ood.sum())
+        if flagged:
+            m.ood.labels(model=self.model).inc(flagged)
+        histogram = m.ood_score.labels(model=self.model)
+        for score in ood_score[~np.isnan(ood_score)].tolist():  # NaN belongs in no bucket
+            histogram.observe(score)
+
+    def _extend_features(self, features: np.ndarray) -> None:
+        if not self._features_usable:
+            return
+        width = len(self.metadata.drift_reference.feature_mean)
+        if features.shape[1] != width:
+            self._features_usable = False
+            log.warning(
+                "the model's features have %d values but its drift reference has %d; the feature mean shift gauge is off",
+                features.shape[1],
+                width,
+            )
+            return
+        self._features.extend(features[np.isfinite(features).all(axis=1)])
+
+    def distances(self) -> dict[str, float]:
+        """The current window statistics; a statistic is missing until its window holds min_samples."""
+        reference = self.metadata.drift_reference
+        result: dict[str, float] = {}
+        scores = self._scores.values()
+        if len(scores) >= self.min_samples:
+            result["score_psi"] = drift.psi(scores, reference.score_quantiles)
+            result["score_ks"] = drift.ks_distance(scores, reference.score_quantiles)
+        flags = self._flags.values()
+        if len(flags) >= self.min_samples:
+            result["ood_rate"] = float(flags.mean())
+        classes = self._classes.values()
+        if len(classes) >= self.min_samples:
+            result["class_js"] = drift.js_distance(drift.class_distribution(classes, len(self.metadata.classes)), reference.class_priors)
+        features = self._features.values()
+        if len(features) >= self.min_samples:
+            result["feature_mean_shift"] = drift.mean_shift(features.mean(axis=0), reference.feature_mean, reference.feature_std)
+        return result
+
+    def _publish(self) -> None:
+        m = self.metrics
+        gauges = {
+            "ood_rate": m.ood_rate,
+            "score_psi": m.score_psi,
+            "score_ks": m.score_ks,
+            "class_js": m.class_js,
+            "feature_mean_shift": m.feature_shift,
+        }
+        for name, value in self.distances().items():
+            gauges[name].labels(model=self.model).set(value)
+        m.window_samples.labels(model=self.model).set(len(self._flags))
