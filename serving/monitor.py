@@ -7,7 +7,7 @@ recomputed from the windows with the NumPy reference in ncguard.drift. Gauges ar
 the request path, not at scrape time, because /metrics may be answered by any worker and reads
 only what each worker has written (multiprocess mode: see serving.metrics for how the workers'
 values are merged). Measured with the default window of 1000 and 256 features: about 0.4 ms for
-a batch of 1 and 2 ms for a batch of 64 (a third of it stacking the feature window), against
+a batch of 1 and 2 ms for a batch of 64 (a quarter of it stacking the feature window), against
 about 10 ms for BentoML to answer one request; a smaller NCGUARD_DRIFT_WINDOW costs less.
 Never imports torch.
 """
