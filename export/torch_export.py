@@ -11,38 +11,34 @@ the model, so it is inside the graph.
 Then the chosen score (export.score_graph) and a softmax are appended, the graph is checked
 against torch and the NumPy reference (export.parity; a mismatch raises ModelError), the
 threshold is calibrated on held-out ID data with the graph's own scores, and the metadata of
-DESIGN.md section 3 is stamped before `save_model` writes the file atomically.
+DESIGN.md section 3 is stamped before `save_model` writes the file atomically. Those finishing
+steps are torch-free and shared with `ncguard fit` (export.finish).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import torch
-from onnx import helper
 
 from export.detectors import DETECTION_LAYER, TRANSFER_LAYER, fit_detector
+from export.finish import ExportReport, calibrate_and_stamp, check_tpr, finish_contract, parity_inputs
 from export.parity import ParityResult, compare, compare_logits, compare_scores
-from export.score_graph import append_ood_head
-from ncguard.calibration import calibrate_threshold
-from ncguard.drift import reference_quantiles
-from ncguard.errors import ConfigError, DataError, ModelError
-from ncguard.model_file import INPUT_NAME, OUTPUT_NAMES, DriftReference, ModelMetadata, stamp
+from ncguard.errors import DataError, ModelError
+from ncguard.model_file import INPUT_NAME
 from ncguard.runtime import open_session, run_batched
 from ncguard.stats import StatisticsBundle
 from training.model import DualHeadModel
+
+__all__ = ["ExportReport", "check_parity", "check_tpr", "export_model", "finish_graph", "parity_inputs", "torch_outputs", "torch_to_onnx"]
 
 log = logging.getLogger("ncguard.export")
 
 ORT_MAX_IR_VERSION = 10  # onnx 1.23 writes IR 14 by default; ONNX Runtime 1.31 reads up to 13
 SCORE_FEATURES = "ncguard/score_features"
-DRIFT_QUANTILES = 100
-PARITY_MAX_ROWS = 2048  # ID rows checked against torch (plus as many noise rows, at most 256)
-PARITY_NOISE_ROWS = 256
 
 
 class _ExportView(torch.nn.Module):
@@ -102,21 +98,9 @@ def torch_to_onnx(model: DualHeadModel, layer: str | None) -> onnx.ModelProto:
 
 
 def finish_graph(network: onnx.ModelProto, detector, layer: str | None) -> onnx.ModelProto:
-    """Append softmax and the OOD score, and leave exactly the contract's outputs in their order."""
-    graph = network.graph
-    graph.node.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1, name="ncguard/softmax"))
-    logits_info = next(o for o in graph.output if o.name == "logits")
-    probabilities = onnx.ValueInfoProto()
-    probabilities.CopyFrom(logits_info)
-    probabilities.name = "probabilities"
-    graph.output.append(probabilities)
+    """Append softmax and the OOD score (export.finish), reading the score's layer from its tensor."""
     features = None if layer is None else ("features" if layer == TRANSFER_LAYER else SCORE_FEATURES)
-    model = append_ood_head(network, detector, features=features, logits="logits", output="ood_score")
-    by_name = {o.name: o for o in model.graph.output}
-    ordered = [by_name[name] for name in OUTPUT_NAMES]
-    del model.graph.output[:]
-    model.graph.output.extend(ordered)
-    return model
+    return finish_contract(network, detector, features)
 
 
 def torch_outputs(model: DualHeadModel, x: np.ndarray, layer: str | None, batch_size: int = 512) -> dict[str, np.ndarray]:
@@ -132,18 +116,6 @@ def torch_outputs(model: DualHeadModel, x: np.ndarray, layer: str | None, batch_
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
-@dataclass
-class ExportReport:
-    score: str
-    layer: str | None
-    threshold: float
-    providers: list[str]
-    parity: list[ParityResult] = field(default_factory=list)
-
-    def describe(self) -> list[str]:
-        return [result.describe() for result in self.parity]
-
-
 def check_parity(session, model: DualHeadModel, detector, layer: str | None, x: np.ndarray) -> list[ParityResult]:
     """Graph (ONNX Runtime) vs torch logits, labels and features, and vs the NumPy score on torch's features."""
     reference = torch_outputs(model, x, layer)
@@ -155,29 +127,6 @@ def check_parity(session, model: DualHeadModel, detector, layer: str | None, x: 
         compare("the transfer features", reference["features"], features),
         compare_scores(detector.name, reference_scores, ood_score, width=None if score_features is None else score_features.shape[1]),
     ]
-
-
-def parity_inputs(calibration_x: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Held-out ID inputs plus uniform noise of the same shape, so the check also covers OOD-like features."""
-    rng = np.random.default_rng(seed)
-    rows = calibration_x[: PARITY_MAX_ROWS]
-    noise = rng.random((min(PARITY_NOISE_ROWS, max(len(rows), 1)), *calibration_x.shape[1:]), dtype=np.float32)
-    return np.concatenate([rows.astype(np.float32, copy=False), noise])
-
-
-def _drift_reference(bundle: StatisticsBundle, id_scores: np.ndarray, id_features: np.ndarray) -> DriftReference:
-    stats = bundle.layers.get(TRANSFER_LAYER)
-    if stats is not None and stats.global_mean_.shape[0] == id_features.shape[1]:
-        mean, std = stats.global_mean_, stats.feature_std_  # all training data, streamed at fit time
-    else:
-        mean, std = id_features.mean(axis=0, dtype=np.float64), id_features.std(axis=0, dtype=np.float64)
-    counts = next(iter(bundle.layers.values())).counts_.astype(np.float64)
-    return DriftReference(
-        score_quantiles=[float(q) for q in reference_quantiles(id_scores, DRIFT_QUANTILES)],
-        class_priors=[float(p) for p in counts / counts.sum()],
-        feature_mean=[float(v) for v in mean],
-        feature_std=[float(v) for v in std],
-    )
 
 
 def export_model(
@@ -214,31 +163,23 @@ def export_model(
     log.info("parity and calibration run on ONNX Runtime providers %s", ", ".join(providers))
     parity = check_parity(session, model, detector, layer, parity_inputs(calibration_x))
 
-    id_scores, id_features = run_batched(session, calibration_x.astype(np.float32, copy=False), ["ood_score", "features"])
-    threshold = calibrate_threshold(id_scores.astype(np.float64), tpr)
-    metadata = ModelMetadata(
-        name=name,
+    proto, threshold = calibrate_and_stamp(
+        graph,
+        session,
+        bundle,
+        calibration_x,
+        score=score,
+        tpr=tpr,
         classes=[str(c) for c in bundle.classes] or [str(i) for i in range(model.n_classes)],
         input_shape=list(model.input_shape),
-        input_scale=float(input_scale),
-        score=score,
-        threshold=threshold,
-        tpr=float(tpr),
-        drift_reference=_drift_reference(bundle, id_scores.astype(np.float64), id_features),
-        statistics_checksum=bundle.checksum(),
+        input_scale=input_scale,
+        name=name,
         run_id=run_id,
         extra={
             "score_layer": layer,
-            "calibration_inputs": int(len(calibration_x)),
             "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
             "parity": [r.describe() for r in parity],
             **(extra or {}),
         },
     )
-    return stamp(graph, metadata), ExportReport(score, layer, threshold, providers, parity)
-
-
-def check_tpr(tpr) -> float:
-    if isinstance(tpr, bool) or not isinstance(tpr, (int, float)) or not 0.0 < float(tpr) < 1.0:
-        raise ConfigError(f"--tpr must be a number strictly between 0 and 1, got {tpr!r}")
-    return float(tpr)
+    return proto, ExportReport(score, layer, threshold, providers, parity)
