@@ -8,10 +8,10 @@ Every file is written atomically.
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 
+from ncguard.atomic import atomic_write
 from ncguard.collapse import COLLAPSE_METRICS
 from ncguard.errors import DataError
 from ncguard.ood_metrics import auroc, check_scores, roc_curve
@@ -27,21 +27,8 @@ def _new_figure(width: float, height: float):
 
 
 def _save_atomically(figure, path) -> str:
-    """Render to a temporary PNG next to `path`, then os.replace it into place."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=110)
-        os.chmod(temporary, 0o644)  # mkstemp makes it owner-only; a figure is for everyone to read
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    return path
+    atomic_write(path, lambda stream: figure.savefig(stream, format="png", dpi=110))
+    return os.fspath(path)
 
 
 def _check_ood_sets(ood_sets) -> dict[str, np.ndarray]:

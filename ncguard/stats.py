@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_write
 from .errors import ConfigError, DataError, ModelError
 
 # Relative cut-off for singular values in the pseudo-inverse of the tied covariance: the same
@@ -385,22 +385,11 @@ class StatisticsBundle:
         return arrays_checksum(self._arrays())
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write one .npz atomically (temp file in the same folder, then os.replace); return its checksum."""
+        """Write one .npz atomically; return its checksum."""
         arrays = self._arrays()
         checksum = arrays_checksum(arrays)
         arrays[CHECKSUM_KEY] = np.asarray(checksum, dtype=np.str_)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **arrays)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda handle: np.savez(handle, **arrays))
         return checksum
 
     @classmethod
