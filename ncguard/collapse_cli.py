@@ -6,28 +6,15 @@ metrics.json for NC1 across epochs), so it runs wherever the core is installed.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from .collapse import COLLAPSE_METRICS, format_collapse_table
 from .errors import ModelError
+from .run_dir import read_json
 
 LAYERS = ("transfer", "detection")
 PLOT_FILE = "collapse.png"
-
-
-def _read_json(path: Path, hint: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as stream:
-            value = json.load(stream)
-    except FileNotFoundError:
-        raise ModelError(f"{path} not found: {hint}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path} is not readable JSON ({exc}): the run directory is damaged") from None
-    if not isinstance(value, dict):
-        raise ModelError(f"{path} must hold a JSON object")
-    return value
 
 
 def _is_number(value) -> bool:
@@ -36,7 +23,7 @@ def _is_number(value) -> bool:
 
 def read_reports(run_dir: Path) -> dict[str, dict]:
     """{layer: NC report} for the transfer and detection layers, checked."""
-    collapse = _read_json(run_dir / "collapse.json", "the run has not finished training (resume it with `ncguard train ... --resume`)")
+    collapse = read_json(run_dir / "collapse.json", "the run has not finished training (resume it with `ncguard train ... --resume`)")
     layers = collapse.get("layers")
     if not isinstance(layers, dict):
         raise ModelError(f"{run_dir / 'collapse.json'} has no 'layers' object: the run directory is damaged")
@@ -55,7 +42,7 @@ def read_reports(run_dir: Path) -> dict[str, dict]:
 
 def read_nc1_history(run_dir: Path) -> dict[str, list[float]] | None:
     """NC1 per epoch of both layers from metrics.json, or None when the run did not record it."""
-    metrics = _read_json(run_dir / "metrics.json", "the run has not finished training")
+    metrics = read_json(run_dir / "metrics.json", "the run has not finished training")
     history = metrics.get("nc1_history")
     if not isinstance(history, dict):
         return None

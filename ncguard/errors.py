@@ -6,7 +6,14 @@ class NcguardError(Exception):
 
 
 class DataError(NcguardError, ValueError):
-    """A data SPEC, file or array that cannot be used as given."""
+    """A data SPEC, file or array that cannot be used as given.
+
+    `reason` is a short machine label (e.g. "wrong_shape") where callers count refusals by kind.
+    """
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
 
 
 class ModelError(NcguardError, ValueError):

@@ -60,6 +60,7 @@ class Predictions:
     class_index: np.ndarray  # [N]
     confidence: np.ndarray  # [N] probability of the predicted class
     is_ood: np.ndarray  # [N] bool: score above the calibrated threshold
+    finite: np.ndarray  # [N] bool: every output of the row is finite (see Predictor.predict)
 
 
 def open_session(serialized: bytes, *, provider: str | None = None, threads: int | None = None):
@@ -106,24 +107,33 @@ class Predictor:
         """Return `x` as float32 [N, *input_shape], or raise DataError naming what is wrong."""
         x = np.asarray(x)
         if x.dtype.kind not in "fiu":
-            raise DataError(f"inputs must be numbers, got dtype {x.dtype}")
+            raise DataError(f"inputs must be numbers, got dtype {x.dtype}", reason="wrong_dtype")
         if x.shape[1:] != self.input_shape:
             if x.shape == self.input_shape:
                 x = x[None]
             else:
                 raise DataError(
-                    f"inputs must have shape [N, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}"
+                    f"inputs must have shape [N, {', '.join(map(str, self.input_shape))}], got {list(x.shape)}",
+                    reason="wrong_shape",
                 )
         if len(x) == 0:
-            raise DataError("the batch is empty")
-        x = x.astype(np.float32, copy=False)
+            raise DataError("the batch is empty", reason="empty_batch")
+        with np.errstate(over="ignore"):
+            x = x.astype(np.float32, copy=False)
         if not np.isfinite(x).all():
-            raise DataError("inputs contain NaN or infinity")
+            raise DataError("inputs contain NaN or infinity (or values beyond float32's range)", reason="not_finite")
         return x
 
-    def predict(self, x: np.ndarray, batch_size: int = 256) -> Predictions:
+    def predict(self, x: np.ndarray, batch_size: int = 256, *, strict: bool = True) -> Predictions:
+        """Score a batch. Finite inputs far outside the training range can overflow float32 inside
+        the network; such rows have no meaningful answer, so `strict` refuses the batch naming them,
+        and otherwise they are marked in `Predictions.finite` for the caller to refuse one by one."""
         x = self.check_input(x)
-        logits, probabilities, ood_score, features = run_batched(self.session, x, OUTPUT_NAMES, batch_size)
+        with np.errstate(invalid="ignore", over="ignore"):
+            logits, probabilities, ood_score, features = run_batched(self.session, x, OUTPUT_NAMES, batch_size)
+        finite = np.isfinite(logits).all(axis=1) & np.isfinite(probabilities).all(axis=1) & np.isfinite(ood_score) & np.isfinite(features).all(axis=1)
+        if strict and not finite.all():
+            raise DataError(overflow_message(np.flatnonzero(~finite)), reason="overflow")
         class_index = probabilities.argmax(axis=1)
         return Predictions(
             logits=logits,
@@ -133,4 +143,13 @@ class Predictor:
             class_index=class_index,
             confidence=probabilities[np.arange(len(x)), class_index],
             is_ood=ood_score > self.metadata.threshold,
+            finite=finite,
         )
+
+
+def overflow_message(rows: np.ndarray) -> str:
+    shown = ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+    return (
+        f"input rows {shown} drive the model's outputs to infinity or NaN: their values are far outside "
+        "the range it was trained on (images are expected in [0, 1])"
+    )

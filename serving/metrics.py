@@ -32,6 +32,8 @@ REJECTION_REASONS = (
     "wrong_shape",
     "wrong_dtype",
     "not_finite",
+    "overflow",
+    "invalid_input",
     "empty_batch",
     "batch_too_large",
     "body_too_large",

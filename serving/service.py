@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ncguard.runtime import Predictor
+from ncguard.runtime import Predictor, overflow_message
 
 from .limits import BodySizeLimit
 from .metrics import count_rejection, model_metrics, start_rejection_counts
@@ -181,17 +181,21 @@ class NcguardService:
         max_latency_ms=settings.batch_latency_ms,
     )
     def infer_batch(self, inputs: Annotated[np.ndarray, pydantic.AfterValidator(_check_infer_rows)]) -> Annotated[np.ndarray, JSON_OUTPUT]:
-        """Score float32 rows [N, *input_shape] -> float64 [N, 4]: class index, confidence, OOD score, is-OOD.
+        """Score float32 rows [N, *input_shape] -> float64 [N, 5]: class index, confidence, OOD score, is-OOD, finite.
 
         Internal: /predict and /predict_image call this. A plain array (not a list of models) because
         BentoML rebuilds the output's JSON schema on every call, which costs milliseconds for nested models.
         """
-        result = self.predictor.predict(inputs, batch_size=max(len(inputs), 1))
+        # not strict: rows merged from other requests must not fail with one overflowing row
+        result = self.predictor.predict(inputs, batch_size=max(len(inputs), 1), strict=False)
+        ok = result.finite
         try:
-            self.monitor.observe(result.class_index, result.ood_score, result.is_ood, result.features)
+            self.monitor.observe(result.class_index[ok], result.ood_score[ok], result.is_ood[ok], result.features[ok])
         except Exception:  # monitoring must never cost a client its prediction
             log.exception("the drift monitor failed on a batch of %d; the predictions are still returned", len(inputs))
-        return np.stack([result.class_index, result.confidence, result.ood_score, result.is_ood], axis=1).astype(np.float64)
+        rows = np.stack([result.class_index, result.confidence, result.ood_score, result.is_ood, ok], axis=1).astype(np.float64)
+        rows[~ok, :4] = 0.0  # JSON has no NaN or infinity; `answer` refuses these rows
+        return rows
 
     def _self_client(self):
         """The service's own async client (BentoML's self-proxy), with session recycling turned off.
@@ -224,10 +228,14 @@ class NcguardService:
                 if attempt == 2:
                     log.exception("inference failed twice on the in-process connection")
                     return JSONResponse({"error": "the model could not answer (internal connection failed); retry"}, status_code=503)
+        table = np.asarray(predictions, dtype=np.float64).reshape(-1, 5)
+        overflowed = np.flatnonzero(table[:, 4] == 0)
+        if len(overflowed):
+            return self.refuse(Rejected("overflow", overflow_message(overflowed)))
         classes = self.metadata.classes
         rows = [
             {"label": classes[int(index)], "class_index": int(index), "confidence": float(confidence), "ood_score": float(score), "is_ood": bool(flag)}
-            for index, confidence, score, flag in np.asarray(predictions, dtype=np.float64).reshape(-1, 4)
+            for index, confidence, score, flag, _ in table
         ]
         return JSONResponse({"predictions": rows, "model": self.model_name, "threshold": self.metadata.threshold})
 

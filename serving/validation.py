@@ -29,17 +29,6 @@ class Rejected(DataError):
         self.status = status
 
 
-def _reason_for(x: np.ndarray, input_shape: tuple[int, ...]) -> str:
-    """Which of check_input's refusals happened, for the metric label (the message is check_input's)."""
-    if x.dtype.kind not in "fiu":
-        return "wrong_dtype"
-    if x.shape[1:] != input_shape and x.shape != input_shape:
-        return "wrong_shape"
-    if x.size == 0:
-        return "empty_batch"
-    return "not_finite"
-
-
 def _too_many(count: int, max_inputs: int) -> str:
     return f"the batch has {count} inputs, more than the {max_inputs} allowed per request; split it"
 
@@ -52,7 +41,7 @@ def check_array(x: np.ndarray, predictor: Predictor, max_inputs: int) -> np.ndar
     try:
         return predictor.check_input(x)
     except DataError as exc:
-        raise Rejected(_reason_for(x, shape), str(exc)) from None
+        raise Rejected(exc.reason or "invalid_input", str(exc)) from None
 
 
 def parse_json_inputs(body: bytes, predictor: Predictor, max_inputs: int) -> np.ndarray:

@@ -138,6 +138,17 @@ def test_predictor_rejects_bad_input(model_path, bad, message):
         Predictor(model_path).predict(bad)
 
 
+def test_rows_that_overflow_the_network_are_named_or_flagged(model_path):
+    x = np.array([[1.0, 0.0], [3e38, -3e38], [0.0, 1.0]], dtype=np.float32)  # finite, but x W^T overflows float32
+    predictor = Predictor(model_path)
+    with pytest.raises(DataError, match="rows 1 drive") as caught:
+        predictor.predict(x)
+    assert caught.value.reason == "overflow"
+    lenient = predictor.predict(x, strict=False)
+    assert lenient.finite.tolist() == [True, False, True]
+    np.testing.assert_allclose(lenient.logits[[0, 2]], predictor.predict(x[[0, 2]]).logits)
+
+
 def test_provider_selection():
     assert select_providers(None, [CPU]) == [CPU]
     assert select_providers("auto", [CUDA, CPU]) == [CUDA, CPU]

@@ -154,6 +154,7 @@ def _bad_predict_requests(shape):
         ("NaN", {"content": raw_nan}, 422, "not_finite", "NaN or infinity"),
         ("infinity", {"content": raw_inf}, 422, "not_finite", "NaN or infinity"),
         ("beyond float32", _json({"inputs": [np.full(shape, 1e39).tolist()]}), 422, "not_finite", "NaN or infinity"),
+        ("finite but overflowing the network", _json({"inputs": [good, np.full(shape, 3e38).tolist()]}), 422, "overflow", "rows 1 drive"),
         ("batch above the limit", _json({"inputs": [good] * (MAX_INPUTS + 1)}), 413, "batch_too_large", f"more than the {MAX_INPUTS}"),
         ("body above the limit", {"content": b" " * (MAX_BODY + 1) + b'{"inputs": []}'}, 413, "body_too_large", f"larger than the {MAX_BODY} bytes"),
         ("body above the limit, chunked", {"content": iter([b" " * (MAX_BODY // 2)] * 3)}, 413, "body_too_large", "larger than"),

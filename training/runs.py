@@ -6,9 +6,7 @@ ModelError that names the file and what to do about it.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,78 +14,10 @@ import torch
 
 from ncguard.calibration import split_for_calibration
 from ncguard.errors import ModelError, NcguardError
+from ncguard.run_dir import RunFiles, read_config
 from ncguard.stats import StatisticsBundle
 
 from .model import DualHeadModel, build_model
-
-RUN_FORMAT = "ncguard-run-1"
-CONFIG_FILE = "config.json"
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    """The file names inside a run directory."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG_FILE
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "checkpoint.pt"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "model.pt"
-
-    @property
-    def statistics(self) -> Path:
-        return self.root / "statistics.npz"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.json"
-
-    @property
-    def collapse(self) -> Path:
-        return self.root / "collapse.json"
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as stream:
-            value = json.load(stream)
-    except FileNotFoundError:
-        raise ModelError(f"{path} not found: {what}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path} is not readable JSON ({exc}): the run directory is damaged") from None
-    if not isinstance(value, dict):
-        raise ModelError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
-
-
-def read_config(run_dir: str | os.PathLike) -> dict:
-    """config.json of a run, checked for the keys everything else relies on."""
-    files = RunFiles(Path(run_dir))
-    if not files.root.is_dir():
-        raise ModelError(f"run directory not found: {files.root}")
-    config = read_json(files.config, "not an ncguard run directory (write one with `ncguard train`)")
-    if config.get("format") != RUN_FORMAT:
-        raise ModelError(f"{files.config} is not an ncguard run config (format {config.get('format')!r}, expected {RUN_FORMAT!r})")
-    required = {
-        "settings": ("arch", "head", "classifier", "layers", "score", "seed", "calibration_fraction"),
-        "data": ("spec", "classes", "input_shape", "input_scale", "n_samples"),
-    }
-    for section, keys in required.items():
-        missing = [key for key in keys if key not in config.get(section, {})]
-        if missing:
-            raise ModelError(f"{files.config} lacks {section} entries {', '.join(missing)}: the run directory is damaged")
-    if "run_id" not in config:
-        raise ModelError(f"{files.config} has no run_id: the run directory is damaged")
-    return config
-
 
 def model_from_config(config: dict) -> DualHeadModel:
     """An untrained model with the run's architecture (weights come from model.pt or a checkpoint)."""
