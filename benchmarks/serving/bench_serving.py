@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from ncguard.atomic import atomic_write  # noqa: E402
 from ncguard.client import local_server  # noqa: E402
 from ncguard.model_file import load_model  # noqa: E402
 from ncguard.runtime import Predictor  # noqa: E402
@@ -142,14 +142,6 @@ def bench_batching_grid(model: Path, x1: np.ndarray, sizes: list[int], latencies
     return rows
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def _markdown(report: dict) -> str:
     raw, http = report["raw_onnxruntime"], report["http"]
     conc = http["batch64_concurrent"]
@@ -230,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         "conclusion": conclusion,
     }
     out = Path(args.out_dir)
-    _write_atomically(out / "serving.json", json.dumps(report, indent=2) + "\n")
-    _write_atomically(out / "serving.md", _markdown(report))
+    atomic_write(out / "serving.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(out / "serving.md", _markdown(report))
     print(_markdown(report))
     return 0
 
