@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import write_tiny_model
 
 # Limits of the test server, small so that the limit tests send small requests.
 SERVER_LIMITS = {
@@ -17,13 +16,9 @@ SERVER_LIMITS = {
 
 
 @pytest.fixture(scope="session")
-def served_model_path(tmp_path_factory) -> Path:
-    """The model every serving test serves.
-
-    For now a hand-built tiny model (8x8 grayscale input, 3 classes); switch this fixture to the
-    digits model from `ncguard export` (of `ncguard train --data digits`) when it exists.
-    """
-    return write_tiny_model(tmp_path_factory.mktemp("served-model") / "model.onnx")
+def served_model_path(digits_model_path) -> Path:
+    """The model every serving test serves: `ncguard export` of `ncguard train --data digits`."""
+    return digits_model_path
 
 
 @pytest.fixture(scope="module")
