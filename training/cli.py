@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 import torch.distributed as dist
+from threadpoolctl import threadpool_limits
 
 import ncguard
 from ncguard.calibration import calibrate_threshold, split_for_calibration
