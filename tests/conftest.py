@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# What `ncguard train` sets before torch loads (training/__init__.py): idle OpenMP threads sleep
+# instead of spinning, which on 2 shared cores makes training several times faster. Tests import
+# torch before any training code runs, so the setting has to be made here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
