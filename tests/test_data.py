@@ -23,6 +23,8 @@ from ncguard.data import test_split_of as split_of  # renamed so pytest does not
 from ncguard.errors import ConfigError, DataError, NcguardError
 from ncguard.images import decode_image, image_info
 
+from tests.image_bytes import png_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM_FASHION = Path(ncdata.FASHION_MNIST_SYSTEM_DIR)
 HAVE_FASHION = (SYSTEM_FASHION / "train-images-idx3-ubyte.gz").is_file() and (
@@ -48,12 +50,6 @@ def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:
     payload = idx_bytes(array)
     path.write_bytes(gzip.compress(payload) if compress else payload)
     return path
-
-
-def png_bytes(pixels: np.ndarray, fmt: str = "PNG", **save_args) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt, **save_args)
-    return buffer.getvalue()
 
 
 def write_npz(path: Path, **arrays) -> Path:

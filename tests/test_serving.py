@@ -18,6 +18,7 @@ from ncguard.images import decode_image
 from ncguard.model_file import load_model
 from ncguard.runtime import Predictor
 from tests.conftest import SERVER_LIMITS
+from tests.image_bytes import png_bytes
 
 MAX_INPUTS = int(SERVER_LIMITS["NCGUARD_MAX_BATCH_INPUTS"])
 MAX_BODY = int(SERVER_LIMITS["NCGUARD_MAX_BODY_BYTES"])
@@ -37,12 +38,6 @@ def id_and_ood_inputs(predictor: Predictor, n: int = 24) -> np.ndarray:
     flags = predictor.predict(x).is_ood
     assert flags.any() and not flags.all(), "test inputs should hold both ID and OOD decisions"
     return x
-
-
-def png_bytes(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt)
-    return buffer.getvalue()
 
 
 def rejected_counts(client: NcguardClient) -> dict[str, float]:
