@@ -32,10 +32,10 @@ import onnx
 from tqdm import tqdm
 
 from export.detectors import TRANSFER_LAYER, fit_detector
-from export.finish import ExportReport, calibrate_and_stamp, check_tpr, finish_contract, parity_inputs
+from export.finish import ExportReport, calibrate_and_stamp, finish_contract, parity_inputs
 from export.graph_surgery import InputTransform, Network, build_network, check_matrix
 from export.parity import allowed_error, compare, compare_logits, compare_scores
-from ncguard.calibration import split_for_calibration
+from ncguard.calibration import check_open_unit, split_for_calibration
 from ncguard.data import Dataset, iter_batches
 from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import INPUT_NAME
@@ -209,7 +209,7 @@ def fit_existing_model(
     source_label: str = "",
 ) -> tuple[onnx.ModelProto, FitReport]:
     """The stamped ONNX model (not yet written) and what was fitted and checked (module docstring)."""
-    tpr = check_tpr(tpr)
+    tpr = check_open_unit(tpr, "--tpr")
     if score not in SCORES:  # before the data pass, not after it
         raise ConfigError(f"unknown score {score!r}; choose one of: {', '.join(sorted(SCORES))}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ncguard.calibration import DEFAULT_TPR, check_open_unit
 from ncguard.data import load_dataset
 from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import load_model, save_model
 from ncguard.runtime import PROVIDER_CHOICES, select_providers
 from ncguard.scores import SCORES
 
-DEFAULT_TPR = 0.95
 
 
 def calibration_inputs(config: dict) -> tuple[np.ndarray, float]:
@@ -54,9 +54,9 @@ def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float |
 
     from training.runs import load_run
 
-    from .torch_export import check_tpr, export_model
+    from .torch_export import export_model
 
-    tpr = check_tpr(DEFAULT_TPR if tpr is None else tpr)
+    tpr = check_open_unit(DEFAULT_TPR if tpr is None else tpr, "--tpr")
     check_provider(provider)  # before the slow part: a wrong --provider fails at once
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, config, bundle = load_run(run_dir)

@@ -21,7 +21,7 @@ from export.parity import ParityResult
 from export.score_graph import append_ood_head
 from ncguard.calibration import calibrate_threshold
 from ncguard.drift import reference_quantiles
-from ncguard.errors import ConfigError, DataError
+from ncguard.errors import DataError
 from ncguard.model_file import OUTPUT_NAMES, DriftReference, ModelMetadata, stamp
 from ncguard.runtime import run_batched
 from ncguard.stats import StatisticsBundle
@@ -41,12 +41,6 @@ class ExportReport:
 
     def describe(self) -> list[str]:
         return [result.describe() for result in self.parity]
-
-
-def check_tpr(tpr) -> float:
-    if isinstance(tpr, bool) or not isinstance(tpr, (int, float)) or not 0.0 < float(tpr) < 1.0:
-        raise ConfigError(f"--tpr must be a number strictly between 0 and 1, got {tpr!r}")
-    return float(tpr)
 
 
 def finish_contract(network: onnx.ModelProto, detector, score_features: str | None) -> onnx.ModelProto:

@@ -25,7 +25,7 @@ import onnx
 import torch
 
 from export.detectors import DETECTION_LAYER, TRANSFER_LAYER, fit_detector
-from export.finish import ExportReport, calibrate_and_stamp, check_tpr, finish_contract, parity_inputs
+from export.finish import ExportReport, calibrate_and_stamp, finish_contract, parity_inputs
 from export.parity import ParityResult, compare, compare_logits, compare_scores
 from ncguard.errors import DataError, ModelError
 from ncguard.model_file import INPUT_NAME
@@ -33,7 +33,7 @@ from ncguard.runtime import open_session, run_batched
 from ncguard.stats import StatisticsBundle
 from training.model import DualHeadModel
 
-__all__ = ["ExportReport", "check_parity", "check_tpr", "export_model", "finish_graph", "parity_inputs", "torch_outputs", "torch_to_onnx"]
+__all__ = ["ExportReport", "check_parity", "export_model", "finish_graph", "parity_inputs", "torch_outputs", "torch_to_onnx"]
 
 log = logging.getLogger("ncguard.export")
 

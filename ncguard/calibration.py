@@ -14,19 +14,23 @@ from ncguard.errors import ConfigError, DataError
 from ncguard.ood_metrics import check_scores
 
 
-def _check_open_unit(value, name: str) -> float:
+DEFAULT_TPR = 0.95  # fraction of in-distribution inputs a threshold keeps, unless told otherwise
+
+
+def check_open_unit(value, name: str) -> float:
+    """`value` as a float, or ConfigError naming `name` unless it is a number in (0, 1)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 1.0:
-        raise ConfigError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+        raise ConfigError(f"{name} must be strictly between 0 and 1 (a number), got {value!r}")
     return float(value)
 
 
-def calibrate_threshold(id_scores, tpr: float = 0.95) -> float:
+def calibrate_threshold(id_scores, tpr: float = DEFAULT_TPR) -> float:
     """Smallest ID score t with mean(id_scores <= t) >= tpr, so `score > t` flags <= 1 - tpr of ID.
 
     This is the empirical quantile of type 1 (inverse of the empirical CDF), computed on the
     exact fractions k/n so that e.g. 19 of 20 scores count as 0.95 without rounding surprises.
     """
-    tpr = _check_open_unit(tpr, "tpr")
+    tpr = check_open_unit(tpr, "tpr")
     scores = np.sort(check_scores(id_scores, "id_scores"))
     kept_fraction = np.arange(1, scores.size + 1) / scores.size
     index = int(np.searchsorted(kept_fraction, tpr, side="left"))
@@ -43,7 +47,7 @@ def split_for_calibration(n: int, fraction: float = 0.1, seed: int = 0) -> tuple
         raise ConfigError(f"n must be an integer sample count, got {n!r}")
     if n < 2:
         raise DataError(f"need at least 2 samples to split off a calibration set, got {n}")
-    fraction = _check_open_unit(fraction, "fraction")
+    fraction = check_open_unit(fraction, "fraction")
     n_calibration = min(max(int(round(fraction * n)), 1), n - 1)
     permutation = np.random.default_rng(seed).permutation(int(n))
     calibration_index = np.sort(permutation[:n_calibration])

@@ -19,13 +19,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from .calibration import DEFAULT_TPR
 from .data import load_dataset
 from .errors import ConfigError
 from .model_file import load_model, save_model
 from .runtime import PROVIDER_CHOICES
 from .scores import SCORES
 
-DEFAULT_TPR = 0.95
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:

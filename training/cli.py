@@ -29,7 +29,7 @@ import torch.distributed as dist
 from threadpoolctl import threadpool_limits
 
 import ncguard
-from ncguard.calibration import calibrate_threshold, split_for_calibration
+from ncguard.calibration import DEFAULT_TPR, calibrate_threshold, check_open_unit, split_for_calibration
 from ncguard.collapse import NearestMeanAgreement, collapse_report
 from ncguard.data import Dataset, load_dataset, test_split_of
 from ncguard.errors import ConfigError, DataError, ModelError, NcguardError
@@ -48,7 +48,6 @@ from .trainer import Trainer, TrainSettings, distributed_context, parameter_fing
 DEFAULT_ENTROPY_WEIGHT = 0.05
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_LR = 2e-3
-DEFAULT_TPR = 0.95
 DEFAULT_CALIBRATION_FRACTION = 0.1
 DEFAULT_LAYERS = ("block1", "transfer", "detection")
 REQUIRED_LAYERS = ("transfer", "detection")
@@ -150,8 +149,7 @@ class TrainOptions:
             raise ConfigError(f"--lr must be a number in (0, 1], got {self.lr!r}")
         if not (math.isfinite(self.calibration_fraction) and 0 < self.calibration_fraction <= 0.5):
             raise ConfigError(f"--calibration-fraction must be in (0, 0.5], got {self.calibration_fraction!r}")
-        if not (math.isfinite(self.tpr) and 0 < self.tpr < 1):
-            raise ConfigError(f"--tpr must be strictly between 0 and 1, got {self.tpr!r}")
+        check_open_unit(self.tpr, "--tpr")
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"--layers must list distinct layer names, got {','.join(self.layers)!r}")
         layers = tuple(dict.fromkeys((*self.layers, *REQUIRED_LAYERS)))
