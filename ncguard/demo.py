@@ -54,17 +54,17 @@ def main() -> int:
 
 
 def _write_id_and_ood_inputs(path: Path) -> None:
-    """Held-out digits (in distribution) beside noise and inverted digits (out of distribution)."""
+    """Held-out digits (in distribution) beside noise and inverted digits (out of distribution),
+    made by the same synthetic OOD sets `ncguard evaluate` offers (noise:uniform, inverted:SPEC)."""
     import numpy as np
 
     from .data import load_dataset
+    from .ood_data import inverted_dataset, noise_dataset
 
     test = load_dataset("digits:test")
-    rng = np.random.default_rng(0)
-    id_x = test.x[:5]
-    noise = rng.uniform(0, 1, size=(3, *test.input_shape)).astype(np.float32)
-    inverted = 1.0 - test.x[5:8]
-    x = np.concatenate([id_x, noise, inverted])
+    noise = noise_dataset("uniform", test, seed=0).x[:3]
+    inverted = inverted_dataset(test).x[5:8]
+    x = np.concatenate([test.x[:5], noise, inverted])
     kind = np.array(["id"] * 5 + ["ood:noise"] * 3 + ["ood:inverted"] * 3)
     np.savez(path, x=x, kind=kind)
     print(f"\ndemo: wrote {len(x)} inputs to {path}: 5 held-out digits, 3 noise images, 3 inverted digits")
