@@ -97,15 +97,19 @@ def test_every_score_matches_torch_and_the_numpy_reference(name, run, network, t
     id_data, noise, inverted = test_inputs
     results = check_parity(session, model, detector, layer, np.concatenate([id_data.x, noise]))  # raises on mismatch
     assert all(r.worst_ratio < 0.5 for r in results), [r.describe() for r in results]
-    # The ranking is the reference's: AUROC of ID vs unseen OOD within one swapped pair.
+    # The ranking is the reference's: AUROC of ID vs unseen OOD.
     reference, graph_scores = {}, {}
     for key, x in (("id", id_data.x), ("ood", inverted)):
         outputs = torch_outputs(model, x, layer)
         reference[key] = detector.score(features=outputs.get(SCORE_FEATURES), logits=outputs["logits"])
         graph_scores[key] = run_batched(session, x, ["ood_score"])[0]
         compare_scores(name, reference[key], graph_scores[key], width=model.feature_dim)
+    # Only pairs the float32 error could reorder may swap: those closer than twice the largest error seen.
+    error = max(float(np.abs(graph_scores[k] - reference[k]).max()) for k in reference)
+    near_ties = int((np.abs(reference["id"][:, None] - reference["ood"][None, :]) <= 2 * error).sum())
     pairs = len(reference["id"]) * len(reference["ood"])
-    assert abs(auroc(reference["id"], reference["ood"]) - auroc(graph_scores["id"], graph_scores["ood"])) <= 1.0 / pairs
+    swapped = abs(auroc(reference["id"], reference["ood"]) - auroc(graph_scores["id"], graph_scores["ood"])) * pairs
+    assert swapped <= near_ties + 1e-6, (swapped, near_ties)
 
 
 def _copy(proto):
