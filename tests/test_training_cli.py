@@ -158,6 +158,7 @@ def test_vectors_train_with_the_mlp(tmp_path, capsys):
         (["--lr", "nan"], "--lr must be a number in (0, 1]"),
         (["--batch-size", "1"], "--batch-size must be a whole number >= 2"),
         (["--entropy-weight", "-0.5"], "--entropy-weight must be a finite number >= 0"),
+        (["--label-smoothing", "1"], "--label-smoothing must be a number in [0, 1)"),
         (["--tpr", "1.5"], "--tpr must be strictly between 0 and 1"),
         (["--calibration-fraction", "0.9"], "--calibration-fraction must be in (0, 0.5]"),
         (["--device", "gpu0"], "--device 'gpu0' is not a device"),

@@ -41,7 +41,7 @@ from .augment import AUGMENTATIONS, Augmentation, auto_augmentation
 from .backbones import ARCHITECTURES
 from .files import atomic_torch_save, atomic_write_json
 from .inference import accuracy_and_loss, iter_layer_features
-from .losses import LOSSES, TrainingLoss
+from .losses import LABEL_SMOOTHING, LOSSES, TrainingLoss
 from .model import CLASSIFIERS, HEADS, DualHeadModel, build_model, normalization_stats
 from .trainer import Trainer, TrainSettings, distributed_context, parameter_fingerprint, seed_everything
 
@@ -77,6 +77,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--entropy-weight", type=float, default=None, help="weight of the entropy regularizer on the transfer features, 0 disables it (default: 0.05 for --head etf, else 0)")
     p.add_argument("--head", default="etf", help="detection head: etf, plain or l2")
     p.add_argument("--classifier", default="learned", help="classifier on the detection features: learned or simplex (fixed class-simplex ETF)")
+    p.add_argument("--label-smoothing", type=float, default=LABEL_SMOOTHING, help=f"label smoothing of the cross-entropy, in [0, 1) (default {LABEL_SMOOTHING})")
     p.add_argument("--loss", default="ce", help="ce (label-smoothed cross-entropy) or nc (differentiable NC1+NC2+NC3)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="global batch size")
@@ -103,6 +104,7 @@ class TrainOptions:
     head: str = "etf"
     classifier: str = "learned"
     loss: str = "ce"
+    label_smoothing: float = LABEL_SMOOTHING
     seed: int = 0
     batch_size: int = DEFAULT_BATCH_SIZE
     lr: float = DEFAULT_LR
@@ -141,6 +143,8 @@ class TrainOptions:
             raise ConfigError(f"--epochs must be a whole number >= 1, got {self.epochs!r}")
         if self.entropy_weight is not None and not (math.isfinite(self.entropy_weight) and self.entropy_weight >= 0):
             raise ConfigError(f"--entropy-weight must be a finite number >= 0, got {self.entropy_weight!r}")
+        if not (math.isfinite(self.label_smoothing) and 0 <= self.label_smoothing < 1):
+            raise ConfigError(f"--label-smoothing must be a number in [0, 1), got {self.label_smoothing!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"--seed must be a whole number >= 0, got {self.seed!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 2:
@@ -206,7 +210,7 @@ def _resolved_settings(options: TrainOptions, dataset: Dataset, n_fit: int) -> d
         "weight_decay": TrainSettings.weight_decay,
         "warmup_fraction": TrainSettings.warmup_fraction,
         "entropy_weight": float(entropy_weight),
-        "label_smoothing": 0.1,
+        "label_smoothing": float(options.label_smoothing),
         "augment": augment,
         "seed": options.seed,
         "deterministic": options.deterministic,
@@ -379,7 +383,7 @@ def _train(options: TrainOptions) -> dict | None:
         raise ConfigError(f"--layers: {', '.join(unknown)} not in the {settings['arch']} model; available: {', '.join(available)}")
     trainer = Trainer(
         model,
-        TrainingLoss(settings["loss"], settings["entropy_weight"]),
+        TrainingLoss(settings["loss"], settings["entropy_weight"], settings.get("label_smoothing", LABEL_SMOOTHING)),
         TrainSettings(epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"], seed=settings["seed"]),
         Augmentation(settings["augment"], dataset.input_shape),
         device=device,

@@ -1,0 +1,69 @@
+"""What the quality benchmark trains: the models, their `ncguard train` flags, and the budgets.
+
+One place for the model list so the training stage, the evaluation stage and the report agree on
+names. `--size smoke` swaps Fashion-MNIST for a tiny budget so CI can run the whole pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+LAYERS = "block1,block2,block3,transfer,detection"
+NEAR_OOD_KNOWN = (0, 1, 2, 3, 4, 5)  # T-shirt, trouser, pullover, dress, coat, sandal; 6-9 are OOD
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    head: str  # "etf" (ours) or "plain" (the baseline)
+    seed: int
+    flags: tuple[str, ...] = ()
+    task: str = "full"  # "full": all 10 classes; "near": the 6 known classes of the near-OOD split
+    role: str = "main"  # "main": reported with mean and spread over seeds; "ablation": one seed, for the study
+
+    @property
+    def group(self) -> str:
+        """Seeds of one configuration share a group."""
+        return self.name.rsplit("-s", 1)[0]
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    seeds: tuple[int, ...]
+    epochs: int | None  # None: ncguard train's default
+    id_test: int | None  # None: the whole test split
+    ood_per_set: int
+    ablations: bool
+    train_limit: int | None = None  # None: the whole Fashion-MNIST training split
+    extra_flags: tuple[str, ...] = field(default=())
+
+
+BUDGETS = {
+    "full": Budget("full", seeds=(0, 1, 2), epochs=None, id_test=None, ood_per_set=2000, ablations=True),
+    "smoke": Budget("smoke", seeds=(0,), epochs=1, id_test=300, ood_per_set=100, ablations=False, train_limit=1200),
+}
+
+ABLATIONS = (
+    ("etf-nols", "etf", ("--label-smoothing", "0")),
+    ("etf-ent0.2", "etf", ("--entropy-weight", "0.2")),
+    ("etf-simplex", "etf", ("--classifier", "simplex")),
+)
+
+
+def model_specs(budget: Budget) -> list[ModelSpec]:
+    """Seed 0 of both heads first, then the near-OOD pair, the other seeds, and the ablations."""
+    specs = [ModelSpec(f"{head}-s{budget.seeds[0]}", head, budget.seeds[0]) for head in ("etf", "plain")]
+    specs += [ModelSpec(f"near-{head}-s{budget.seeds[0]}", head, budget.seeds[0], task="near") for head in ("etf", "plain")]
+    specs += [ModelSpec(f"{head}-s{seed}", head, seed) for seed in budget.seeds[1:] for head in ("etf", "plain")]
+    if budget.ablations:
+        specs += [ModelSpec(f"{name}-s0", head, 0, flags, role="ablation") for name, head, flags in ABLATIONS]
+    return specs
+
+
+def train_flags(spec: ModelSpec, budget: Budget) -> list[str]:
+    # shift-flip is what `ncguard train` picks for fashion-mnist; the .npz subsets must get it too
+    flags = ["--augment", "shift-flip", "--head", spec.head, "--seed", str(spec.seed), "--layers", LAYERS, *spec.flags, *budget.extra_flags]
+    if budget.epochs is not None:
+        flags += ["--epochs", str(budget.epochs)]
+    return flags
