@@ -1,0 +1,131 @@
+"""The fused multi-layer score (NumPy reference): formula by hand, concat == by-layer, errors."""
+
+import numpy as np
+import pytest
+
+from ncguard.errors import ConfigError, DataError
+from ncguard.scores import COMBINED_SCORES, SCORES, Fused, make_detector
+from ncguard.scores.fused import parse_components
+from ncguard.stats import ClassStatistics
+
+N_CLASSES = 3
+
+
+def _layers(n, seed):
+    """Two synthetic layers with class structure: a 'block1' [n, 6] and a 'detection' [n, 4]."""
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.arange(N_CLASSES), rng.integers(0, N_CLASSES, n - N_CLASSES)]
+    block_means = rng.normal(0, 3, (N_CLASSES, 6))
+    det_means = 5 * np.eye(N_CLASSES, 4)
+    features = {
+        "block1": block_means[labels] + rng.normal(0, 1, (n, 6)),
+        "detection": det_means[labels] + rng.normal(0, 0.7, (n, 4)),
+    }
+    return features, labels
+
+
+@pytest.fixture(scope="module")
+def setup():
+    train, labels = _layers(600, 0)
+    held_out, _ = _layers(200, 1)
+    test, _ = _layers(50, 2)
+    test = {k: np.r_[v, np.random.default_rng(3).normal(0, 8, (10, v.shape[1]))] for k, v in test.items()}
+    stats = {layer: ClassStatistics(N_CLASSES, bank_size=64).fit(x, labels) for layer, x in train.items()}
+    weight = np.random.default_rng(4).normal(size=(N_CLASSES, 4))
+    bias = np.array([0.1, -0.2, 0.3])
+    logits = {name: x["detection"] @ weight.T + bias for name, x in (("held_out", held_out), ("test", test))}
+    return stats, weight, bias, held_out, logits["held_out"], test, logits["test"]
+
+
+def _fit(setup, components=(("block1", "mahalanobis"), ("detection", "etf")), combine="sum"):
+    stats, weight, bias, held_out, held_logits, *_ = setup
+    return Fused(components=components, combine=combine).fit_layers(stats, weight, bias, "detection", held_out, held_logits)
+
+
+@pytest.mark.parametrize("combine", ["sum", "max"])
+def test_formula_matches_a_hand_computation(setup, combine):
+    stats, weight, bias, held_out, held_logits, test, test_logits = setup
+    fused = _fit(setup, (("block1", "mahalanobis"), ("detection", "etf"), ("logits", "energy")), combine)
+    # By hand: each base detector fitted on its layer, standardized by its held-out ID mean / std.
+    parts = []
+    for layer, name in (("block1", "mahalanobis"), ("detection", "etf"), ("logits", "energy")):
+        det = make_detector(name).fit(None if layer == "logits" else stats[layer], weight, bias)
+        feats = (lambda d: None if layer == "logits" else d[layer])
+        calib = det.score(features=feats(held_out), logits=held_logits)
+        raw = det.score(features=feats(test), logits=test_logits)
+        parts.append((raw - calib.mean()) / np.sqrt(((calib - calib.mean()) ** 2).mean()))
+    expected = np.sum(parts, axis=0) if combine == "sum" else np.max(parts, axis=0)
+    np.testing.assert_allclose(fused.score_layers(test, test_logits), expected, rtol=1e-12, atol=1e-12)
+    # On the held-out data each standardized component has mean 0 and std 1.
+    z = fused.component_scores(fused.concatenate(held_out), held_logits)
+    np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-9)
+    np.testing.assert_allclose(z.std(axis=0), 1.0, atol=1e-9)
+
+
+def test_score_on_concatenation_equals_score_layers(setup):
+    *_, test, test_logits = setup
+    fused = _fit(setup, (("detection", "etf"), ("block1", "mahalanobis"), ("detection", "vim")))
+    assert fused.layers_ == ("detection", "block1")  # distinct, in component order
+    concat = np.concatenate([test[layer] for layer in fused.layers_], axis=1)
+    np.testing.assert_array_equal(fused.score(features=concat, logits=test_logits), fused.score_layers(test, test_logits))
+    assert fused.slices() == {"detection": (0, 4), "block1": (4, 10)}
+
+
+def test_classifier_goes_only_to_the_classifier_layer(setup):
+    """vim needs the classifier: it fits on the detection layer, and is refused on block1."""
+    _fit(setup, (("detection", "vim"),))
+    with pytest.raises(ConfigError, match="block1:vim cannot be fitted"):
+        _fit(setup, (("block1", "vim"),))
+
+
+def test_separates_outliers_better_than_chance(setup):
+    *_, test, test_logits = setup
+    scores = _fit(setup).score_layers(test, test_logits)
+    assert scores[50:].min() > np.median(scores[:50])  # the 10 wide-noise rows score above typical ID
+
+
+@pytest.mark.parametrize(
+    "components, combine, message",
+    [
+        ((), "sum", "at least one"),
+        ((("block1", "nosuch"),), "sum", "unknown score 'nosuch'"),
+        ((("block9", "mahalanobis"),), "sum", "no layer 'block9'"),
+        ((("block1", "mahalanobis"), ("block1", "mahalanobis")), "sum", "listed twice"),
+        ((("block1", "energy"),), "sum", "reads only the logits"),
+        ((("logits", "etf"),), "sum", "name the layer"),
+        ((("logits", "energy"),), "sum", "at least one feature-based"),
+        ((("block1",),), "sum", "pair"),
+        ((("block1", "mahalanobis"),), "mean", "combine must be one of"),
+    ],
+)
+def test_bad_components_are_refused_clearly(setup, components, combine, message):
+    with pytest.raises(ConfigError, match=message):
+        _fit(setup, components, combine)
+
+
+def test_constant_component_is_refused(setup):
+    stats, weight, bias, held_out, held_logits, *_ = setup
+    flat = {layer: np.zeros_like(x) + stats[layer].means_[0] for layer, x in held_out.items()}
+    with pytest.raises(DataError, match="sigma 0"):
+        Fused().fit_layers(stats, weight, bias, "detection", flat, held_logits)
+
+
+def test_usage_errors(setup):
+    stats, *_ = setup
+    with pytest.raises(ConfigError, match="fit_layers"):
+        Fused().fit(stats["block1"])
+    with pytest.raises(ConfigError, match="fitted"):
+        Fused().score_layers({}, np.zeros((1, 3)))
+    fused = _fit(setup)
+    with pytest.raises(DataError, match="layer 'block1'"):
+        fused.score_layers({"detection": np.zeros((2, 4))}, np.zeros((2, 3)))
+    with pytest.raises(DataError, match="width"):
+        fused.score(features=np.zeros((2, 3)), logits=np.zeros((2, 3)))
+
+
+def test_parse_components_and_registry():
+    assert parse_components("block1:mahalanobis, detection:etf") == (("block1", "mahalanobis"), ("detection", "etf"))
+    with pytest.raises(ConfigError, match="LAYER:SCORE"):
+        parse_components("block1")
+    assert COMBINED_SCORES == {"fused": Fused} and "fused" not in SCORES
+    assert Fused().components == (("block1", "mahalanobis"), ("detection", "etf")) and not hasattr(Fused(), "mu_")
