@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ncguard.errors import ConfigError, ModelError
-from ncguard.scores import SCORES, Detector
+from ncguard.scores import COMBINED_SCORES, SCORES, Detector
 from ncguard.scores.base import TINY_NORM
 
 MIN_OPSET = 13  # Squeeze/Unsqueeze/ReduceSum with axes as inputs
@@ -199,6 +199,31 @@ SCORE_GRAPHS: dict[str, ScoreBuilder] = {
 assert set(SCORE_GRAPHS) == set(SCORES), "every score in ncguard.scores needs an ONNX builder here"
 
 
+def _fused(b: GraphBuilder, det, p, features, logits) -> str:
+    """ncguard.scores.fused.Fused: slice each layer out of the concatenated features, build each
+    component with its own builder above, standardize with (s - mu) / sigma, then Sum or Max."""
+    slices = det.slices()
+    layer_inputs = {
+        layer: b.node(
+            "Slice",
+            [features, b.constant(f"{layer}_start", [start], np.int64), b.constant(f"{layer}_stop", [stop], np.int64), b.axes(1)],
+            f"{layer}_features",
+        )
+        for layer, (start, stop) in slices.items()
+    }
+    standardized = []
+    for (layer, score), component, mu, sigma in zip(det.components_, det.detectors_, p["mu_"], p["sigma_"]):
+        raw = SCORE_GRAPHS[score](b, component, component.params(), layer_inputs.get(layer), logits)
+        centred = b.node("Sub", [raw, b.constant(f"{layer}_{score}_mu", float(mu))], f"{layer}_{score}_centred")
+        standardized.append(b.node("Div", [centred, b.constant(f"{layer}_{score}_sigma", float(sigma))], f"{layer}_{score}_z"))
+    return b.node("Sum" if det.combine == "sum" else "Max", standardized, "fused")
+
+
+# Scores that combine others (ncguard.scores.COMBINED_SCORES); they are not in SCORES (see there).
+COMBINED_GRAPHS: dict[str, ScoreBuilder] = {"fused": _fused}
+assert set(COMBINED_GRAPHS) == set(COMBINED_SCORES), "every combined score needs an ONNX builder here"
+
+
 # ---------------------------------------------------------------------- appending to a graph
 
 
@@ -263,8 +288,9 @@ def append_ood_head(
     the detector says which it reads. Features of any rank are flattened to [N, width], and
     float16/float64 tensors are cast to float32, so this works on graphs not written by ncguard.
     """
-    if detector.name not in SCORE_GRAPHS:
-        raise ConfigError(f"no ONNX graph for the score {detector.name!r}; known: {', '.join(sorted(SCORE_GRAPHS))}")
+    builders = {**SCORE_GRAPHS, **COMBINED_GRAPHS}
+    if detector.name not in builders:
+        raise ConfigError(f"no ONNX graph for the score {detector.name!r}; known: {', '.join(sorted(builders))}")
     if detector.needs_fit and not getattr(detector, "fitted_", False):
         raise ConfigError(f"the {detector.name!r} detector must be fitted before it can be exported")
     opset = default_opset(model)
@@ -290,7 +316,7 @@ def append_ood_head(
         if tensor not in known:
             raise ModelError(f"the model has no tensor named {tensor!r} to read {what} from")
         inputs[what] = _as_float_matrix(builder, tensor, types, what)
-    score = SCORE_GRAPHS[detector.name](builder, detector, detector.params(), inputs["features"], inputs["logits"])
+    score = builders[detector.name](builder, detector, detector.params(), inputs["features"], inputs["logits"])
     graph.node.append(helper.make_node("Identity", [score], [output], name=builder.fresh("output")))
     value = helper.make_tensor_value_info(output, TensorProto.FLOAT, None)
     value.type.tensor_type.shape.dim.append(_batch_dim(model, features, logits, types=types))

@@ -1,0 +1,67 @@
+"""The fused score's ONNX graph against its NumPy reference (torch-free, as test_export_score_graph)."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from export.parity import compare_scores
+from export.score_graph import COMBINED_GRAPHS, append_ood_head
+from ncguard.scores import COMBINED_SCORES, Fused
+from ncguard.stats import ClassStatistics
+from tests.test_fused import N_CLASSES, _layers
+
+
+@pytest.fixture(scope="module")
+def fitted_parts():
+    train, labels = _layers(600, 0)
+    held_out, _ = _layers(200, 1)
+    stats = {layer: ClassStatistics(N_CLASSES, bank_size=256, seed=2).fit(x, labels) for layer, x in train.items()}
+    weight = np.random.default_rng(4).normal(size=(N_CLASSES, 4))
+    bias = np.array([0.1, -0.2, 0.3])
+    rng = np.random.default_rng(5)
+    test_id, _ = _layers(300, 6)
+    test_ood = {layer: rng.normal(0, 6, (300, x.shape[1])) for layer, x in test_id.items()}
+    return stats, weight, bias, held_out, test_id, test_ood
+
+
+def scoring_graph(width: int, opset: int) -> onnx.ModelProto:
+    inputs = [
+        helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", width]),
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", N_CLASSES]),
+    ]
+    graph = helper.make_graph([], "scores", inputs, [])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+def test_every_combined_score_has_a_graph():
+    assert set(COMBINED_GRAPHS) == set(COMBINED_SCORES)
+
+
+COMPONENT_SETS = [
+    (("block1", "mahalanobis"), ("detection", "etf")),
+    (("detection", "etf"), ("block1", "mahalanobis"), ("detection", "vim"), ("logits", "energy"), ("block1", "knn")),
+]
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+@pytest.mark.parametrize("combine", ["sum", "max"])
+@pytest.mark.parametrize("components", COMPONENT_SETS, ids=["default", "five"])
+def test_fused_graph_matches_reference(fitted_parts, components, combine, opset):
+    stats, weight, bias, held_out, test_id, test_ood = fitted_parts
+    logits_of = lambda layers: layers["detection"] @ weight.T + bias  # noqa: E731
+    fused = Fused(components=components, combine=combine).fit_layers(stats, weight, bias, "detection", held_out, logits_of(held_out))
+    width = int(fused.widths_.sum())
+    model = append_ood_head(scoring_graph(width, opset), fused, features="features", logits="logits")
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for layers in (test_id, test_ood):
+        features = fused.concatenate(layers).astype(np.float32)
+        logits = logits_of(layers).astype(np.float32)
+        graph_scores = session.run(["ood_score"], {"features": features, "logits": logits})[0]
+        assert graph_scores.dtype == np.float32 and graph_scores.shape == (len(features),)
+        reference = fused.score(features=features, logits=logits)
+        np.testing.assert_allclose(reference, fused.score_layers(layers, logits.astype(np.float64)), rtol=1e-5, atol=1e-5)
+        result = compare_scores("fused", reference, graph_scores, width=width)
+        assert result.worst_ratio < 0.1, result.describe()
