@@ -6,11 +6,16 @@ Built on httpx (no BentoML, no torch needed on the calling side). `local_server`
     with NcguardClient("http://127.0.0.1:3000") as client:
         answer = client.predict(x)            # x: [N, *input_shape]
         answer.labels, answer.ood_score, answer.is_ood
+
+Arrays go to /predict as .npy bytes (Content-Type application/x-npy) by default: exact float32 and
+no JSON to build or parse on either side; `wire="json"` sends `{"inputs": ...}` instead (for
+services older than the .npy format).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -29,6 +34,15 @@ from .errors import DataError, NcguardError
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 DEFAULT_BATCH_SIZE = 256  # the service's default per-request limit
+NPY_CONTENT_TYPE = "application/x-npy"  # serving.validation.NPY_CONTENT_TYPE (the client does not import serving)
+WIRE_FORMATS = ("npy", "json")
+
+
+def npy_body(x: np.ndarray) -> bytes:
+    """The .npy bytes of x (np.save; never pickled), as /predict reads them."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(x), allow_pickle=False)
+    return buffer.getvalue()
 
 
 class ServiceError(NcguardError):
@@ -119,15 +133,26 @@ class NcguardClient:
         """The Prometheus exposition text of /metrics (BentoML's metrics and ncguard's)."""
         return self._request("GET", "/metrics").text
 
-    def predict(self, x: np.ndarray, *, batch_size: int = DEFAULT_BATCH_SIZE) -> ServicePredictions:
-        """Score inputs [N, *input_shape], sent in requests of at most `batch_size` inputs."""
+    def predict(self, x: np.ndarray, *, batch_size: int = DEFAULT_BATCH_SIZE, wire: str = "npy") -> ServicePredictions:
+        """Score inputs [N, *input_shape], sent in requests of at most `batch_size` inputs.
+
+        `wire` is the request format: "npy" (binary, the default) or "json".
+        """
+        if wire not in WIRE_FORMATS:
+            raise DataError(f"unknown wire format {wire!r}; choose one of {', '.join(WIRE_FORMATS)}")
         x = np.asarray(x)
         if x.ndim == 0 or len(x) == 0:
             raise DataError("nothing to predict: the batch is empty")
+        if wire == "npy" and x.dtype.kind not in "fiu":
+            raise DataError(f"inputs must be numbers, got dtype {x.dtype}")
         answers = []
         for start in range(0, len(x), batch_size):
-            body = json.dumps({"inputs": x[start : start + batch_size].tolist()})
-            answers.append(self._request("POST", "/predict", content=body, headers={"content-type": "application/json"}).json())
+            part = x[start : start + batch_size]
+            if wire == "npy":
+                body, content_type = npy_body(part), NPY_CONTENT_TYPE
+            else:
+                body, content_type = json.dumps({"inputs": part.tolist()}), "application/json"
+            answers.append(self._request("POST", "/predict", content=body, headers={"content-type": content_type}).json())
         return ServicePredictions.from_answers(answers)
 
     def predict_images(self, images: Sequence[str | os.PathLike | bytes], *, batch_size: int = DEFAULT_BATCH_SIZE) -> ServicePredictions:

@@ -28,6 +28,7 @@ _lock = threading.Lock()
 # Every reason a request can be refused with; the label values of ncguard_rejected_inputs_total.
 REJECTION_REASONS = (
     "malformed_json",
+    "malformed_npy",
     "missing_field",
     "wrong_shape",
     "wrong_dtype",

@@ -1,5 +1,15 @@
 """The BentoML service: one verified ncguard model behind /predict, /predict_image and /model.
 
+Request formats. POST /predict takes either JSON, `{"inputs": [[...], ...]}`, or (faster) the
+bytes of `np.save` of a [N, *input_shape] number array with `Content-Type: application/x-npy`:
+
+    buf = io.BytesIO(); np.save(buf, x.astype(np.float32))
+    curl -X POST --data-binary @x.npy -H 'Content-Type: application/x-npy' http://127.0.0.1:3000/predict
+
+Both answer the same JSON. A .npy body is never unpickled and its header must match its size
+(serving.validation); a malformed one is a 400 counted as `malformed_npy`. NcguardClient sends .npy.
+POST /predict_image takes PNG/JPEG files.
+
 Request flow. The public routes are a small Starlette app mounted into the service, so that every
 refusal (malformed JSON, a missing field, an oversized body, a broken image) becomes a 4xx with
 `{"error": ...}` that we word and count; BentoML's own request parsing answers some of these with
@@ -8,6 +18,9 @@ method `infer_batch` via the service's self-proxy (`self.to_async.infer_batch`),
 BentoML 1.4 lets one endpoint reach a batchable one in the same process: the call enters BentoML's
 adaptive-batching dispatcher, which merges rows from concurrent requests into one ONNX Runtime call.
 (`bentoml.depends` on a second service would batch too, but costs a process hop and pickles.)
+A request that is already a full batch (at least max_batch_size rows) has nothing to gain from
+merging, so it skips the hop and its re-serialization and is scored directly in a worker thread
+(`score`, the same code `infer_batch` runs); measured in benchmarks/results/serving.md.
 
 `infer_batch` is also reachable at POST /infer_batch (BentoML exposes every api); it re-checks its
 input with the same `Predictor.check_input`, so direct callers get a 400, never a 5xx.
@@ -46,7 +59,7 @@ from .metrics import count_rejection, model_metrics, start_rejection_counts
 from .model_source import resolve_model_path
 from .monitor import DriftMonitor, score_buckets
 from .settings import ServeSettings
-from .validation import Rejected, decode_images, parse_json_inputs
+from .validation import NPY_CONTENT_TYPE, Rejected, decode_images, parse_json_inputs, parse_npy_inputs
 
 log = logging.getLogger("ncguard.serving")
 
@@ -106,8 +119,10 @@ def _json_errors(route: Callable[[Request], Awaitable[JSONResponse]]) -> Callabl
 async def _predict_route(request: Request) -> JSONResponse:
     service = _current()
     body = await request.body()
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    parse = parse_npy_inputs if content_type == NPY_CONTENT_TYPE else parse_json_inputs
     # parsing and checking run off the event loop, which also runs BentoML's batching dispatcher
-    x = await run_in_threadpool(parse_json_inputs, body, service.predictor, settings.max_batch_inputs)
+    x = await run_in_threadpool(parse, body, service.predictor, settings.max_batch_inputs)
     return await service.answer(x)
 
 
@@ -186,11 +201,18 @@ class NcguardService:
         Internal: /predict and /predict_image call this. A plain array (not a list of models) because
         BentoML rebuilds the output's JSON schema on every call, which costs milliseconds for nested models.
         """
+        return self.score(inputs)
+
+    def score(self, inputs: np.ndarray) -> np.ndarray:
+        """float32 rows -> the [N, 5] table of `infer_batch`; every scored row also goes to the monitor."""
         # not strict: rows merged from other requests must not fail with one overflowing row
         result = self.predictor.predict(inputs, batch_size=max(len(inputs), 1), strict=False)
         ok = result.finite
         try:
-            self.monitor.observe(result.class_index[ok], result.ood_score[ok], result.is_ood[ok], result.features[ok])
+            if ok.all():
+                self.monitor.observe(result.class_index, result.ood_score, result.is_ood, result.features)
+            else:
+                self.monitor.observe(result.class_index[ok], result.ood_score[ok], result.is_ood[ok], result.features[ok])
         except Exception:  # monitoring must never cost a client its prediction
             log.exception("the drift monitor failed on a batch of %d; the predictions are still returned", len(inputs))
         rows = np.stack([result.class_index, result.confidence, result.ood_score, result.is_ood, ok], axis=1).astype(np.float64)
@@ -216,6 +238,8 @@ class NcguardService:
         import aiohttp
         from bentoml.exceptions import BentoMLException
 
+        if len(x) >= settings.batch_size:  # a full batch already: no merging to wait for
+            return self._respond(await run_in_threadpool(self.score, x))
         for attempt in (1, 2):
             try:
                 predictions = await self._self_client().infer_batch(inputs=x)
@@ -228,14 +252,19 @@ class NcguardService:
                 if attempt == 2:
                     log.exception("inference failed twice on the in-process connection")
                     return JSONResponse({"error": "the model could not answer (internal connection failed); retry"}, status_code=503)
+        return self._respond(predictions)
+
+    def _respond(self, predictions) -> JSONResponse:
+        """The [N, 5] table -> the JSON answer, or a refusal naming the rows that overflowed."""
         table = np.asarray(predictions, dtype=np.float64).reshape(-1, 5)
         overflowed = np.flatnonzero(table[:, 4] == 0)
         if len(overflowed):
             return self.refuse(Rejected("overflow", overflow_message(overflowed)))
         classes = self.metadata.classes
+        indices = table[:, 0].astype(np.int64).tolist()  # whole columns to Python at once: no per-cell NumPy scalars
         rows = [
-            {"label": classes[int(index)], "class_index": int(index), "confidence": float(confidence), "ood_score": float(score), "is_ood": bool(flag)}
-            for index, confidence, score, flag, _ in table
+            {"label": classes[index], "class_index": index, "confidence": confidence, "ood_score": score, "is_ood": flag}
+            for index, confidence, score, flag in zip(indices, table[:, 1].tolist(), table[:, 2].tolist(), (table[:, 3] != 0).tolist())
         ]
         return JSONResponse({"predictions": rows, "model": self.model_name, "threshold": self.metadata.threshold})
 
