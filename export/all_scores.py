@@ -2,7 +2,9 @@
 
 The features come from the run's torch model (one pass per data set over the layers the scores
 read, plus the logits); each detector is fitted from the run's statistics exactly as the exporter
-fits it (export.detectors), and scored with the NumPy reference. Uses torch.
+fits it (export.detectors), and scored with the NumPy reference. "fused" is included with its
+default components when the run's statistics hold them: its mu and sigma come from the run's
+held-out calibration split, as at export. Uses torch.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import math
 import numpy as np
 from tqdm import tqdm
 
-from export.detectors import fit_detector
-from ncguard.errors import NcguardError
+from export.detectors import FUSED, fit_detector, fit_fused, fused_components, fused_layers
+from ncguard.errors import ConfigError, NcguardError
 from ncguard.scores import SCORES
 
 BATCH_SIZE = 512
@@ -37,22 +39,45 @@ def score_every_detector(run_dir: str, id_x: np.ndarray, ood_inputs: dict[str, n
     from training.runs import load_run
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    model, _, bundle = load_run(run_dir)
+    model, config, bundle = load_run(run_dir)
     detectors, skipped = {}, {}
     for name in sorted(SCORES):
         try:
             detectors[name] = fit_detector(name, bundle)
         except NcguardError as exc:  # e.g. statistics fitted without what this score needs
             skipped[name] = str(exc)
-    layers = tuple(sorted({layer for _, layer in detectors.values() if layer} | {"logits"}))
+    try:
+        fused = _fit_fused(model, config, bundle)
+        detectors[FUSED] = (fused, fused.layers_)
+    except NcguardError as exc:  # e.g. a run whose statistics hold no conv block
+        skipped[FUSED] = str(exc)
+    read = set()
+    for _, layer in detectors.values():
+        read.update(layer if isinstance(layer, tuple) else [layer] if layer else [])
+    layers = tuple(sorted(read | {"logits"}))
     sets = {"ID": id_x, **ood_inputs}
     features = {set_name: _layer_features(model, x, layers, set_name) for set_name, x in sets.items()}
 
     def scores(name: str, set_name: str) -> np.ndarray:
         detector, layer = detectors[name]
         values = features[set_name]
+        if isinstance(layer, tuple):
+            return detector.score_layers(values, values["logits"])
         return detector.score(features=values[layer] if layer else None, logits=values["logits"])
 
     id_scores = {name: scores(name, "ID") for name in detectors}
     ood_scores = {name: {set_name: scores(name, set_name) for set_name in ood_inputs} for name in detectors}
     return id_scores, ood_scores, skipped
+
+
+def _fit_fused(model, config: dict, bundle):
+    """The fused score with its default components, standardized on the run's held-out ID split."""
+    from export.cli import calibration_inputs
+
+    components = fused_components(bundle)
+    if len(components) < 2:
+        raise ConfigError("the run's statistics hold no conv block layer to fuse with the detection layer")
+    calibration_x, _ = calibration_inputs(config)
+    calibration = _layer_features(model, calibration_x, (*fused_layers(components), "logits"), "calibration")
+    logits = calibration.pop("logits")
+    return fit_fused(bundle, components, "sum", calibration, logits)

@@ -1,5 +1,9 @@
 """`ncguard export RUN_DIR --out MODEL.onnx [--score NAME] [--tpr 0.95] [--provider P] [--bentoml [NAME]]`.
 
+`--score fused` embeds the multi-layer score (ncguard.scores.fused) with `--components
+block1:mahalanobis,detection:etf` (default: every conv block of the run's statistics with
+mahalanobis, plus detection:etf) and `--combine sum|max`.
+
 Reads the run (model, config, statistics) with `training.runs.load_run`, rebuilds the held-out ID
 calibration split exactly as training drew it (the data SPEC, fraction and seed in config.json),
 exports and checks the graph (export.torch_export), writes one .onnx file and, with --bentoml,
@@ -18,7 +22,8 @@ from ncguard.data import load_dataset
 from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import load_model, save_model
 from ncguard.runtime import PROVIDER_CHOICES, select_providers
-from ncguard.scores import SCORES
+from ncguard.scores import COMBINED_SCORES, SCORES
+from ncguard.scores.fused import COMBINES
 
 
 
@@ -48,19 +53,31 @@ def check_provider(provider: str | None) -> list[str]:
 
 
 def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float | None = None, layer: str | None = None,
-               provider: str | None = None, name: str | None = None):
+               provider: str | None = None, name: str | None = None, components: str | None = None,
+               combine: str | None = None):
     """Export RUN_DIR to `out`; returns (written path, ExportReport)."""
     import torch
 
     from training.runs import load_run
 
+    from .detectors import FUSED, fused_components
     from .torch_export import export_model
 
     tpr = check_open_unit(DEFAULT_TPR if tpr is None else tpr, "--tpr")
     check_provider(provider)  # before the slow part: a wrong --provider fails at once
+    if score is not None and score not in SCORES and score not in COMBINED_SCORES:
+        raise ConfigError(f"unknown score {score!r}; choose one of: {', '.join(sorted({*SCORES, *COMBINED_SCORES}))}")
+    if score != FUSED and (components is not None or combine is not None):
+        raise ConfigError("--components and --combine apply to --score fused only")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, config, bundle = load_run(run_dir)
     score = score or config.get("settings", {}).get("score") or bundle.meta.get("score") or "etf"
+    fused = {}
+    if score == FUSED:
+        if layer is not None:
+            raise ConfigError("--layer does not apply to --score fused: name the layers in --components")
+        combine = combine or "sum"
+        fused = {"components": fused_components(bundle, components, combine), "combine": combine}  # fail before the data pass
     calibration_x, input_scale = calibration_inputs(config)
     proto, report = export_model(
         model,
@@ -74,6 +91,7 @@ def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float |
         run_id=str(config.get("run_id", "")),
         input_scale=input_scale,
         extra={"head": config.get("settings", {}).get("head"), "data": config.get("data", {}).get("spec")},
+        **fused,
     )
     path = save_model(proto, out)
     load_model(path)  # what every consumer will do: refuse to report success on a file that does not load
@@ -83,16 +101,20 @@ def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float |
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory written by `ncguard train`")
     p.add_argument("--out", required=True, help="ONNX file to write")
-    p.add_argument("--score", default=None, help="OOD score to embed (default: the run's score); one of " + ", ".join(sorted(SCORES)))
+    p.add_argument("--score", default=None, help="OOD score to embed (default: the run's score); one of " + ", ".join(sorted({*SCORES, *COMBINED_SCORES})))
     p.add_argument("--tpr", type=float, default=None, help="fraction of held-out in-distribution inputs the threshold keeps (default: the run's, 0.95)")
     p.add_argument("--layer", default=None, help="statistics layer the score reads (default: detection)")
+    p.add_argument("--components", default=None, metavar="LAYER:SCORE,...",
+                   help="with --score fused: the components, e.g. block1:mahalanobis,detection:etf "
+                        "(default: every conv block with mahalanobis, plus detection:etf)")
+    p.add_argument("--combine", default=None, choices=COMBINES, help="with --score fused: how the standardized components combine (default sum)")
     p.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES, help="ONNX Runtime provider for the parity check")
     p.add_argument("--bentoml", nargs="?", const="ncguard-model", default=None, metavar="NAME",
                    help="also save the model into BentoML's model store under NAME (default ncguard-model)")
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """Handler of `ncguard export` (flags: run_dir, --out, --score, --tpr, --layer, --provider, --bentoml [NAME])."""
+    """Handler of `ncguard export` (flags: run_dir, --out, --score, --tpr, --layer, --components, --combine, --provider, --bentoml [NAME])."""
     out = getattr(args, "out", None)
     if not out:
         raise ConfigError("--out must name the .onnx file to write")
@@ -105,6 +127,8 @@ def run_export(args: argparse.Namespace) -> int:
         tpr=getattr(args, "tpr", None),
         layer=getattr(args, "layer", None),
         provider=getattr(args, "provider", None),
+        components=getattr(args, "components", None),
+        combine=getattr(args, "combine", None),
     )
     print(f"exported {args.run_dir} -> {path}")
     print(f"score {report.score} on layer {report.layer or 'logits'}, threshold {report.threshold:.6g}; "

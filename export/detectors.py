@@ -8,16 +8,27 @@ bundle's classifier (weight, bias) acts on; that keeps the scores that combine f
 logits (vim, nci, neco) consistent with the classifier, and it is the layer whose collapse the
 dual head controls. Another layer can be named explicitly (e.g. "transfer" for Mahalanobis on h).
 A bundle with a single layer uses that one.
+
+The "fused" score (ncguard.scores.fused) reads several layers and is standardized on held-out ID
+features, so it is fitted here from the bundle plus those features (`fit_fused`); its default
+components are Mahalanobis on every conv block the statistics hold, plus etf on the detection layer.
 """
 
 from __future__ import annotations
 
+from typing import Mapping
+
+import numpy as np
+
 from ncguard.errors import ConfigError
-from ncguard.scores import SCORES, Detector, make_detector
+from ncguard.scores import SCORES, Detector, Fused, make_detector
+from ncguard.scores.fused import check_components
 from ncguard.stats import StatisticsBundle
 
 DETECTION_LAYER = "detection"
 TRANSFER_LAYER = "transfer"
+FUSED = Fused.name
+BLOCK_SCORE, DETECTION_SCORE = "mahalanobis", "etf"  # the default fused components (module docstring)
 
 
 def score_layer(bundle: StatisticsBundle, layer: str | None = None) -> str:
@@ -49,3 +60,43 @@ def fit_detector(name: str, bundle: StatisticsBundle, layer: str | None = None) 
         if uses_classifier:
             raise
         raise ConfigError(f"the {name!r} score cannot read layer {chosen!r}: {exc} (the classifier acts on {score_layer(bundle)!r})") from exc
+
+
+def block_layers(bundle: StatisticsBundle) -> list[str]:
+    """The bundle's conv-block layers (every layer but transfer, detection and logits), in its order."""
+    return [layer for layer in bundle.layers if layer not in (TRANSFER_LAYER, DETECTION_LAYER, "logits")]
+
+
+def fused_components(bundle: StatisticsBundle, components=None, combine: str = "sum") -> tuple[tuple[str, str], ...]:
+    """Validated fused components: the given ones ("block1:mahalanobis,..." or pairs), or the default
+    (every conv block with mahalanobis, plus detection with etf). ConfigError names what is wrong,
+    including a layer the run's statistics do not hold."""
+    if components is None or components == "":
+        components = [(layer, BLOCK_SCORE) for layer in block_layers(bundle)] + [(score_layer(bundle), DETECTION_SCORE)]
+    components = check_components(components, combine)
+    for layer, score in components:
+        if layer != "logits" and layer not in bundle.layers:
+            raise ConfigError(
+                f"fused component {layer}:{score}: the run's statistics have no layer {layer!r}; "
+                f"they hold: {', '.join(bundle.layers)}"
+            )
+    return components
+
+
+def fused_layers(components) -> tuple[str, ...]:
+    """The distinct feature layers the components read, in order (Fused.layers_ after fitting)."""
+    return tuple(dict.fromkeys(layer for layer, _ in components if layer != "logits"))
+
+
+def fit_fused(
+    bundle: StatisticsBundle,
+    components,
+    combine: str,
+    calibration: Mapping[str, np.ndarray],
+    calibration_logits: np.ndarray,
+) -> Fused:
+    """The fused detector, its components fitted on the bundle and standardized on held-out ID features."""
+    components = fused_components(bundle, components, combine)
+    return Fused(components=components, combine=combine).fit_layers(
+        bundle.layers, bundle.weight, bundle.bias, score_layer(bundle), calibration, calibration_logits
+    )

@@ -24,13 +24,14 @@ import numpy as np
 import onnx
 import torch
 
-from export.detectors import DETECTION_LAYER, TRANSFER_LAYER, fit_detector
+from export.detectors import DETECTION_LAYER, FUSED, TRANSFER_LAYER, fit_detector, fit_fused, fused_components, fused_layers
 from export.finish import ExportReport, calibrate_and_stamp, finish_contract, parity_inputs
 from export.parity import ParityResult, compare, compare_logits, compare_scores
-from ncguard.errors import DataError, ModelError
+from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import INPUT_NAME
 from ncguard.runtime import open_session, run_batched
 from ncguard.stats import StatisticsBundle
+from training.inference import iter_layer_features
 from training.model import DualHeadModel
 
 __all__ = ["ExportReport", "check_parity", "export_model", "finish_graph", "parity_inputs", "torch_outputs", "torch_to_onnx"]
@@ -42,14 +43,21 @@ SCORE_FEATURES = "ncguard/score_features"
 
 
 class _ExportView(torch.nn.Module):
-    """What the graph needs from the model: logits, transfer features and the score's layer."""
+    """What the graph needs from the model: logits, transfer features and the score's layer.
 
-    def __init__(self, model: DualHeadModel, layer: str | None):
+    `layer` is one layer name, None (a logit-only score), or a tuple of layers (the fused score):
+    then the score features are their concatenation, in that order, as `Fused.layers_` reads them.
+    """
+
+    def __init__(self, model: DualHeadModel, layer: str | tuple[str, ...] | None):
         super().__init__()
         self.model = model
         self.layer = layer
 
     def forward(self, x: torch.Tensor):
+        if isinstance(self.layer, tuple):
+            layers = self.model.layer_features(x)
+            return layers["logits"], layers[TRANSFER_LAYER], torch.cat([layers[name] for name in self.layer], dim=1)
         if self.layer in (None, TRANSFER_LAYER, DETECTION_LAYER):
             out = self.model(x)
             if self.layer == DETECTION_LAYER:
@@ -59,14 +67,14 @@ class _ExportView(torch.nn.Module):
         return layers["logits"], layers[TRANSFER_LAYER], layers[self.layer]
 
 
-def _view_outputs(layer: str | None) -> list[str]:
+def _view_outputs(layer: str | tuple[str, ...] | None) -> list[str]:
     names = ["logits", "features"]
     if layer not in (None, TRANSFER_LAYER):
         names.append(SCORE_FEATURES)
     return names
 
 
-def torch_to_onnx(model: DualHeadModel, layer: str | None) -> onnx.ModelProto:
+def torch_to_onnx(model: DualHeadModel, layer: str | tuple[str, ...] | None) -> onnx.ModelProto:
     """The network alone: input -> logits, features (h) and, when the score reads it, the score's layer."""
     view = _ExportView(model, layer).eval()
     example = torch.zeros((2, *model.input_shape), dtype=torch.float32)
@@ -97,13 +105,13 @@ def torch_to_onnx(model: DualHeadModel, layer: str | None) -> onnx.ModelProto:
     return proto
 
 
-def finish_graph(network: onnx.ModelProto, detector, layer: str | None) -> onnx.ModelProto:
+def finish_graph(network: onnx.ModelProto, detector, layer: str | tuple[str, ...] | None) -> onnx.ModelProto:
     """Append softmax and the OOD score (export.finish), reading the score's layer from its tensor."""
     features = None if layer is None else ("features" if layer == TRANSFER_LAYER else SCORE_FEATURES)
     return finish_contract(network, detector, features)
 
 
-def torch_outputs(model: DualHeadModel, x: np.ndarray, layer: str | None, batch_size: int = 512) -> dict[str, np.ndarray]:
+def torch_outputs(model: DualHeadModel, x: np.ndarray, layer: str | tuple[str, ...] | None, batch_size: int = 512) -> dict[str, np.ndarray]:
     """logits, features (h) and the score layer's features from torch eager, float32."""
     view = _ExportView(model, layer).eval()
     names = _view_outputs(layer)
@@ -116,7 +124,7 @@ def torch_outputs(model: DualHeadModel, x: np.ndarray, layer: str | None, batch_
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
-def check_parity(session, model: DualHeadModel, detector, layer: str | None, x: np.ndarray) -> list[ParityResult]:
+def check_parity(session, model: DualHeadModel, detector, layer: str | tuple[str, ...] | None, x: np.ndarray) -> list[ParityResult]:
     """Graph (ONNX Runtime) vs torch logits, labels and features, and vs the NumPy score on torch's features."""
     reference = torch_outputs(model, x, layer)
     logits, features, ood_score = run_batched(session, x, ["logits", "features", "ood_score"])
@@ -142,11 +150,14 @@ def export_model(
     run_id: str = "",
     input_scale: float = 1.0,
     extra: dict | None = None,
+    components=None,
+    combine: str = "sum",
 ) -> tuple[onnx.ModelProto, ExportReport]:
     """The stamped ONNX model (not yet written) and what the export checked.
 
     `calibration_x` is held-out ID data (never OOD data): the threshold keeps `tpr` of it, and the
-    drift reference's score quantiles come from it.
+    drift reference's score quantiles come from it; for score "fused" its layer features also give
+    each component's mu and sigma (`components`/`combine` as export.detectors.fused_components).
     """
     if len(calibration_x) < 2:
         raise DataError(f"the calibration split holds {len(calibration_x)} inputs; at least 2 are needed for a threshold")
@@ -155,8 +166,16 @@ def export_model(
     if list(bundle.classes) and len(bundle.classes) != model.n_classes:
         raise ModelError(f"the statistics name {len(bundle.classes)} classes but the model has {model.n_classes}")
     model = model.eval()
-    detector, layer = fit_detector(score, bundle, layer)
-    log.info("exporting with score %s on layer %s", score, layer or "logits")
+    score_extra: dict = {}
+    if score == FUSED:
+        detector = _fit_fused(model, bundle, calibration_x, components, combine)
+        layer = detector.layers_
+        score_extra = {"fused": detector.describe()}
+    else:
+        if components is not None:
+            raise ConfigError(f"--components applies to the fused score only, not to {score!r}")
+        detector, layer = fit_detector(score, bundle, layer)
+    log.info("exporting with score %s on layer %s", score, _layer_text(layer))
     graph = finish_graph(torch_to_onnx(model, layer), detector, layer)
     session = open_session(graph.SerializeToString(), provider=provider)
     providers = list(session.get_providers())
@@ -176,10 +195,30 @@ def export_model(
         name=name,
         run_id=run_id,
         extra={
-            "score_layer": layer,
+            "score_layer": list(layer) if isinstance(layer, tuple) else layer,
+            **score_extra,
             "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
             "parity": [r.describe() for r in parity],
             **(extra or {}),
         },
     )
-    return proto, ExportReport(score, layer, threshold, providers, parity)
+    return proto, ExportReport(score, _layer_text(layer) if layer else None, threshold, providers, parity)
+
+
+def _layer_text(layer: str | tuple[str, ...] | None) -> str:
+    if isinstance(layer, tuple):
+        return "+".join(layer)
+    return layer or "logits"
+
+
+def _fit_fused(model: DualHeadModel, bundle: StatisticsBundle, calibration_x: np.ndarray, components, combine: str):
+    """The fused detector, standardized on the held-out ID inputs' features as torch computes them."""
+    components = fused_components(bundle, components, combine)  # clear errors before the data pass
+    layers = fused_layers(components)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in (*layers, "logits")}
+    for _, features in iter_layer_features(model, calibration_x.astype(np.float32, copy=False), (*layers, "logits")):
+        for name, value in features.items():
+            parts[name].append(value)
+    calibration = {name: np.concatenate(values) for name, values in parts.items()}
+    logits = calibration.pop("logits")
+    return fit_fused(bundle, components, combine, calibration, logits)

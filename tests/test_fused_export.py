@@ -1,0 +1,103 @@
+"""`ncguard export --score fused` on the session's real digits run: parity, threshold, metadata, CLI errors."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from export.cli import calibration_inputs, export_run, run_export
+from export.detectors import fit_fused
+from export.parity import compare_scores
+from ncguard.calibration import calibrate_threshold
+from ncguard.data import load_dataset
+from ncguard.errors import ConfigError
+from ncguard.model_file import load_model
+from ncguard.ood_data import load_ood_dataset
+from ncguard.ood_metrics import auroc
+from ncguard.runtime import Predictor
+from training.inference import iter_layer_features
+from training.runs import load_run
+
+
+def _features(model, x, layers):
+    parts = {name: [] for name in (*layers, "logits")}
+    for _, features in iter_layer_features(model, x, (*layers, "logits")):
+        for name, value in features.items():
+            parts[name].append(value)
+    return {name: np.concatenate(values) for name, values in parts.items()}
+
+
+@pytest.fixture(scope="module")
+def fused_export(digits_run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fused") / "fused.onnx"
+    path, report = export_run(str(digits_run_dir), str(out), score="fused", provider="cpu")
+    return path, report
+
+
+def test_default_fused_export_matches_the_reference(fused_export, digits_run_dir):
+    path, report = fused_export
+    model, config, bundle = load_run(digits_run_dir)
+    assert {"block1", "block2", "block3"} <= set(bundle.layers)  # the default --layers of a new run
+    meta = load_model(path).metadata
+    assert meta.score == "fused" and report.score == "fused"
+    fused_meta = meta.extra["fused"]
+    expected = [["block1", "mahalanobis"], ["block2", "mahalanobis"], ["block3", "mahalanobis"], ["detection", "etf"]]
+    assert [[c["layer"], c["score"]] for c in fused_meta["components"]] == expected
+    assert fused_meta["combine"] == "sum" and meta.extra["score_layer"] == ["block1", "block2", "block3", "detection"]
+    assert all(c["sigma"] > 0 for c in fused_meta["components"])
+
+    # The NumPy reference, fitted the same way on the same held-out split, on torch's features.
+    calibration_x, _ = calibration_inputs(config)
+    layers = ("block1", "block2", "block3", "detection")
+    held_out = _features(model, calibration_x, layers)
+    reference = fit_fused(bundle, None, "sum", held_out, held_out["logits"])
+    np.testing.assert_allclose([c["mu"] for c in fused_meta["components"]], reference.mu_, rtol=1e-12)
+    assert meta.threshold == pytest.approx(calibrate_threshold(reference.score_layers(held_out, held_out["logits"]), 0.95), rel=1e-3)
+
+    id_data = load_dataset("digits:test")
+    noise = load_ood_dataset("noise:uniform", id_data).x[:200]
+    inverted = load_ood_dataset("inverted:digits:test", id_data).x
+    predictor = Predictor(path, provider="cpu")  # what serving runs: the ood_score output and the threshold
+    scores = {}
+    for what, x in (("id", id_data.x), ("noise", noise), ("inverted", inverted)):
+        graph = predictor.predict(x).ood_score
+        features = _features(model, x, layers)
+        expected_scores = reference.score_layers(features, features["logits"])
+        result = compare_scores("fused", expected_scores, graph, width=int(reference.widths_.sum()))
+        assert result.worst_ratio <= 1.0, result.describe()
+        scores[what] = graph
+    assert np.mean(scores["id"] <= meta.threshold) > 0.85
+    assert auroc(scores["id"], scores["noise"]) > 0.95 and auroc(scores["id"], scores["inverted"]) > 0.9
+
+
+def test_components_and_combine_flags(digits_run_dir, tmp_path, capsys):
+    args = argparse.Namespace(
+        run_dir=str(digits_run_dir), out=str(tmp_path / "max.onnx"), score="fused", tpr=0.9, provider="cpu",
+        bentoml=None, components="detection:etf,block1:mahalanobis,logits:energy", combine="max",
+    )
+    assert run_export(args) == 0
+    printed = capsys.readouterr().out
+    assert "score fused on layer detection+block1" in printed and "parity: the 'fused' OOD score" in printed
+    meta = load_model(tmp_path / "max.onnx").metadata
+    assert meta.extra["fused"]["combine"] == "max" and meta.tpr == 0.9
+    assert [(c["layer"], c["score"]) for c in meta.extra["fused"]["components"]] == [
+        ("detection", "etf"), ("block1", "mahalanobis"), ("logits", "energy")]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"score": "fused", "components": "block7:mahalanobis"}, "no layer 'block7'"),
+        ({"score": "fused", "components": "block1:nosuch"}, "unknown score 'nosuch'"),
+        ({"score": "fused", "components": "block1"}, "LAYER:SCORE"),
+        ({"score": "fused", "components": "block1:mahalanobis,block1:mahalanobis"}, "listed twice"),
+        ({"score": "fused", "combine": "mean"}, "combine must be one of"),
+        ({"score": "fused", "layer": "block1"}, "--layer does not apply"),
+        ({"score": "etf", "components": "block1:mahalanobis"}, "apply to --score fused only"),
+        ({"score": "fusd"}, "unknown score 'fusd'"),
+    ],
+)
+def test_bad_fused_options_are_clear_errors(digits_run_dir, tmp_path, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        export_run(str(digits_run_dir), str(tmp_path / "x.onnx"), provider="cpu", **kwargs)
+    assert not (tmp_path / "x.onnx").exists()
