@@ -1,0 +1,181 @@
+"""The serving benchmark's report: ratios to the raw session, Markdown table and a PNG.
+
+Every path's throughput and latency is divided by the raw ONNX Runtime session's at the same batch
+size, measured in the same run, so the ratios hold on a shared, loaded machine where the absolute
+numbers drift.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+OOD_BUDGET = 0.05  # the OOD part may add at most 5% to the graph's time (issue 7)
+SERVICE_GOAL = 0.80  # HTTP batch-64 throughput relative to the raw session (issue 7)
+
+
+def rows(report: dict) -> list[dict]:
+    """One row per path x batch x clients, with ratios to the raw session at the same batch."""
+    local = report["local"]
+    raw = local["raw_onnxruntime"]
+    out = []
+
+    def add(path: str, batch: str, clients: int, cell: dict, **extra) -> None:
+        base = raw[batch]
+        out.append(
+            {
+                "path": path,
+                "batch": int(batch),
+                "clients": clients,
+                "p50_ms": cell["p50_ms"],
+                "p99_ms": cell["p99_ms"],
+                "rows_per_s": cell["rows_per_s"],
+                "throughput_ratio": round(cell["rows_per_s"] / base["rows_per_s"], 3),
+                "p50_ratio": round(cell["p50_ms"] / base["p50_ms"], 2),
+                "p99_ratio": round(cell["p99_ms"] / base["p99_ms"], 2),
+                **extra,
+            }
+        )
+
+    for name, label in (("raw_onnxruntime", "raw ONNX Runtime session"), ("graph_without_ood", "graph without the OOD part")):
+        for batch, cell in local[name].items():
+            add(label, batch, 1, cell)
+    for batch, cell in local["ncguard_predict"].items():
+        if batch.isdigit():
+            add("ncguard predict (in-process)", batch, 1, cell)
+    for cell in report["http"]:
+        add(f"HTTP /predict, {cell['wire']} body", str(cell["batch"]), cell["clients"], cell, status_counts=cell["status_counts"])
+    return out
+
+
+def ood_cost(report: dict) -> dict:
+    """Per batch: how much longer the full graph takes than the graph without the OOD part."""
+    local = report["local"]
+    cost = {}
+    for batch, full in local["raw_onnxruntime"].items():
+        cut = local["graph_without_ood"][batch]
+        cost[batch] = {
+            "by_throughput": round(cut["rows_per_s"] / full["rows_per_s"] - 1, 4),
+            "by_p50": round(full["p50_ms"] / cut["p50_ms"] - 1, 4),
+        }
+    return cost
+
+
+def verdicts(report: dict, table: list[dict]) -> dict:
+    cost = report["ood_cost"]
+    worst = max(c["by_throughput"] for c in cost.values())
+    http64 = [r for r in table if r["path"].startswith("HTTP") and r["batch"] == 64]
+    best = max(http64, key=lambda r: r["throughput_ratio"])
+    return {
+        "ood_part_worst_overhead": worst,
+        "ood_within_budget": worst <= OOD_BUDGET,
+        "service_batch64_best": {k: best[k] for k in ("path", "clients", "throughput_ratio", "rows_per_s")},
+        "service_goal_met": best["throughput_ratio"] >= SERVICE_GOAL,
+    }
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.1f}" if value >= 100 else f"{value:.3g}"
+
+
+def markdown(report: dict) -> str:
+    model, table, v = report["model"], report["table"], report["verdicts"]
+    lines = [
+        "# Serving speed",
+        "",
+        f"Model: `{model['path']}` ({model['description']}; input {model['input_shape']}, {model['classes']} classes, "
+        f"score {model['score']}). {report['machine']}. {report['when']}.",
+        "",
+        "Written by `" + report["command"] + "`. Every ratio is to the raw ONNX Runtime session at the same batch size, "
+        "in the same run (the machine is shared with a training job, so absolute numbers drift; the ratios are the result). "
+        "HTTP: one `ncguard serve` worker on 127.0.0.1, default settings; each client sends the same request back to back; "
+        "client and server share the 2 cores, so HTTP numbers include the client's own cost.",
+        "",
+        "## Goals (issue 7)",
+        "",
+        f"- OOD part at most {OOD_BUDGET:.0%} of the graph's time: worst over batch sizes {v['ood_part_worst_overhead']:+.1%} "
+        f"-> {'met' if v['ood_within_budget'] else 'NOT met'}.",
+        f"- Service at least {SERVICE_GOAL:.0%} of the raw session's throughput at batch 64: best cell "
+        f"{v['service_batch64_best']['path']}, {v['service_batch64_best']['clients']} client(s): "
+        f"{v['service_batch64_best']['throughput_ratio']:.0%} ({v['service_batch64_best']['rows_per_s']:,.0f} rows/s) "
+        f"-> {'met' if v['service_goal_met'] else 'NOT met'}.",
+        "",
+        "## What the OOD part costs",
+        "",
+        f"Graph nodes: {report['local']['nodes']['full']} exported, {report['local']['nodes']['without_ood']} without the OOD score "
+        "(cut with onnx.utils.Extractor to logits + probabilities + features; same session options; rounds alternate).",
+        "",
+        "| batch | full graph rows/s | without OOD rows/s | OOD overhead (throughput) | OOD overhead (p50) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    local = report["local"]
+    for batch, cost in report["ood_cost"].items():
+        lines.append(
+            f"| {batch} | {local['raw_onnxruntime'][batch]['rows_per_s']:,.0f} | {local['graph_without_ood'][batch]['rows_per_s']:,.0f} "
+            f"| {cost['by_throughput']:+.1%} | {cost['by_p50']:+.1%} |"
+        )
+    lines += [
+        "",
+        "## Every path",
+        "",
+        "| path | batch | clients | p50 | p99 | rows/s | throughput / raw | p50 / raw | p99 / raw |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in table:
+        statuses = r.get("status_counts")
+        note = "" if not statuses or set(statuses) == {"200"} else f" ({', '.join(f'{k}: {n}' for k, n in statuses.items())})"
+        lines.append(
+            f"| {r['path']}{note} | {r['batch']} | {r['clients']} | {_fmt(r['p50_ms'])} ms | {_fmt(r['p99_ms'])} ms | {r['rows_per_s']:,.0f} "
+            f"| {r['throughput_ratio']:.2f} | {r['p50_ratio']:.2f} | {r['p99_ratio']:.2f} |"
+        )
+    cmd = report["local"]["ncguard_predict"]["command_s"]
+    lines += [
+        "",
+        f"`ncguard predict` as a cold command (process start and model load included) on an .npz of {cmd['batch']} rows: {cmd['seconds']} s.",
+        "",
+        "![serving speed](serving.png)",
+        "",
+        report.get("notes", ""),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Throughput ratio to raw (left) and p50/p99 latency (right), per path, batch and clients."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    table = report["table"]
+    batches = sorted({r["batch"] for r in table})
+    series = []  # (label, path, clients) in a fixed order
+    for r in table:
+        key = (r["path"], r["clients"])
+        if key not in [(s[1], s[2]) for s in series]:
+            short = r["path"].replace("HTTP /predict, ", "HTTP ").replace(" body", "").replace("raw ONNX Runtime session", "raw ORT")
+            series.append((f"{short}, {r['clients']} cl." if r["path"].startswith("HTTP") else short, r["path"], r["clients"]))
+    width = 0.8 / len(series)
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, len(series)))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.5))
+    for i, (label, path, clients) in enumerate(series):
+        cells = {r["batch"]: r for r in table if r["path"] == path and r["clients"] == clients}
+        xs = np.arange(len(batches)) + (i - len(series) / 2 + 0.5) * width
+        left.bar(xs, [cells[b]["throughput_ratio"] if b in cells else 0 for b in batches], width, color=colors[i], label=label)
+        right.bar(xs, [cells[b]["p50_ms"] if b in cells else np.nan for b in batches], width, color=colors[i])
+        right.scatter(xs, [cells[b]["p99_ms"] if b in cells else np.nan for b in batches], color=colors[i], marker="_", s=80, zorder=3)
+    left.axhline(SERVICE_GOAL, color="k", linestyle="--", linewidth=1)
+    left.text(len(batches) - 0.5, SERVICE_GOAL, f" goal {SERVICE_GOAL:.0%} (batch 64)", va="bottom", ha="right", fontsize=8)
+    for axis in (left, right):
+        axis.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    left.set_ylabel("throughput / raw ONNX Runtime session (same batch)")
+    right.set_ylabel("latency per call, ms (bar p50, tick p99; log)")
+    right.set_yscale("log")
+    left.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"ncguard serving speed: {report['model']['name']} ({report['when']})")
+    fig.tight_layout()
+    from ncguard.atomic import atomic_write
+
+    atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=110))
+    plt.close(fig)
