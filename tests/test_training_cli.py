@@ -80,7 +80,7 @@ def test_load_run_rebuilds_the_trained_model(cli_run):
     saved = torch.load(run_dir / "model.pt", weights_only=True)
     for name, value in model.state_dict().items():
         assert torch.equal(value, saved[name]), name
-    assert set(bundle.layers) == {"block1", "transfer", "detection"}
+    assert set(bundle.layers) == {"block1", "block2", "block3", "transfer", "detection"}  # the cnn has all default blocks
     assert bundle.meta["run_id"] == config["run_id"] and bundle.meta["score"] == "etf"
     fit_index, calibration_index = calibration_split(config)
     assert len(fit_index) == config["data"]["n_fit"] and len(calibration_index) == config["data"]["n_calibration"]

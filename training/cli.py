@@ -49,7 +49,11 @@ DEFAULT_ENTROPY_WEIGHT = 0.05
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_LR = 2e-3
 DEFAULT_CALIBRATION_FRACTION = 0.1
-DEFAULT_LAYERS = ("block1", "transfer", "detection")
+# Pooled conv blocks are cheap to fit and the fused score (ncguard.scores.fused) reads them, so the
+# default fits every block up to block3; blocks the backbone lacks are left out of the default
+# (an explicit --layers naming a missing layer is still an error).
+DEFAULT_LAYERS = ("block1", "block2", "block3", "transfer", "detection")
+OPTIONAL_DEFAULT_LAYERS = ("block2", "block3")
 REQUIRED_LAYERS = ("transfer", "detection")
 DEFAULT_SCORE = {"etf": "etf", "plain": "etf", "l2": "ddu"}
 # --epochs default: about TARGET_STEPS optimizer steps, within [MIN_EPOCHS, MAX_EPOCHS] epochs.
@@ -378,6 +382,8 @@ def _train(options: TrainOptions) -> dict | None:
         settings["arch"], dataset.input_shape, len(dataset.classes), settings["head"], settings["classifier"], mean, std
     )
     available = _available_layers(model)
+    if tuple(settings["layers"]) == tuple(dict.fromkeys((*DEFAULT_LAYERS, *REQUIRED_LAYERS))):
+        settings["layers"] = [layer for layer in settings["layers"] if layer in available or layer not in OPTIONAL_DEFAULT_LAYERS]
     unknown = [layer for layer in settings["layers"] if layer not in available]
     if unknown:
         raise ConfigError(f"--layers: {', '.join(unknown)} not in the {settings['arch']} model; available: {', '.join(available)}")
