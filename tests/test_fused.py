@@ -116,6 +116,8 @@ def test_usage_errors(setup):
         Fused().fit(stats["block1"])
     with pytest.raises(ConfigError, match="fitted"):
         Fused().score_layers({}, np.zeros((1, 3)))
+    with pytest.raises(ConfigError, match="call fit_layers"):
+        Fused().score(features=np.zeros((1, 3)), logits=np.zeros((1, 3)))
     fused = _fit(setup)
     with pytest.raises(DataError, match="layer 'block1'"):
         fused.score_layers({"detection": np.zeros((2, 4))}, np.zeros((2, 3)))

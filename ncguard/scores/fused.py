@@ -169,6 +169,11 @@ class Fused(Detector):
             parts.append(check_array(features[layer], f"{layer} features", int(width)))
         return np.concatenate(parts, axis=1)
 
+    def score(self, features: np.ndarray | None = None, logits: np.ndarray | None = None) -> np.ndarray:
+        """Scores [N] from the concatenated features (`layers_` side by side) and the logits."""
+        self._require_fitted()
+        return super().score(features=features, logits=logits)
+
     def score_layers(self, features: Mapping[str, np.ndarray], logits: np.ndarray) -> np.ndarray:
         """Scores [N] from the features of each layer by name (same as `score` on their concatenation)."""
         self._require_fitted()
