@@ -1,0 +1,196 @@
+"""Evaluation stage: every score on every trained model, per OOD set, plus accuracy and the transfer probe.
+
+For one run: the layer features of the ID test set, the run's own held-out calibration split, the far
+OOD sets, the covariate-shifted sets (and, for near-OOD models, the unseen classes) come from the
+run's torch model in one pass each. Detectors are fitted from the run's statistics exactly as
+`ncguard export` fits them (export.detectors.fit_detector) and scored with the NumPy reference; the
+multi-layer candidates use ncguard.scores.fused, standardized on the calibration split (ID only).
+The result is one JSON per run, so the report can be rebuilt without recomputing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from export.detectors import fit_detector
+from ncguard.atomic import atomic_write
+from ncguard.data import load_dataset
+from ncguard.errors import NcguardError
+from ncguard.ood_metrics import ood_report
+from ncguard.scores import SCORES
+
+from .ood_sets import NEAR_OOD, far_ood_sets, shifted_sets
+from .plan import NEAR_OOD_KNOWN, Budget, ModelSpec
+
+LAYERS = ("block1", "block2", "block3", "transfer", "detection", "logits")
+BLOCKS = ("block1", "block2", "block3")
+MAX_CALIBRATION = 5000
+# Multi-layer candidates: (name, components, combine). The benchmark picks the default among them.
+FUSED_CANDIDATES = (
+    ("fused-blocks+etf", (*((b, "mahalanobis") for b in BLOCKS), ("detection", "etf")), "sum"),
+    ("fused-blocks+etf-max", (*((b, "mahalanobis") for b in BLOCKS), ("detection", "etf")), "max"),
+    ("fused-block1+etf", (("block1", "mahalanobis"), ("detection", "etf")), "sum"),
+    ("fused-blocks+vim", (*((b, "mahalanobis") for b in BLOCKS), ("detection", "vim")), "sum"),
+    ("fused-blocks+mahalanobis", tuple((b, "mahalanobis") for b in (*BLOCKS, "detection")), "sum"),
+    ("fused-blocks", tuple((b, "mahalanobis") for b in BLOCKS), "sum"),
+)
+
+
+def layer_features(model, x: np.ndarray, desc: str) -> dict[str, np.ndarray]:
+    from training.inference import INFERENCE_BATCH_SIZE, iter_layer_features
+
+    parts: dict[str, list[np.ndarray]] = {layer: [] for layer in LAYERS}
+    batches = iter_layer_features(model, x, LAYERS)
+    for _, features in tqdm(batches, total=math.ceil(len(x) / INFERENCE_BATCH_SIZE), desc=desc, unit="batch", leave=False):
+        for layer in LAYERS:
+            parts[layer].append(features[layer])
+    return {layer: np.concatenate(values) for layer, values in parts.items()}
+
+
+def evaluation_inputs(spec: ModelSpec, budget: Budget) -> tuple[tuple[np.ndarray, np.ndarray], dict, dict]:
+    """((ID test x, y), {OOD set: x}, {shift: (x, y)}) for a model's task."""
+    test = load_dataset("fashion-mnist:test")
+    rows = np.random.default_rng(1).permutation(len(test.y))
+    if spec.task == "near":
+        known = np.isin(test.y[rows], NEAR_OOD_KNOWN)
+        unseen = rows[~known][: budget.ood_per_set]
+        rows = rows[known]
+        remap = np.full(10, -1)
+        remap[list(NEAR_OOD_KNOWN)] = np.arange(len(NEAR_OOD_KNOWN))
+        id_rows = rows[: budget.id_test] if budget.id_test else rows
+        return (test.x[id_rows], remap[test.y[id_rows]]), {NEAR_OOD[0]: test.x[unseen]}, {}
+    id_rows = rows[: budget.id_test] if budget.id_test else rows
+    far = far_ood_sets(test, budget.ood_per_set)
+    shifts = shifted_sets(test, budget.ood_per_set)
+    return (test.x[id_rows], test.y[id_rows]), far, shifts
+
+
+def calibration_inputs(config: dict) -> np.ndarray:
+    """The run's held-out ID split (training data it never fitted on), at most MAX_CALIBRATION rows."""
+    from training.runs import calibration_split
+
+    train = load_dataset(config["data"]["spec"])
+    _, held_out = calibration_split(config)
+    return train.x[held_out[:MAX_CALIBRATION]]
+
+
+def _scorers(bundle, calibration: dict[str, np.ndarray]):
+    """{row name: function(features by layer) -> scores}; rows that cannot be fitted are skipped with why."""
+    scorers, skipped = {}, {}
+    for name in sorted(SCORES):
+        try:
+            detector, layer = fit_detector(name, bundle)
+        except NcguardError as exc:
+            skipped[name] = str(exc)
+            continue
+        scorers[name] = _single(detector, layer)
+    for layer in (*BLOCKS, "transfer"):
+        if layer in bundle.layers:
+            detector, _ = fit_detector("mahalanobis", bundle, layer)
+            scorers[f"mahalanobis@{layer}"] = _single(detector, layer)
+    for name, components, combine in FUSED_CANDIDATES:
+        try:
+            scorers[name] = _fused(bundle, calibration, components, combine)
+        except (NcguardError, KeyError) as exc:
+            skipped[name] = str(exc)
+    return scorers, skipped
+
+
+def _single(detector, layer):
+    return lambda f: detector.score(features=f[layer] if layer else None, logits=f["logits"])
+
+
+def _fused(bundle, calibration, components, combine):
+    from ncguard.scores.fused import Fused
+
+    detector = Fused(components=components, combine=combine).fit_layers(
+        bundle.layers, bundle.weight, bundle.bias, "detection", {layer: calibration[layer] for layer in bundle.layers if layer in calibration}, calibration["logits"]
+    )
+    return lambda f: detector.score_layers(f, f["logits"])
+
+
+def probe_digits(model, seed: int = 0) -> dict[str, float]:
+    """Linear-probe accuracy on scikit-learn digits (a task never trained on) from the transfer and detection features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from .ood_sets import SIDE
+    from ncguard.ood_data import fit_to_shape
+
+    digits = load_dataset("digits")
+    x = fit_to_shape(digits.x, (1, SIDE, SIDE), "digits")
+    features = layer_features(model, x, "features of the probe task")
+    train, test = train_test_split(np.arange(len(x)), test_size=0.4, random_state=seed, stratify=digits.y)
+    result = {}
+    for layer in ("transfer", "detection", *BLOCKS):
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
+        probe.fit(features[layer][train], digits.y[train])
+        result[layer] = float(probe.score(features[layer][test], digits.y[test]))
+    return result
+
+
+def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
+    return float((logits.argmax(axis=1) == y).mean())
+
+
+def evaluate_run(spec: ModelSpec, run_dir: Path, budget: Budget) -> dict:
+    import torch
+
+    from training.runs import load_run
+
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    model, config, bundle = load_run(run_dir)
+    (id_x, id_y), ood, shifts = evaluation_inputs(spec, budget)
+    features = {"id": layer_features(model, id_x, f"{spec.name}: ID test")}
+    calibration = layer_features(model, calibration_inputs(config), f"{spec.name}: calibration split")
+    for name, x in {**ood, **{k: v[0] for k, v in shifts.items()}}.items():
+        features[name] = layer_features(model, x, f"{spec.name}: {name}")
+    scorers, skipped = _scorers(bundle, calibration)
+    scores = {row: {key: np.asarray(score(f)) for key, f in features.items()} for row, score in tqdm(scorers.items(), desc=f"{spec.name}: scores", leave=False)}
+    metrics = {row: {key: ood_report(by_set["id"], values) for key, values in by_set.items() if key != "id"} for row, by_set in scores.items()}
+    result = {
+        "model": spec.name,
+        "group": spec.group,
+        "head": spec.head,
+        "seed": spec.seed,
+        "task": spec.task,
+        "role": spec.role,
+        "settings": config["settings"],
+        "id_accuracy": _accuracy(features["id"]["logits"], id_y),
+        "n_id": int(len(id_y)),
+        "shift_accuracy": {k: _accuracy(features[k]["logits"], y) for k, (_, y) in shifts.items()},
+        "metrics": metrics,
+        "skipped_scores": skipped,
+        "probe": probe_digits(model) if spec.task == "full" else None,
+        "training": _training_record(run_dir),
+        "seconds": time.perf_counter() - started,
+    }
+    return result
+
+
+def _training_record(run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    timing_file = run_dir / "benchmark-timing.json"
+    history = metrics.get("history", [])
+    return {
+        "test_accuracy": (metrics.get("test") or {}).get("accuracy"),
+        "epochs": len(history),
+        "epoch_seconds": [h["seconds"] for h in history],
+        "val_accuracy": [h["val_accuracy"] for h in history],
+        "nc1": metrics.get("nc1_history"),
+        "train_seconds": metrics.get("timings", {}).get("train_seconds"),
+        "wall_seconds": json.loads(timing_file.read_text())["wall_seconds"] if timing_file.exists() else None,
+    }
+
+
+def write_result(result: dict, path: Path) -> None:
+    atomic_write(path, json.dumps(result, indent=1, sort_keys=True))

@@ -1,0 +1,280 @@
+"""Report stage: aggregate the per-model results into quality.md, quality.json and PNGs.
+
+Seeds of a configuration are summarized as mean and standard deviation. The baseline to beat on each
+OOD set is a per-set oracle: the best mean over seeds of every standard score (ncguard.scores.SCORES)
+on the plain model, chosen separately for AUROC and for FPR95. A candidate default is one score row
+on our model, the same on every set.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from ncguard.atomic import atomic_write
+from ncguard.scores import SCORES
+
+from .byom_row import load_byom
+from .ood_sets import COVARIATE_SHIFTS, FAR_OOD, NEAR_OOD
+from .plan import Budget
+
+TARGET_ACCURACY = 0.93
+OURS, PLAIN = "etf", "plain"
+
+
+def load_results(work: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((work / "results").glob("*.json")) if p.name != "byom.json"]
+
+
+def _mean_sd(values) -> tuple[float, float]:
+    values = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def _fmt(mean: float, sd: float | None = None, digits: int = 3) -> str:
+    if not np.isfinite(mean):
+        return "n/a"
+    text = f"{mean:.{digits}f}"
+    return text if not sd else f"{text} ± {sd:.{digits}f}"
+
+
+def row_table(results: list[dict], metric: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """{score row: {set: (mean, sd) over the given results (seeds)}}."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for result in results:
+        for row, by_set in result["metrics"].items():
+            for name, report in by_set.items():
+                rows.setdefault(row, {}).setdefault(name, []).append(report[metric])
+    return {row: {name: _mean_sd(values) for name, values in by_set.items()} for row, by_set in rows.items()}
+
+
+def oracle(table_auroc, table_fpr, sets) -> dict[str, dict]:
+    """Per set: the best standard score on the plain model for AUROC and (separately) for FPR95."""
+    standard = [row for row in table_auroc if row in SCORES]
+    best = {}
+    for name in sets:
+        by_auroc = max(standard, key=lambda row: table_auroc[row][name][0])
+        by_fpr = min(standard, key=lambda row: table_fpr[row][name][0])
+        best[name] = {
+            "auroc": table_auroc[by_auroc][name][0], "auroc_score": by_auroc,
+            "fpr95": table_fpr[by_fpr][name][0], "fpr95_score": by_fpr,
+        }
+    return best
+
+
+def goal_check(ours_auroc, ours_fpr, best, sets) -> dict[str, dict]:
+    """{row: {"wins": n sets beaten on both metrics, "sets": {set: bool}}} for every row of our model."""
+    checks = {}
+    for row in ours_auroc:
+        if not all(name in ours_auroc[row] for name in sets):
+            continue
+        beaten = {name: bool(ours_auroc[row][name][0] > best[name]["auroc"] and ours_fpr[row][name][0] < best[name]["fpr95"]) for name in sets}
+        mean_auroc = float(np.mean([ours_auroc[row][name][0] for name in sets]))
+        checks[row] = {"wins": sum(beaten.values()), "sets": beaten, "mean_auroc": mean_auroc}
+    return checks
+
+
+def _matrix_md(title: str, table, sets, digits=3, best_low=False) -> list[str]:
+    lines = [f"### {title}", "", "| score | " + " | ".join(sets) + " |", "| --- | " + " | ".join("---:" for _ in sets) + " |"]
+    for row in sorted(table, key=lambda r: (r not in SCORES, r)):
+        cells = [_fmt(*table[row].get(name, (float("nan"), 0.0)), digits=digits) for name in sets]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _training_cost(results) -> dict[str, dict]:
+    cost = {}
+    for head in (OURS, PLAIN):
+        runs = [r for r in results if r["head"] == head and r["task"] == "full" and r["role"] == "main"]
+        per_epoch, reach_epochs, reach_seconds, tests = [], [], [], []
+        for r in runs:
+            t = r["training"]
+            per_epoch.append(float(np.mean(t["epoch_seconds"])))
+            tests.append(t["test_accuracy"])
+            elapsed = np.cumsum(t["epoch_seconds"])
+            hit = [i for i, acc in enumerate(t["val_accuracy"]) if acc >= TARGET_ACCURACY]
+            reach_epochs.append(hit[0] + 1 if hit else None)
+            reach_seconds.append(float(elapsed[hit[0]]) if hit else None)
+        cost[head] = {
+            "runs": len(runs),
+            "epoch_seconds": _mean_sd(per_epoch),
+            "epochs_to_target_val": _mean_sd(reach_epochs),
+            "seconds_to_target_val": _mean_sd(reach_seconds),
+            "test_accuracy": _mean_sd(tests),
+            "wall_seconds": _mean_sd([r["training"]["wall_seconds"] for r in runs]),
+        }
+    return cost
+
+
+def write_report(work: Path, out: Path, budget: Budget) -> Path:
+    results = load_results(work)
+    if not results:
+        raise SystemExit(f"no evaluated models under {work / 'results'}: run the train and evaluate stages first")
+    main = [r for r in results if r["task"] == "full" and r["role"] == "main"]
+    ours = [r for r in main if r["head"] == OURS]
+    plain = [r for r in main if r["head"] == PLAIN]
+    sets = [s for s in (*FAR_OOD, *COVARIATE_SHIFTS) if any(s in m for r in main for m in r["metrics"].values())]
+    tables = {head: {m: row_table(rs, m) for m in ("auroc", "fpr95")} for head, rs in ((OURS, ours), (PLAIN, plain))}
+    best = oracle(tables[PLAIN]["auroc"], tables[PLAIN]["fpr95"], sets) if plain else {}
+    checks = goal_check(tables[OURS]["auroc"], tables[OURS]["fpr95"], best, sets) if ours and plain else {}
+    ranked = sorted(checks, key=lambda row: (checks[row]["wins"], checks[row]["mean_auroc"]), reverse=True)
+    accuracy = {head: _mean_sd([r["id_accuracy"] for r in rs]) for head, rs in ((OURS, ours), (PLAIN, plain))}
+    shift_accuracy = {head: {s: _mean_sd([r["shift_accuracy"].get(s) for r in rs]) for s in COVARIATE_SHIFTS} for head, rs in ((OURS, ours), (PLAIN, plain))}
+    probe = {head: {layer: _mean_sd([r["probe"][layer] for r in rs if r.get("probe")]) for layer in ("transfer", "detection", "block1", "block2", "block3")} for head, rs in ((OURS, ours), (PLAIN, plain))}
+    near = {r["model"]: r for r in results if r["task"] == "near"}
+    ablations = [r for r in results if r["role"] == "ablation"]
+    byom = load_byom(work)
+    cost = _training_cost(results)
+
+    summary = {
+        "budget": budget.name,
+        "machine": f"{platform.machine()}, Python {platform.python_version()}",
+        "sets": sets,
+        "seeds": {OURS: len(ours), PLAIN: len(plain)},
+        "id_accuracy": accuracy,
+        "shift_accuracy": shift_accuracy,
+        "probe": probe,
+        "oracle": best,
+        "goal": {row: checks[row] for row in ranked},
+        "ranking": ranked,
+        "tables": tables,
+        "near_ood": {name: {"id_accuracy": r["id_accuracy"], "metrics": r["metrics"]} for name, r in near.items()},
+        "ablations": {r["model"]: {"id_accuracy": r["id_accuracy"], "probe": r["probe"], "metrics": r["metrics"], "settings": r["settings"]} for r in ablations},
+        "byom": byom,
+        "training_cost": cost,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "quality.json", json.dumps(summary, indent=1, sort_keys=True, default=float))
+    plots = _plots(out, summary, tables, results)
+    atomic_write(out / "quality.md", "\n".join(_markdown(summary, tables, best, checks, ranked, near, ablations, byom, plots, [r for r in main if r["seed"] == min(x["seed"] for x in main)])) + "\n")
+    return out / "quality.md"
+
+
+def _markdown(summary, tables, best, checks, ranked, near, ablations, byom, plots, reference) -> list[str]:
+    """`reference`: the seed-0 main models, the rows the training variants are compared with."""
+    sets = summary["sets"]
+    lines = [
+        "# Detection quality, transfer and training cost",
+        "",
+        f"Written by `python -m benchmarks.quality --size {summary['budget']}` ({summary['machine']}, 2 CPU cores). "
+        f"In-distribution: Fashion-MNIST; models: our dual-head model (`--head etf`, defaults) and the plain "
+        f"cross-entropy model (`--head plain`), same backbone and budget, {summary['seeds'][OURS]} and "
+        f"{summary['seeds'][PLAIN]} seeds. Numbers are mean ± standard deviation over seeds. Sets: "
+        + ", ".join(sets) + " (see benchmarks/quality/ood_sets.py; examples in quality-sets.png).",
+        "",
+        "## Goal check: one default score on our model vs the per-set oracle on the plain model",
+        "",
+        "The oracle takes, for every set separately, the best standard score on the plain model (AUROC and FPR95 chosen separately).",
+        "",
+    ]
+    if ranked:
+        top = ranked[:4] + [r for r in ("etf",) if r in checks and r not in ranked[:4]]
+        lines += ["| set | oracle AUROC (score) | oracle FPR95 (score) | " + " | ".join(f"{r} AUROC / FPR95" for r in top) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in top) + " |"]
+        for name in sets:
+            cells = []
+            for row in top:
+                a, f = tables[OURS]["auroc"][row][name], tables[OURS]["fpr95"][row][name]
+                mark = " **beats**" if checks[row]["sets"][name] else ""
+                cells.append(f"{_fmt(*a)} / {_fmt(*f)}{mark}")
+            lines.append(f"| {name} | {best[name]['auroc']:.3f} ({best[name]['auroc_score']}) | {best[name]['fpr95']:.3f} ({best[name]['fpr95_score']}) | " + " | ".join(cells) + " |")
+        lines += ["", "Sets beaten on both metrics, per score row on our model: " + ", ".join(f"{row} {checks[row]['wins']}/{len(sets)}" for row in ranked) + ".", ""]
+    acc = summary["id_accuracy"]
+    lines += [
+        "## In-distribution accuracy and transfer",
+        "",
+        f"| model | Fashion-MNIST test accuracy | probe on digits: transfer h | probe: detection z | " + " | ".join(f"accuracy {s}" for s in COVARIATE_SHIFTS) + " |",
+        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in COVARIATE_SHIFTS) + " |",
+    ]
+    for head in (OURS, PLAIN):
+        p = summary["probe"][head]
+        shift = summary["shift_accuracy"][head]
+        lines.append(f"| {head} | {_fmt(*acc[head], digits=4)} | {_fmt(*p['transfer'])} | {_fmt(*p['detection'])} | " + " | ".join(_fmt(*shift[s]) for s in COVARIATE_SHIFTS) + " |")
+    lines += ["", "Probe: logistic regression on standardized features of scikit-learn's digits (upscaled to 28x28), 60/40 split; for the plain model z is h.", ""]
+    lines += ["## Every score, both models", ""]
+    for head in (OURS, PLAIN):
+        lines += _matrix_md(f"{head}: AUROC", tables[head]["auroc"], sets)
+        lines += _matrix_md(f"{head}: FPR at 95% TPR (lower is better)", tables[head]["fpr95"], sets)
+    if near:
+        lines += ["## Near OOD: 6 known classes, the other 4 as OOD", ""]
+        names = sorted(near)
+        rows = sorted({row for r in near.values() for row in r["metrics"]}, key=lambda r: (r not in SCORES, r))
+        lines += ["| score | " + " | ".join(f"{n} AUROC / FPR95" for n in names) + " |", "| --- | " + " | ".join("---" for _ in names) + " |"]
+        for row in rows:
+            cells = []
+            for n in names:
+                m = near[n]["metrics"].get(row, {}).get(NEAR_OOD[0])
+                cells.append(f"{m['auroc']:.3f} / {m['fpr95']:.3f}" if m else "n/a")
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines += ["", "ID accuracy (6 classes): " + ", ".join(f"{n} {near[n]['id_accuracy']:.4f}" for n in names), ""]
+    if ablations:
+        rows = [r for r in ranked[:2]] + ["etf"]
+        lines += ["## Study: training variants (seed 0, one run each)", "",
+                  "| model | settings changed | accuracy | probe h | " + " | ".join(f"{r}: mean AUROC / worst AUROC" for r in rows) + " |",
+                  "| --- | --- | ---: | ---: | " + " | ".join("---" for _ in rows) + " |"]
+        for r in reference + ablations:
+            cells = []
+            for row in rows:
+                values = [r["metrics"][row][s]["auroc"] for s in sets if row in r["metrics"] and s in r["metrics"][row]]
+                cells.append(f"{np.mean(values):.3f} / {np.min(values):.3f}" if values else "n/a")
+            changed = ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k in ("label_smoothing", "entropy_weight", "classifier", "epochs"))
+            lines.append(f"| {r['model']} | {changed} | {r['id_accuracy']:.4f} | {r['probe']['transfer']:.3f} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if byom:
+        m = next(iter(byom["metrics"].values()))
+        lines += ["## Bring your own model (`ncguard fit` on the plain model's ONNX, score " + byom["score"] + ")", "",
+                  "| set | AUROC | FPR95 |", "| --- | ---: | ---: |"]
+        lines += [f"| {s} | {m[s]['auroc']:.3f} | {m[s]['fpr95']:.3f} |" for s in sets if s in m]
+        lines += ["", f"Fitted on {byom['fit_rows']} training images; ID accuracy {byom['id_accuracy']:.4f}; {byom['seconds']:.0f} s end to end.", ""]
+    lines += ["## Training cost (2 CPU cores)", "", "| head | seconds per epoch | epochs to 93% validation accuracy | seconds to 93% | wall time of `ncguard train` | test accuracy |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for head, c in summary["training_cost"].items():
+        lines.append(f"| {head} | {_fmt(*c['epoch_seconds'], digits=1)} | {_fmt(*c['epochs_to_target_val'], digits=1)} | {_fmt(*c['seconds_to_target_val'], digits=0)} | {_fmt(*c['wall_seconds'], digits=0)} | {_fmt(*c['test_accuracy'], digits=4)} |")
+    lines += ["", "Validation accuracy is measured on the held-out split after each epoch (test accuracy only at the end); it runs about a point above test accuracy.", ""]
+    lines += [f"![{name}]({name})" for name in plots]
+    return lines
+
+
+def _plots(out: Path, summary, tables, results) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    sets = summary["sets"]
+    if summary["ranking"]:
+        rows = [("plain oracle", [summary["oracle"][s]["auroc"] for s in sets], None)]
+        for row in [summary["ranking"][0], "etf"]:
+            rows.append((f"ours: {row}", [tables[OURS]["auroc"][row][s][0] for s in sets], [tables[OURS]["auroc"][row][s][1] for s in sets]))
+        fig, axis = plt.subplots(figsize=(11, 4))
+        width = 0.8 / len(rows)
+        for i, (label, values, errors) in enumerate(rows):
+            axis.bar(np.arange(len(sets)) + i * width, values, width, yerr=errors, label=label)
+        axis.set_xticks(np.arange(len(sets)) + width * (len(rows) - 1) / 2, sets, rotation=30, ha="right")
+        axis.set_ylim(min(0.8, min(min(v) for _, v, _ in rows) - 0.02), 1.0)
+        axis.set_ylabel("AUROC")
+        axis.set_title("Far OOD and covariate shift vs Fashion-MNIST: our default vs the plain model's per-set best")
+        axis.legend(loc="lower left", fontsize=8)
+        fig.tight_layout()
+        atomic_write(out / "quality-auroc.png", lambda stream: fig.savefig(stream, format="png", dpi=100))
+        plt.close(fig)
+        names.append("quality-auroc.png")
+    fig, axis = plt.subplots(figsize=(6, 4))
+    for head in (OURS, PLAIN):
+        for r in [x for x in results if x["head"] == head and x["task"] == "full" and x["role"] == "main"]:
+            t = r["training"]
+            axis.plot(np.cumsum(t["epoch_seconds"]) / 60, t["val_accuracy"], color="C0" if head == OURS else "C1", alpha=0.7, label=f"{head} seed {r['seed']}")
+    axis.axhline(TARGET_ACCURACY, color="gray", linestyle="--", linewidth=1)
+    axis.set_xlabel("training minutes (2 CPU cores)")
+    axis.set_ylabel("validation accuracy")
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(out / "quality-training.png", lambda stream: fig.savefig(stream, format="png", dpi=100))
+    plt.close(fig)
+    names.append("quality-training.png")
+    return names
