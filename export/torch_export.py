@@ -13,6 +13,10 @@ against torch and the NumPy reference (export.parity; a mismatch raises ModelErr
 threshold is calibrated on held-out ID data with the graph's own scores, and the metadata of
 DESIGN.md section 3 is stamped before `save_model` writes the file atomically. Those finishing
 steps are torch-free and shared with `ncguard fit` (export.finish).
+
+The fused score (ncguard.scores.fused) reads several layers: the network then outputs their
+concatenation (in `Fused.layers_` order) as the score features, and its components' mu and sigma
+come from the held-out calibration inputs before the threshold is calibrated on the fused score.
 """
 
 from __future__ import annotations
@@ -168,6 +172,8 @@ def export_model(
     model = model.eval()
     score_extra: dict = {}
     if score == FUSED:
+        if layer is not None:
+            raise ConfigError("--layer does not apply to --score fused: name the layers in --components")
         detector = _fit_fused(model, bundle, calibration_x, components, combine)
         layer = detector.layers_
         score_extra = {"fused": detector.describe()}
