@@ -131,3 +131,18 @@ def test_parse_components_and_registry():
         parse_components("block1")
     assert COMBINED_SCORES == {"fused": Fused} and "fused" not in SCORES
     assert Fused().components == (("block1", "mahalanobis"), ("detection", "etf")) and not hasattr(Fused(), "mu_")
+
+
+def test_default_export_components_follow_the_run_layers(setup):
+    from export.detectors import fused_components
+    from ncguard.stats import StatisticsBundle
+
+    stats, weight, bias, *_ = setup
+    classes = tuple("abc")
+    with_block = StatisticsBundle(layers={"block1": stats["block1"], "detection": stats["detection"]}, weight=weight, bias=bias, classes=classes)
+    assert fused_components(with_block) == (("block1", "mahalanobis"), ("detection", "etf"))
+    assert fused_components(with_block, "detection:etf,block1:knn", "max") == (("detection", "etf"), ("block1", "knn"))
+    without = StatisticsBundle(layers={"detection": stats["detection"]}, weight=weight, bias=bias, classes=classes)
+    assert fused_components(without) == (("detection", "etf"),)  # evaluate --all-scores skips fused then
+    with pytest.raises(ConfigError, match="no layer 'block1'"):
+        fused_components(without, "block1:mahalanobis")
