@@ -28,11 +28,12 @@ BATCH_LATENCY_MS_ENV = "NCGUARD_BATCH_LATENCY_MS"
 DRIFT_WINDOW_ENV = "NCGUARD_DRIFT_WINDOW"
 DRIFT_MIN_SAMPLES_ENV = "NCGUARD_DRIFT_MIN_SAMPLES"
 
-# Adaptive batching defaults, from benchmarks/serving/bench_serving.py (benchmarks/results/serving.md,
-# digits CNN on 2 shared cores): ONNX Runtime's cost per row falls from ~620 us at batch 1 to ~95 us
+# Adaptive batching defaults, from the batching grid that benchmarks/serving/bench_serving.py ran up
+# to commit 0f7dd44 (its benchmarks/results/serving.md, digits CNN on 2 shared cores): ONNX Runtime's cost per row falls from ~620 us at batch 1 to ~95 us
 # at 64 and rises again at 256, hence 64. Under 8 concurrent clients a latency ceiling of 10 ms made
 # BentoML shed 40-65% of requests with 503 and 100 ms still shed some in one run, while 1000 ms shed
 # none and still answered a lone request at once (the ceiling bounds waiting; it is not a fixed wait).
+# Requests of at least DEFAULT_BATCH_SIZE rows skip the batching queue (serving.service).
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_BATCH_LATENCY_MS = 1000
 DEFAULT_MAX_BATCH_INPUTS = 256
