@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/serving/bench_serving.py --model MODEL.onnx [--describe TEXT] [--quick]
 
 In one run, on the same model file and inputs (uniform [0, 1] rows of the model's input shape):
-- the raw ONNX Runtime session (the ceiling) and the graph without its OOD part, at batch 1, 16, 64
-  (local_paths.bench_graphs): what the OOD score adds to the graph;
+- the raw ONNX Runtime session (the ceiling) and the graph without its OOD part, at batch 1, 16, 64,
+  alternating call by call (local_paths.bench_graphs): what the OOD score adds to the graph; and the
+  raw session from 8 caller threads (what concurrency alone gains on a shared machine); and the OOD
+  nodes' share of the kernel time from ONNX Runtime's profiler (local_paths.ood_node_share);
 - `ncguard predict`'s own code path (read an .npz, score, format), model loaded once, and one cold
   command (local_paths.bench_predict_cli);
 - HTTP /predict on a real `ncguard serve` (1 worker, 127.0.0.1, default settings) at batch 1, 16, 64
@@ -31,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from http_load import load_cell  # noqa: E402
-from local_paths import bench_graphs, bench_predict_cli  # noqa: E402
+from local_paths import bench_graphs, bench_predict_cli, ood_node_share  # noqa: E402
 from report import markdown, ood_cost, plot, rows, verdicts  # noqa: E402
 
 from ncguard.atomic import atomic_write  # noqa: E402
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="exported .onnx model")
     parser.add_argument("--describe", default="exported model", help="how the --model file was made, for the report")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few calls per cell")
+    parser.add_argument("--notes", default="", help="a paragraph appended to the Markdown report")
     parser.add_argument("--out-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
     budget = 0.5 if args.quick else 4.0
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = load_model(model).metadata
     shape = tuple(meta.input_shape)
     print("raw ONNX Runtime and the graph without the OOD part ...", flush=True)
-    graphs = bench_graphs(model, BATCHES, calls=calls, budget_s=2 * budget, rounds=4)
+    graphs = bench_graphs(model, BATCHES, calls=calls, budget_s=2 * budget)
+    graphs["profiled"] = ood_node_share(model, BATCHES, calls=30 if args.quick else 300)
     print("ncguard predict ...", flush=True)
     predict = bench_predict_cli(model, BATCHES, calls=calls, budget_s=budget)
     print("HTTP ...", flush=True)
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command,
         "local": {**graphs, "ncguard_predict": predict},
         "http": http,
+        "notes": args.notes,
     }
     report["ood_cost"] = ood_cost(report)
     report["table"] = rows(report)

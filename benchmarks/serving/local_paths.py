@@ -5,8 +5,8 @@ The raw session is the ceiling every other path is compared with: the exported g
 `InferenceSession` with the session options `ncguard.runtime.open_session` gives every path, no
 checks, no post-processing. The graph without the OOD part is the same file cut down to
 logits + probabilities + features (onnx.utils.Extractor), so raw / stripped - 1 is what the OOD score
-adds to the graph. Rounds of the two graphs alternate, so a neighbour's load on the shared cores
-falls on both alike.
+adds to the graph. The two graphs alternate call by call, so a neighbour's load on the shared
+cores falls on both alike.
 """
 
 from __future__ import annotations
@@ -63,33 +63,59 @@ def stripped_graph(serialized: bytes) -> bytes:
     return cut.SerializeToString()
 
 
-def bench_graphs(model: Path, batches: list[int], *, calls: int, budget_s: float, rounds: int) -> dict:
-    """Raw session (all outputs) and the stripped graph, alternating rounds, per batch size."""
+def bench_graphs(model: Path, batches: list[int], *, calls: int, budget_s: float, threads: int = 8) -> dict:
+    """Raw session (all outputs) and the stripped graph, call by call in alternation, per batch size.
+
+    Each iteration runs both graphs back to back (the order swapping every time), so load from
+    other processes falls on both alike; `ood_cost` compares their medians. The raw session is also
+    run from `threads` caller threads at once, to show what concurrency alone gains on this machine.
+    """
+    import onnx
+
     serialized = load_model(model).serialized
     full = open_session(serialized, provider="cpu")
     stripped_bytes = stripped_graph(serialized)
     cut = open_session(stripped_bytes, provider="cpu")
-    import onnx
-
-    nodes_full = len(onnx.load_from_string(serialized).graph.node)
-    nodes_cut = len(onnx.load_from_string(stripped_bytes).graph.node)
     shape = tuple(load_model(model).metadata.input_shape)
     rng = np.random.default_rng(0)
-    result = {"raw_onnxruntime": {}, "graph_without_ood": {}, "nodes": {"full": nodes_full, "without_ood": nodes_cut}}
+    result = {
+        "raw_onnxruntime": {},
+        "graph_without_ood": {},
+        f"raw_onnxruntime_{threads}_threads": {},
+        "paired_median_ratio": {},
+        "nodes": {"full": len(onnx.load_from_string(serialized).graph.node), "without_ood": len(onnx.load_from_string(stripped_bytes).graph.node)},
+    }
     for batch in batches:
         x = rng.uniform(0, 1, size=(batch, *shape)).astype(np.float32)
-        runs = {"raw_onnxruntime": lambda: full.run(list(OUTPUT_NAMES), {INPUT_NAME: x}), "graph_without_ood": lambda: cut.run(list(WITHOUT_OOD), {INPUT_NAME: x})}
-        for run in runs.values():  # warm-up: first calls allocate
+        runs = (lambda: full.run(list(OUTPUT_NAMES), {INPUT_NAME: x}), lambda: cut.run(list(WITHOUT_OOD), {INPUT_NAME: x}))
+        for run in runs:  # warm-up: first calls allocate
             for _ in range(10):
                 run()
-        samples = {name: ([], 0.0) for name in runs}
-        for _ in range(rounds):
-            for name, run in runs.items():
-                latencies, elapsed = time_calls(run, calls=max(1, calls // rounds), budget_s=budget_s / rounds)
-                samples[name] = (samples[name][0] + latencies, samples[name][1] + elapsed)
-        for name, (latencies, elapsed) in samples.items():
-            result[name][str(batch)] = summarize(latencies, batch, elapsed)
+        samples: tuple[list[float], list[float]] = ([], [])
+        deadline = time.perf_counter() + budget_s
+        for i in range(calls):
+            for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+                t0 = time.perf_counter()
+                runs[k]()
+                samples[k].append(time.perf_counter() - t0)
+            if time.perf_counter() > deadline:
+                break
+        for name, latencies in zip(("raw_onnxruntime", "graph_without_ood"), samples):
+            result[name][str(batch)] = summarize(latencies, batch, float(np.sum(latencies)))
+        result["paired_median_ratio"][str(batch)] = round(float(np.median(np.asarray(samples[0]) / np.asarray(samples[1]))), 4)
+        result[f"raw_onnxruntime_{threads}_threads"][str(batch)] = _threaded(runs[0], batch, threads=threads, calls=calls, budget_s=budget_s / 2)
     return result
+
+
+def _threaded(run: Callable[[], object], batch: int, *, threads: int, calls: int, budget_s: float) -> dict:
+    """`run` from several threads at once (ONNX Runtime releases the GIL): rows/s over the span."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        start = time.perf_counter()
+        parts = list(pool.map(lambda _: time_calls(run, calls=max(1, calls // threads), budget_s=budget_s)[0], range(threads)))
+        elapsed = time.perf_counter() - start
+    return summarize([v for part in parts for v in part], batch, elapsed)
 
 
 def bench_predict_cli(model: Path, batches: list[int], *, calls: int, budget_s: float) -> dict:
@@ -126,3 +152,45 @@ def bench_predict_cli(model: Path, batches: list[int], *, calls: int, budget_s: 
         raise RuntimeError(f"ncguard predict failed: {done.stderr[-2000:]}")
     result["command_s"] = {"batch": max(batches), "seconds": round(time.perf_counter() - start, 3)}
     return result
+
+
+def ood_node_share(model: Path, batches: list[int], *, calls: int) -> dict:
+    """Per batch: the OOD-only nodes' share of the graph's node time, from ONNX Runtime's profiler.
+
+    The nodes that the stripped graph lacks are the OOD part; their summed kernel time over the
+    whole graph's, both from the same calls, does not depend on how busy the machine was between
+    calls (the weakness of comparing two timed sessions on shared cores). At batch 1 it includes each
+    small kernel's fixed launch cost, which is most of what those 8 nodes cost there.
+    """
+    import json as _json
+
+    import onnx
+    import onnxruntime as ort
+
+    serialized = load_model(model).serialized
+    kept = {node.name for node in onnx.load_from_string(stripped_graph(serialized)).graph.node}
+    ood_nodes = {node.name for node in onnx.load_from_string(serialized).graph.node} - kept
+    shape = tuple(load_model(model).metadata.input_shape)
+    rng = np.random.default_rng(0)
+    shares = {}
+    for batch in batches:
+        options = ort.SessionOptions()  # open_session's options (no thread setting) plus the profiler
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="bench-profile-")) / "ort")
+        session = ort.InferenceSession(serialized, sess_options=options, providers=["CPUExecutionProvider"])
+        x = rng.uniform(0, 1, size=(batch, *shape)).astype(np.float32)
+        for _ in range(calls):
+            session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        events = _json.loads(Path(session.end_profiling()).read_text())
+        node_time = {}
+        for event in events:
+            if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+                name = event["name"][: -len("_kernel_time")]
+                node_time[name] = node_time.get(name, 0) + event["dur"]
+        ood = sum(t for n, t in node_time.items() if n in ood_nodes)
+        shares[str(batch)] = {
+            "ood_share": round(ood / sum(node_time.values()), 4),
+            "ood_adds": round(ood / (sum(node_time.values()) - ood), 4),  # relative to the graph without it
+            "ood_nodes": sorted(ood_nodes),
+        }
+    return shares

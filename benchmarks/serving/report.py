@@ -39,6 +39,11 @@ def rows(report: dict) -> list[dict]:
     for name, label in (("raw_onnxruntime", "raw ONNX Runtime session"), ("graph_without_ood", "graph without the OOD part")):
         for batch, cell in local[name].items():
             add(label, batch, 1, cell)
+    for name in local:
+        if name.startswith("raw_onnxruntime_") and name.endswith("_threads"):
+            threads = int(name.split("_")[2])
+            for batch, cell in local[name].items():
+                add(f"raw ONNX Runtime session, {threads} caller threads", batch, threads, cell)
     for batch, cell in local["ncguard_predict"].items():
         if batch.isdigit():
             add("ncguard predict (in-process)", batch, 1, cell)
@@ -54,22 +59,30 @@ def ood_cost(report: dict) -> dict:
     for batch, full in local["raw_onnxruntime"].items():
         cut = local["graph_without_ood"][batch]
         cost[batch] = {
-            "by_throughput": round(cut["rows_per_s"] / full["rows_per_s"] - 1, 4),
+            "by_profiler": local["profiled"][batch]["ood_adds"],
+            "by_paired_median": round(local["paired_median_ratio"][batch] - 1, 4),
             "by_p50": round(full["p50_ms"] / cut["p50_ms"] - 1, 4),
+            "by_throughput": round(cut["rows_per_s"] / full["rows_per_s"] - 1, 4),
         }
     return cost
 
 
 def verdicts(report: dict, table: list[dict]) -> dict:
     cost = report["ood_cost"]
-    worst = max(c["by_throughput"] for c in cost.values())
+    # the profiler's node times: the load between calls on a shared machine does not enter them, as it
+    # does every wall-clock comparison of two sessions (those are reported beside it)
+    worst = max(c["by_profiler"] for c in cost.values())
     http64 = [r for r in table if r["path"].startswith("HTTP") and r["batch"] == 64]
     best = max(http64, key=lambda r: r["throughput_ratio"])
+    single = max((r for r in http64 if r["clients"] == 1), key=lambda r: r["throughput_ratio"])
+    keys = ("path", "clients", "throughput_ratio", "rows_per_s")
     return {
         "ood_part_worst_overhead": worst,
         "ood_within_budget": worst <= OOD_BUDGET,
-        "service_batch64_best": {k: best[k] for k in ("path", "clients", "throughput_ratio", "rows_per_s")},
+        "service_batch64_best": {k: best[k] for k in keys},
+        "service_batch64_one_client": {k: single[k] for k in keys},
         "service_goal_met": best["throughput_ratio"] >= SERVICE_GOAL,
+        "service_goal_met_by_one_client": single["throughput_ratio"] >= SERVICE_GOAL,
     }
 
 
@@ -92,26 +105,34 @@ def markdown(report: dict) -> str:
         "",
         "## Goals (issue 7)",
         "",
-        f"- OOD part at most {OOD_BUDGET:.0%} of the graph's time: worst over batch sizes {v['ood_part_worst_overhead']:+.1%} "
-        f"-> {'met' if v['ood_within_budget'] else 'NOT met'}.",
-        f"- Service at least {SERVICE_GOAL:.0%} of the raw session's throughput at batch 64: best cell "
-        f"{v['service_batch64_best']['path']}, {v['service_batch64_best']['clients']} client(s): "
-        f"{v['service_batch64_best']['throughput_ratio']:.0%} ({v['service_batch64_best']['rows_per_s']:,.0f} rows/s) "
-        f"-> {'met' if v['service_goal_met'] else 'NOT met'}.",
+        f"- OOD part at most {OOD_BUDGET:.0%} of the graph's time: worst over batch sizes, from ONNX Runtime's profiler "
+        f"(OOD nodes' kernel time / the other nodes'), {v['ood_part_worst_overhead']:+.1%} -> {'met' if v['ood_within_budget'] else 'NOT met'}.",
+        f"- Service at least {SERVICE_GOAL:.0%} of the raw session's throughput at batch 64: one client (like for like with the "
+        f"single-caller raw session), {v['service_batch64_one_client']['path']}: {v['service_batch64_one_client']['throughput_ratio']:.0%} "
+        f"-> {'met' if v['service_goal_met_by_one_client'] else 'NOT met'}; best cell {v['service_batch64_best']['path']}, "
+        f"{v['service_batch64_best']['clients']} clients: {v['service_batch64_best']['throughput_ratio']:.0%} "
+        f"({v['service_batch64_best']['rows_per_s']:,.0f} rows/s) -> {'met' if v['service_goal_met'] else 'NOT met'}. "
+        "Concurrent cells can pass 100%: more runnable threads win more of the cores from the other jobs on this machine "
+        "(compare the raw session with several caller threads).",
         "",
         "## What the OOD part costs",
         "",
         f"Graph nodes: {report['local']['nodes']['full']} exported, {report['local']['nodes']['without_ood']} without the OOD score "
-        "(cut with onnx.utils.Extractor to logits + probabilities + features; same session options; rounds alternate).",
+        "(cut with onnx.utils.Extractor to logits + probabilities + features; same session options; the two alternate call by call).",
         "",
-        "| batch | full graph rows/s | without OOD rows/s | OOD overhead (throughput) | OOD overhead (p50) |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        "The OOD part's cost four ways: ONNX Runtime's profiler (kernel time of the OOD-only nodes over the rest, in the same "
+        "calls, so the load between calls does not enter; preemption inside a kernel still does), and three wall-clock comparisons of the full and "
+        "the stripped session (median of call-by-call ratios, ratio of p50s, ratio of throughputs), which the training "
+        "job's load moves by several percent either way.",
+        "",
+        "| batch | full graph rows/s | without OOD rows/s | OOD adds (profiler) | (paired median) | (p50) | (throughput) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     local = report["local"]
     for batch, cost in report["ood_cost"].items():
         lines.append(
             f"| {batch} | {local['raw_onnxruntime'][batch]['rows_per_s']:,.0f} | {local['graph_without_ood'][batch]['rows_per_s']:,.0f} "
-            f"| {cost['by_throughput']:+.1%} | {cost['by_p50']:+.1%} |"
+            f"| {cost['by_profiler']:+.1%} | {cost['by_paired_median']:+.1%} | {cost['by_p50']:+.1%} | {cost['by_throughput']:+.1%} |"
         )
     lines += [
         "",
