@@ -180,8 +180,8 @@ def plot(report: dict, path: Path) -> None:
     width = 0.8 / len(series)
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, len(series)))
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.5))
-    for i, (label, path, clients) in enumerate(series):
-        cells = {r["batch"]: r for r in table if r["path"] == path and r["clients"] == clients}
+    for i, (label, series_path, clients) in enumerate(series):
+        cells = {r["batch"]: r for r in table if r["path"] == series_path and r["clients"] == clients}
         xs = np.arange(len(batches)) + (i - len(series) / 2 + 0.5) * width
         left.bar(xs, [cells[b]["throughput_ratio"] if b in cells else 0 for b in batches], width, color=colors[i], label=label)
         right.bar(xs, [cells[b]["p50_ms"] if b in cells else np.nan for b in batches], width, color=colors[i])
