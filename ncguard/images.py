@@ -54,7 +54,7 @@ def _open(source: ImageSource, max_pixels: int) -> Image.Image:
         raise DataError(f"{what} is not a PNG or JPEG image (or is corrupt)") from None
     except Image.DecompressionBombError as exc:
         raise DataError(f"{what} is too large to decode safely: {exc}") from None
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # Pillow raises ValueError for some malformed headers ("Truncated IHDR chunk")
         raise DataError(f"{what} cannot be read: {exc}") from None
     width, height = image.size
     if width * height > max_pixels:

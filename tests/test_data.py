@@ -635,3 +635,10 @@ def test_cli_bad_spec_is_a_clean_error():
 
 def test_errors_are_ncguard_errors():
     assert issubclass(DataError, NcguardError) and issubclass(ConfigError, NcguardError)
+
+
+def test_truncated_png_header_is_a_data_error():
+    from ncguard.images import decode_image
+
+    with pytest.raises(DataError, match="cannot be read"):
+        decode_image(b"\x89PNG\r\n\x1a\n\x00\x00\x00\x00IHDR", channels=1, size=(8, 8))
