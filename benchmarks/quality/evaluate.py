@@ -31,15 +31,20 @@ from .plan import NEAR_OOD_KNOWN, Budget, ModelSpec
 LAYERS = ("block1", "block2", "block3", "transfer", "detection", "logits")
 BLOCKS = ("block1", "block2", "block3")
 MAX_CALIBRATION = 5000
-# Multi-layer candidates: (name, components, combine). The benchmark picks the default among them.
+# Multi-layer candidates: (row name, components, combine). The benchmark picks the default among them.
+BLOCK_MAHALANOBIS = tuple((b, "mahalanobis") for b in BLOCKS)
 FUSED_CANDIDATES = (
-    ("fused-blocks+etf", (*((b, "mahalanobis") for b in BLOCKS), ("detection", "etf")), "sum"),
-    ("fused-blocks+etf-max", (*((b, "mahalanobis") for b in BLOCKS), ("detection", "etf")), "max"),
+    ("fused-blocks+etf", (*BLOCK_MAHALANOBIS, ("detection", "etf")), "sum"),
+    ("fused-blocks+etf-max", (*BLOCK_MAHALANOBIS, ("detection", "etf")), "max"),
     ("fused-block1+etf", (("block1", "mahalanobis"), ("detection", "etf")), "sum"),
-    ("fused-blocks+vim", (*((b, "mahalanobis") for b in BLOCKS), ("detection", "vim")), "sum"),
-    ("fused-blocks+mahalanobis", tuple((b, "mahalanobis") for b in (*BLOCKS, "detection")), "sum"),
-    ("fused-blocks", tuple((b, "mahalanobis") for b in BLOCKS), "sum"),
+    ("fused-blocks+ddu", (*BLOCK_MAHALANOBIS, ("detection", "ddu")), "sum"),
+    ("fused-blocks+ddu+vim", (*BLOCK_MAHALANOBIS, ("detection", "ddu"), ("detection", "vim")), "sum"),
+    ("fused-block1,3+ddu", (("block1", "mahalanobis"), ("block3", "mahalanobis"), ("detection", "ddu")), "sum"),
+    ("fused-blocks+vim", (*BLOCK_MAHALANOBIS, ("detection", "vim")), "sum"),
+    ("fused-blocks+mahalanobis", (*BLOCK_MAHALANOBIS, ("detection", "mahalanobis")), "sum"),
+    ("fused-blocks", BLOCK_MAHALANOBIS, "sum"),
 )
+CALIBRATION = "cal"  # the key of the run's held-out split in the feature cache
 
 
 def layer_features(model, x: np.ndarray, desc: str) -> dict[str, np.ndarray]:
@@ -69,6 +74,29 @@ def evaluation_inputs(spec: ModelSpec, budget: Budget) -> tuple[tuple[np.ndarray
     far = far_ood_sets(test, budget.ood_per_set)
     shifts = shifted_sets(test, budget.ood_per_set)
     return (test.x[id_rows], test.y[id_rows]), far, shifts
+
+
+def cached_features(model, config: dict, inputs: dict[str, np.ndarray | None], path: Path, name: str) -> dict[str, dict[str, np.ndarray]]:
+    """{set: {layer: features}}, read from `path` when an earlier evaluation saved them (keys "set|layer").
+
+    Re-scoring (new candidates, a new report) then costs seconds instead of a forward pass per set.
+    A `None` input is the run's calibration split, loaded only when it is not cached.
+    """
+    if path.exists():
+        with np.load(path, allow_pickle=False) as stored:
+            features: dict[str, dict[str, np.ndarray]] = {}
+            for key in stored.files:
+                set_name, layer = key.split("|")
+                features.setdefault(set_name, {})[layer] = stored[key]
+        if set(features) == set(inputs):
+            return features
+    features = {}
+    for set_name, x in inputs.items():
+        x = calibration_inputs(config) if x is None else x
+        features[set_name] = layer_features(model, x, f"{name}: {set_name}")
+    flat = {f"{set_name}|{layer}": value for set_name, by_layer in features.items() for layer, value in by_layer.items()}
+    atomic_write(path, lambda stream: np.savez(stream, **flat))
+    return features
 
 
 def calibration_inputs(config: dict) -> np.ndarray:
@@ -150,10 +178,9 @@ def evaluate_run(spec: ModelSpec, run_dir: Path, budget: Budget) -> dict:
     started = time.perf_counter()
     model, config, bundle = load_run(run_dir)
     (id_x, id_y), ood, shifts = evaluation_inputs(spec, budget)
-    features = {"id": layer_features(model, id_x, f"{spec.name}: ID test")}
-    calibration = layer_features(model, calibration_inputs(config), f"{spec.name}: calibration split")
-    for name, x in {**ood, **{k: v[0] for k, v in shifts.items()}}.items():
-        features[name] = layer_features(model, x, f"{spec.name}: {name}")
+    inputs = {"id": id_x, CALIBRATION: None, **ood, **{k: v[0] for k, v in shifts.items()}}
+    features = cached_features(model, config, inputs, run_dir.parent.parent / "features" / f"{spec.name}.npz", spec.name)
+    calibration = features.pop(CALIBRATION)
     scorers, skipped = _scorers(bundle, calibration)
     scores = {row: {key: np.asarray(score(f)) for key, f in features.items()} for row, score in tqdm(scorers.items(), desc=f"{spec.name}: scores", leave=False)}
     metrics = {row: {key: ood_report(by_set["id"], values) for key, values in by_set.items() if key != "id"} for row, by_set in scores.items()}

@@ -67,13 +67,18 @@ def oracle(table_auroc, table_fpr, sets) -> dict[str, dict]:
     return best
 
 
+def beats(auroc: float, fpr95: float, best: dict) -> bool:
+    """Better than the oracle on both metrics; a perfect value (AUROC 1, FPR95 0) counts, as nothing can beat it."""
+    return (auroc > best["auroc"] or auroc == 1.0) and (fpr95 < best["fpr95"] or fpr95 == 0.0)
+
+
 def goal_check(ours_auroc, ours_fpr, best, sets) -> dict[str, dict]:
     """{row: {"wins": n sets beaten on both metrics, "sets": {set: bool}}} for every row of our model."""
     checks = {}
     for row in ours_auroc:
         if not all(name in ours_auroc[row] for name in sets):
             continue
-        beaten = {name: bool(ours_auroc[row][name][0] > best[name]["auroc"] and ours_fpr[row][name][0] < best[name]["fpr95"]) for name in sets}
+        beaten = {name: beats(ours_auroc[row][name][0], ours_fpr[row][name][0], best[name]) for name in sets}
         mean_auroc = float(np.mean([ours_auroc[row][name][0] for name in sets]))
         checks[row] = {"wins": sum(beaten.values()), "sets": beaten, "mean_auroc": mean_auroc}
     return checks
@@ -169,7 +174,8 @@ def _markdown(summary, tables, best, checks, ranked, near, ablations, byom, plot
         "",
         "## Goal check: one default score on our model vs the per-set oracle on the plain model",
         "",
-        "The oracle takes, for every set separately, the best standard score on the plain model (AUROC and FPR95 chosen separately).",
+        "The oracle takes, for every set separately, the best standard score on the plain model (AUROC and FPR95 chosen separately). "
+        "A row beats it on a set when it is better on both metrics; a perfect value (AUROC 1, FPR95 0, over all ID and OOD inputs) counts as better, since nothing can exceed it.",
         "",
     ]
     if ranked:
