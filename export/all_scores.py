@@ -9,10 +9,8 @@ held-out calibration split, as at export. Uses torch.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
-from tqdm import tqdm
 
 from export.detectors import FUSED, fit_detector, fit_fused, fused_components, fused_layers
 from ncguard.errors import ConfigError, NcguardError
@@ -22,14 +20,9 @@ BATCH_SIZE = 512
 
 
 def _layer_features(model, x: np.ndarray, layers: tuple[str, ...], name: str) -> dict[str, np.ndarray]:
-    from training.inference import iter_layer_features
+    from training.inference import collect_layer_features
 
-    parts: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
-    batches = iter_layer_features(model, x, layers, batch_size=BATCH_SIZE)
-    for _, features in tqdm(batches, total=math.ceil(len(x) / BATCH_SIZE), desc=f"features of {name}", unit="batch", leave=False):
-        for layer in layers:
-            parts[layer].append(features[layer])
-    return {layer: np.concatenate(values) for layer, values in parts.items()}
+    return collect_layer_features(model, x, layers, batch_size=BATCH_SIZE, desc=f"features of {name}")
 
 
 def score_every_detector(run_dir: str, id_x: np.ndarray, ood_inputs: dict[str, np.ndarray]):

@@ -11,7 +11,7 @@ A bundle with a single layer uses that one.
 
 The "fused" score (ncguard.scores.fused) reads several layers and is standardized on held-out ID
 features, so it is fitted here from the bundle plus those features (`fit_fused`); its default
-components are Mahalanobis on every conv block the statistics hold, plus etf on the detection layer.
+components are ncguard.scores.fused.default_components of the statistics' layers.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ import numpy as np
 
 from ncguard.errors import ConfigError
 from ncguard.scores import SCORES, Detector, Fused, make_detector
-from ncguard.scores.fused import check_components
+from ncguard.scores.fused import check_components, default_components
 from ncguard.stats import StatisticsBundle
 
 DETECTION_LAYER = "detection"
 TRANSFER_LAYER = "transfer"
 FUSED = Fused.name
-BLOCK_SCORE, DETECTION_SCORE = "mahalanobis", "etf"  # the default fused components (module docstring)
 
 
 def score_layer(bundle: StatisticsBundle, layer: str | None = None) -> str:
@@ -62,17 +61,12 @@ def fit_detector(name: str, bundle: StatisticsBundle, layer: str | None = None) 
         raise ConfigError(f"the {name!r} score cannot read layer {chosen!r}: {exc} (the classifier acts on {score_layer(bundle)!r})") from exc
 
 
-def block_layers(bundle: StatisticsBundle) -> list[str]:
-    """The bundle's conv-block layers (every layer but transfer, detection and logits), in its order."""
-    return [layer for layer in bundle.layers if layer not in (TRANSFER_LAYER, DETECTION_LAYER, "logits")]
-
-
 def fused_components(bundle: StatisticsBundle, components=None, combine: str = "sum") -> tuple[tuple[str, str], ...]:
     """Validated fused components: the given ones ("block1:mahalanobis,..." or pairs), or the default
-    (every conv block with mahalanobis, plus detection with etf). ConfigError names what is wrong,
+    (ncguard.scores.fused.default_components). ConfigError names what is wrong,
     including a layer the run's statistics do not hold."""
     if components is None or components == "":
-        components = [(layer, BLOCK_SCORE) for layer in block_layers(bundle)] + [(score_layer(bundle), DETECTION_SCORE)]
+        components = default_components(tuple(bundle.layers), score_layer(bundle))
     components = check_components(components, combine)
     for layer, score in components:
         if layer != "logits" and layer not in bundle.layers:

@@ -35,7 +35,7 @@ from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import INPUT_NAME
 from ncguard.runtime import open_session, run_batched
 from ncguard.stats import StatisticsBundle
-from training.inference import iter_layer_features
+from training.inference import collect_layer_features
 from training.model import DualHeadModel
 
 __all__ = ["ExportReport", "check_parity", "export_model", "finish_graph", "parity_inputs", "torch_outputs", "torch_to_onnx"]
@@ -221,10 +221,6 @@ def _fit_fused(model: DualHeadModel, bundle: StatisticsBundle, calibration_x: np
     """The fused detector, standardized on the held-out ID inputs' features as torch computes them."""
     components = fused_components(bundle, components, combine)  # clear errors before the data pass
     layers = fused_layers(components)
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in (*layers, "logits")}
-    for _, features in iter_layer_features(model, calibration_x.astype(np.float32, copy=False), (*layers, "logits")):
-        for name, value in features.items():
-            parts[name].append(value)
-    calibration = {name: np.concatenate(values) for name, values in parts.items()}
+    calibration = collect_layer_features(model, calibration_x, (*layers, "logits"))
     logits = calibration.pop("logits")
     return fit_fused(bundle, components, combine, calibration, logits)

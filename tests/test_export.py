@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from export.cli import calibration_inputs, export_run, run_export
-from export.detectors import fit_detector
+from export.detectors import fit_detector, fit_fused, fused_components, fused_layers
 from export.parity import compare_scores
 from export.torch_export import SCORE_FEATURES, check_parity, finish_graph, parity_inputs, torch_outputs, torch_to_onnx
 from ncguard.calibration import calibrate_threshold
@@ -29,6 +29,7 @@ from ncguard.ood_metrics import auroc
 from ncguard.runtime import Predictor, open_session, run_batched
 from ncguard.scores import SCORES, make_detector
 from ncguard.stats import ClassStatistics
+from training.inference import collect_layer_features
 from training.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,9 +79,15 @@ def test_the_file_meets_the_model_artifact_contract(digits_model_path, digits_ru
 
     # The threshold keeps 95% of the held-out ID split training used, scored by the NumPy reference.
     calibration_x, _ = calibration_inputs(config)
-    detector, layer = fit_detector(meta.score, bundle)
-    outputs = torch_outputs(model, calibration_x, layer)
-    reference = detector.score(features=outputs[SCORE_FEATURES], logits=outputs["logits"])
+    if meta.score == "fused":  # the default: its components standardized on that same split
+        layers = (*fused_layers(fused_components(bundle)), "logits")
+        features = collect_layer_features(model, calibration_x, layers)
+        detector = fit_fused(bundle, None, "sum", features, features["logits"])
+        reference = detector.score_layers(features, features["logits"])
+    else:
+        detector, layer = fit_detector(meta.score, bundle)
+        outputs = torch_outputs(model, calibration_x, layer)
+        reference = detector.score(features=outputs[SCORE_FEATURES], logits=outputs["logits"])
     assert meta.threshold == pytest.approx(calibrate_threshold(reference, 0.95), rel=1e-4)
     graph_scores = Predictor(loaded).predict(calibration_x).ood_score
     assert meta.drift_reference.score_quantiles[0] == pytest.approx(graph_scores.min())

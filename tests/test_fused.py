@@ -130,7 +130,7 @@ def test_parse_components_and_registry():
     with pytest.raises(ConfigError, match="LAYER:SCORE"):
         parse_components("block1")
     assert COMBINED_SCORES == {"fused": Fused} and "fused" not in SCORES
-    assert Fused().components == (("block1", "mahalanobis"), ("detection", "etf")) and not hasattr(Fused(), "mu_")
+    assert Fused().components is None and not hasattr(Fused(), "mu_")  # None: default_components at fit time
 
 
 def test_default_export_components_follow_the_run_layers(setup):
@@ -140,9 +140,9 @@ def test_default_export_components_follow_the_run_layers(setup):
     stats, weight, bias, *_ = setup
     classes = tuple("abc")
     with_block = StatisticsBundle(layers={"block1": stats["block1"], "detection": stats["detection"]}, weight=weight, bias=bias, classes=classes)
-    assert fused_components(with_block) == (("block1", "mahalanobis"), ("detection", "etf"))
+    assert fused_components(with_block) == (("block1", "mahalanobis"), ("detection", "ddu"))
     assert fused_components(with_block, "detection:etf,block1:knn", "max") == (("detection", "etf"), ("block1", "knn"))
     without = StatisticsBundle(layers={"detection": stats["detection"]}, weight=weight, bias=bias, classes=classes)
-    assert fused_components(without) == (("detection", "etf"),)  # evaluate --all-scores skips fused then
+    assert fused_components(without) == (("detection", "ddu"),)
     with pytest.raises(ConfigError, match="no layer 'block1'"):
         fused_components(without, "block1:mahalanobis")

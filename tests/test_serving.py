@@ -13,6 +13,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from ncguard.client import NcguardClient, ServiceError
+from ncguard.data import load_dataset
 from ncguard.errors import DataError
 from ncguard.images import decode_image
 from ncguard.model_file import load_model
@@ -34,7 +35,7 @@ def id_and_ood_inputs(predictor: Predictor, n: int = 24) -> np.ndarray:
     """Inputs whose local predictions include both decisions, so the comparison covers both."""
     rng = np.random.default_rng(1)
     x = rng.uniform(0, 1, size=(n, *predictor.input_shape)).astype(np.float32)
-    x[n // 2 :] *= rng.uniform(0, 0.05, size=(n - n // 2,) + (1,) * len(predictor.input_shape)).astype(np.float32)
+    x[n // 2 :] = load_dataset("digits:test").x[: n - n // 2]  # the served model's own kind of input
     flags = predictor.predict(x).is_ood
     assert flags.any() and not flags.all(), "test inputs should hold both ID and OOD decisions"
     return x

@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from ncguard.calibration import calibrate_threshold
 from ncguard.collapse_cli import run as run_collapse
 from ncguard.data import load_dataset
 from ncguard.errors import ModelError
 from ncguard.ood_metrics import auroc
-from ncguard.scores import make_detector
+from ncguard.scores import Fused, make_detector
+from ncguard.scores.fused import default_components
 from ncguard.stats import StatisticsBundle
 from training.cli import main as training_main
-from training.inference import iter_layer_features
+from training.inference import collect_layer_features, iter_layer_features
 from training.runs import calibration_split, load_run
 
 RUN_FILES = {"config.json", "checkpoint.pt", "model.pt", "statistics.npz", "metrics.json", "collapse.json"}
@@ -81,7 +83,7 @@ def test_load_run_rebuilds_the_trained_model(cli_run):
     for name, value in model.state_dict().items():
         assert torch.equal(value, saved[name]), name
     assert set(bundle.layers) == {"block1", "block2", "block3", "transfer", "detection"}  # the cnn has all default blocks
-    assert bundle.meta["run_id"] == config["run_id"] and bundle.meta["score"] == "etf"
+    assert bundle.meta["run_id"] == config["run_id"] and bundle.meta["score"] == "fused"
     fit_index, calibration_index = calibration_split(config)
     assert len(fit_index) == config["data"]["n_fit"] and len(calibration_index) == config["data"]["n_calibration"]
     assert int(bundle.layers["detection"].counts_.sum()) == len(fit_index)
@@ -89,21 +91,33 @@ def test_load_run_rebuilds_the_trained_model(cli_run):
 
 def test_statistics_give_sensible_scores(digits_run_dir):
     model, config, bundle = load_run(digits_run_dir)
-    detector = make_detector(bundle.meta["score"]).fit(bundle.layers["detection"], bundle.weight, bundle.bias)
+    detector = make_detector("etf").fit(bundle.layers["detection"], bundle.weight, bundle.bias)
     test = load_dataset("digits:test")
     id_features, id_logits = features_of(model, test.x)
     # The bundle's classifier is the model's: it reproduces the logits from z.
     np.testing.assert_allclose(id_features @ bundle.weight.T + bundle.bias, id_logits, atol=1e-4)
     id_scores = detector.score(features=id_features, logits=id_logits)
-    flagged = np.mean(id_scores > bundle.meta["threshold"])
-    assert flagged < 0.2  # calibrated to flag 5% of held-out ID data
     noise = np.random.default_rng(0).random((300, 1, 8, 8), dtype=np.float32)
     ood_features, ood_logits = features_of(model, noise)
-    ood_scores = detector.score(features=ood_features, logits=ood_logits)
-    assert auroc(id_scores, ood_scores) > 0.9
-    assert np.mean(ood_scores > bundle.meta["threshold"]) > 0.5
+    assert auroc(id_scores, detector.score(features=ood_features, logits=ood_logits)) > 0.9
     metrics = json.loads((digits_run_dir / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] > 0.9
+
+
+def test_default_score_is_fused_and_its_threshold_keeps_held_out_id_data(digits_run_dir):
+    model, config, bundle = load_run(digits_run_dir)
+    assert bundle.meta["score"] == config["settings"]["score"] == "fused"
+    layers = (*dict.fromkeys(layer for layer, _ in default_components(tuple(bundle.layers))), "logits")
+    train = load_dataset("digits")
+    _, held_out = calibration_split(config)
+    calibration = collect_layer_features(model, train.x[held_out], layers)
+    fused = Fused().fit_layers(bundle.layers, bundle.weight, bundle.bias, "detection", calibration, calibration["logits"])
+    held_out_scores = fused.score_layers(calibration, calibration["logits"])
+    assert bundle.meta["threshold"] == pytest.approx(calibrate_threshold(held_out_scores, config["settings"]["tpr"]), rel=1e-9)
+    test, noise = load_dataset("digits:test").x, np.random.default_rng(0).random((300, 1, 8, 8), dtype=np.float32)
+    test_f, noise_f = collect_layer_features(model, test, layers), collect_layer_features(model, noise, layers)
+    assert np.mean(fused.score_layers(test_f, test_f["logits"]) > bundle.meta["threshold"]) < 0.2
+    assert np.mean(fused.score_layers(noise_f, noise_f["logits"]) > bundle.meta["threshold"]) > 0.9
 
 
 def test_detection_layer_collapses_more_than_transfer_layer(digits_run_dir):

@@ -34,13 +34,14 @@ from ncguard.collapse import NearestMeanAgreement, collapse_report
 from ncguard.data import Dataset, load_dataset, test_split_of
 from ncguard.errors import ConfigError, DataError, ModelError, NcguardError
 from ncguard.run_dir import CONFIG_FILE, RUN_FORMAT, RunFiles, read_config
-from ncguard.scores import make_detector
+from ncguard.scores import Fused, make_detector
+from ncguard.scores.fused import default_components
 from ncguard.stats import ClassStatistics, StatisticsBundle
 
 from .augment import AUGMENTATIONS, Augmentation, auto_augmentation
 from .backbones import ARCHITECTURES
 from .files import atomic_torch_save, atomic_write_json
-from .inference import accuracy_and_loss, iter_layer_features
+from .inference import accuracy_and_loss, collect_layer_features, iter_layer_features
 from .losses import LABEL_SMOOTHING, LOSSES, TrainingLoss
 from .model import CLASSIFIERS, HEADS, DualHeadModel, build_model, normalization_stats
 from .trainer import Trainer, TrainSettings, distributed_context, parameter_fingerprint, seed_everything
@@ -55,7 +56,8 @@ DEFAULT_CALIBRATION_FRACTION = 0.1
 DEFAULT_LAYERS = ("block1", "block2", "block3", "transfer", "detection")
 OPTIONAL_DEFAULT_LAYERS = ("block2", "block3")
 REQUIRED_LAYERS = ("transfer", "detection")
-DEFAULT_SCORE = {"etf": "etf", "plain": "etf", "l2": "ddu"}
+# fused: the quality benchmark's winner on both heads (ncguard.scores.fused.default_components)
+DEFAULT_SCORE = {"etf": "fused", "plain": "fused", "l2": "ddu"}
 # --epochs default: about TARGET_STEPS optimizer steps, within [MIN_EPOCHS, MAX_EPOCHS] epochs.
 # Fashion-MNIST (54,000 training samples at batch 128: 421 steps an epoch) gets 12 epochs
 # (93.3% test accuracy); digits (1,213 samples: 9 steps an epoch) gets the 30-epoch cap
@@ -294,6 +296,18 @@ def _nearest_mean_agreement(model, dataset: Dataset, stats, seed: int, device) -
     return {layer: value.finalize() for layer, value in agreement.items()}
 
 
+def _fit_run_score(model, score: str, stats, weight, bias, calibration_data: Dataset, device):
+    """(detector, its scores on the held-out split) for the run's score; fused is standardized on that split."""
+    if score != Fused.name:
+        detector = make_detector(score).fit(stats["detection"], weight, bias)
+        return detector, _calibration_scores(model, calibration_data, detector, device)
+    detector = Fused()  # the default components of these statistics' layers
+    layers = tuple(dict.fromkeys(layer for layer, _ in default_components(tuple(stats))))
+    held_out = collect_layer_features(model, calibration_data.x, (*layers, "logits"), device=device)
+    detector.fit_layers(stats, weight, bias, "detection", held_out, held_out["logits"])
+    return detector, detector.score_layers(held_out, held_out["logits"])
+
+
 def _calibration_scores(model, dataset: Dataset, detector, device) -> np.ndarray:
     scores = []
     for _, features in iter_layer_features(model, dataset.x, ("detection", "logits"), device=device):
@@ -422,8 +436,7 @@ def finish_run(
         classifier_input = layer == "detection" or settings["head"] == "plain"  # plain: z is h
         reports[layer] = collapse_report(stats[layer], weight if classifier_input else None, agreement[layer])
 
-    detector = make_detector(settings["score"]).fit(stats["detection"], weight, bias)
-    calibration_scores = _calibration_scores(model, calibration_data, detector, device)
+    detector, calibration_scores = _fit_run_score(model, settings["score"], stats, weight, bias, calibration_data, device)
     threshold = calibrate_threshold(calibration_scores, settings["tpr"])
     fit_seconds = time.perf_counter() - fit_start
 
@@ -436,7 +449,7 @@ def finish_run(
     quantile_levels = np.linspace(0.0, 1.0, 21)
     calibration = {
         "score": settings["score"],
-        "layer": "detection",
+        "layer": ",".join(detector.layers_) if settings["score"] == Fused.name else "detection",
         "threshold": threshold,
         "tpr": settings["tpr"],
         "n": int(len(calibration_scores)),

@@ -42,6 +42,21 @@ def iter_layer_features(
         model.train(was_training)
 
 
+def collect_layer_features(
+    model: DualHeadModel, x: np.ndarray, layers: tuple[str, ...], batch_size: int = INFERENCE_BATCH_SIZE, device="cpu", desc: str | None = None
+) -> dict[str, np.ndarray]:
+    """{layer: float32 [N, D]} over all of x (a progress bar when `desc` is given)."""
+    from tqdm import tqdm
+
+    parts: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
+    batches = iter_layer_features(model, np.asarray(x, dtype=np.float32), layers, batch_size=batch_size, device=device)
+    total = -(-len(x) // batch_size)
+    for _, features in tqdm(batches, total=total, desc=desc, unit="batch", leave=False, disable=desc is None):
+        for layer in layers:
+            parts[layer].append(features[layer])
+    return {layer: np.concatenate(values) for layer, values in parts.items()}
+
+
 def accuracy_and_loss(model: DualHeadModel, x: np.ndarray, y: np.ndarray, device="cpu") -> tuple[float, float]:
     """(accuracy, mean plain cross-entropy) of the model on (x, y): the test-set numbers."""
     correct, total_loss = 0, 0.0

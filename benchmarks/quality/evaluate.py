@@ -11,7 +11,6 @@ The result is one JSON per run, so the report can be rebuilt without recomputing
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -48,14 +47,9 @@ CALIBRATION = "cal"  # the key of the run's held-out split in the feature cache
 
 
 def layer_features(model, x: np.ndarray, desc: str) -> dict[str, np.ndarray]:
-    from training.inference import INFERENCE_BATCH_SIZE, iter_layer_features
+    from training.inference import collect_layer_features
 
-    parts: dict[str, list[np.ndarray]] = {layer: [] for layer in LAYERS}
-    batches = iter_layer_features(model, x, LAYERS)
-    for _, features in tqdm(batches, total=math.ceil(len(x) / INFERENCE_BATCH_SIZE), desc=desc, unit="batch", leave=False):
-        for layer in LAYERS:
-            parts[layer].append(features[layer])
-    return {layer: np.concatenate(values) for layer, values in parts.items()}
+    return collect_layer_features(model, x, LAYERS, desc=desc)
 
 
 def evaluation_inputs(spec: ModelSpec, budget: Budget) -> tuple[tuple[np.ndarray, np.ndarray], dict, dict]:

@@ -187,14 +187,14 @@ def _markdown(summary, tables, best, checks, ranked, near, ablations, byom, plot
             for row in top:
                 a, f = tables[OURS]["auroc"][row][name], tables[OURS]["fpr95"][row][name]
                 mark = " **beats**" if checks[row]["sets"][name] else ""
-                cells.append(f"{_fmt(*a)} / {_fmt(*f)}{mark}")
-            lines.append(f"| {name} | {best[name]['auroc']:.3f} ({best[name]['auroc_score']}) | {best[name]['fpr95']:.3f} ({best[name]['fpr95_score']}) | " + " | ".join(cells) + " |")
+                cells.append(f"{_fmt(*a, digits=4)} / {_fmt(*f, digits=4)}{mark}")
+            lines.append(f"| {name} | {best[name]['auroc']:.4f} ({best[name]['auroc_score']}) | {best[name]['fpr95']:.4f} ({best[name]['fpr95_score']}) | " + " | ".join(cells) + " |")
         lines += ["", "Sets beaten on both metrics, per score row on our model: " + ", ".join(f"{row} {checks[row]['wins']}/{len(sets)}" for row in ranked) + ".", ""]
     acc = summary["id_accuracy"]
     lines += [
         "## In-distribution accuracy and transfer",
         "",
-        f"| model | Fashion-MNIST test accuracy | probe on digits: transfer h | probe: detection z | " + " | ".join(f"accuracy {s}" for s in COVARIATE_SHIFTS) + " |",
+        "| model | Fashion-MNIST test accuracy | probe on digits: transfer h | probe: detection z | " + " | ".join(f"accuracy {s}" for s in COVARIATE_SHIFTS) + " |",
         "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in COVARIATE_SHIFTS) + " |",
     ]
     for head in (OURS, PLAIN):
