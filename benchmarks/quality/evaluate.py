@@ -30,7 +30,8 @@ from .plan import NEAR_OOD_KNOWN, Budget, ModelSpec
 LAYERS = ("block1", "block2", "block3", "transfer", "detection", "logits")
 BLOCKS = ("block1", "block2", "block3")
 MAX_CALIBRATION = 5000
-# Multi-layer candidates: (row name, components, combine). The benchmark picks the default among them.
+# Multi-layer candidates: (row name, components, combine). The benchmark picks the default among them;
+# "fused" (components None) is the shipped default, ncguard.scores.fused.default_components.
 BLOCK_MAHALANOBIS = tuple((b, "mahalanobis") for b in BLOCKS)
 FUSED_CANDIDATES = (
     ("fused-blocks+etf", (*BLOCK_MAHALANOBIS, ("detection", "etf")), "sum"),
@@ -38,7 +39,7 @@ FUSED_CANDIDATES = (
     ("fused-block1+etf", (("block1", "mahalanobis"), ("detection", "etf")), "sum"),
     ("fused-blocks+ddu", (*BLOCK_MAHALANOBIS, ("detection", "ddu")), "sum"),
     ("fused-blocks+ddu+vim", (*BLOCK_MAHALANOBIS, ("detection", "ddu"), ("detection", "vim")), "sum"),
-    ("fused-block1,3+ddu", (("block1", "mahalanobis"), ("block3", "mahalanobis"), ("detection", "ddu")), "sum"),
+    ("fused", None, "sum"),  # the default of ncguard train/export: block1 + block3 Mahalanobis, detection DDU
     ("fused-blocks+vim", (*BLOCK_MAHALANOBIS, ("detection", "vim")), "sum"),
     ("fused-blocks+mahalanobis", (*BLOCK_MAHALANOBIS, ("detection", "mahalanobis")), "sum"),
     ("fused-blocks", BLOCK_MAHALANOBIS, "sum"),

@@ -44,11 +44,9 @@ BUDGETS = {
     "smoke": Budget("smoke", seeds=(0,), epochs=1, id_test=300, ood_per_set=100, ablations=False, train_limit=1200),
 }
 
-ABLATIONS = (
-    ("etf-nols", "etf", ("--label-smoothing", "0")),
-    ("etf-ent0.2", "etf", ("--entropy-weight", "0.2")),
-    ("etf-simplex", "etf", ("--classifier", "simplex")),
-)
+# Training variants, one seed each (~11 min apiece on 2 cores). Only label smoothing off ran in the
+# published round; entropy weight 0.2 and the class-simplex classifier are the next to add here.
+ABLATIONS = (("etf-nols", "etf", ("--label-smoothing", "0")),)
 
 
 def model_specs(budget: Budget) -> list[ModelSpec]:

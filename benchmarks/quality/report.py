@@ -23,6 +23,7 @@ from .plan import Budget
 
 TARGET_ACCURACY = 0.93
 OURS, PLAIN = "etf", "plain"
+DEFAULT_ROW = "fused"  # the score ncguard train and ncguard export use by default
 
 
 def load_results(work: Path) -> list[dict]:
@@ -179,7 +180,8 @@ def _markdown(summary, tables, best, checks, ranked, near, ablations, byom, plot
         "",
     ]
     if ranked:
-        top = ranked[:4] + [r for r in ("etf",) if r in checks and r not in ranked[:4]]
+        top = [r for r in (DEFAULT_ROW, *ranked) if r in checks and r != "etf"][:4] + [r for r in ("etf",) if r in checks]
+        top = list(dict.fromkeys(top))
         lines += ["| set | oracle AUROC (score) | oracle FPR95 (score) | " + " | ".join(f"{r} AUROC / FPR95" for r in top) + " |",
                   "| --- | --- | --- | " + " | ".join("---" for _ in top) + " |"]
         for name in sets:
@@ -219,7 +221,7 @@ def _markdown(summary, tables, best, checks, ranked, near, ablations, byom, plot
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines += ["", "ID accuracy (6 classes): " + ", ".join(f"{n} {near[n]['id_accuracy']:.4f}" for n in names), ""]
     if ablations:
-        rows = [r for r in ranked[:2]] + ["etf"]
+        rows = [DEFAULT_ROW, "etf"]
         lines += ["## Study: training variants (seed 0, one run each)", "",
                   "| model | settings changed | accuracy | probe h | " + " | ".join(f"{r}: mean AUROC / worst AUROC" for r in rows) + " |",
                   "| --- | --- | ---: | ---: | " + " | ".join("---" for _ in rows) + " |"]
@@ -255,7 +257,7 @@ def _plots(out: Path, summary, tables, results) -> list[str]:
     sets = summary["sets"]
     if summary["ranking"]:
         rows = [("plain oracle", [summary["oracle"][s]["auroc"] for s in sets], None)]
-        for row in [summary["ranking"][0], "etf"]:
+        for row in [DEFAULT_ROW if DEFAULT_ROW in tables[OURS]["auroc"] else summary["ranking"][0], "etf"]:
             rows.append((f"ours: {row}", [tables[OURS]["auroc"][row][s][0] for s in sets], [tables[OURS]["auroc"][row][s][1] for s in sets]))
         fig, axis = plt.subplots(figsize=(11, 4))
         width = 0.8 / len(rows)
