@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,9 @@ def _run(*args: str) -> None:
 def main() -> int:
     OUT.mkdir(exist_ok=True)
     run_dir, model = OUT / "digits-run", OUT / "digits.onnx"
+    if run_dir.exists():  # the demo's own run from an earlier `make demo`: start afresh
+        print(f"demo: replacing the previous demo run in {run_dir}")
+        shutil.rmtree(run_dir)
     stages = [
         ("train", ["train", "--data", "digits", "--out", str(run_dir)]),
         ("collapse", ["collapse", str(run_dir)]),
