@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 
 from ncguard.errors import ConfigError, DataError
 from ncguard.scores import SCORES, Detector, make_detector
-from ncguard.scores.ddu import JITTER_LADDER
+from ncguard.scores.ddu import JITTER_LADDER, lift_small_eigenvalues
 from ncguard.scores.knn import default_k
 from ncguard.scores.vim import principal_dim
 from ncguard.stats import ClassStatistics
@@ -283,3 +283,15 @@ def test_fit_needs_finalized_statistics_and_valid_options(fitted):
         make_detector("vim", n_principal=16).fit(stats, weight, bias)
     with pytest.raises(ConfigError, match="temperature"):
         make_detector("energy", temperature=0.0).score(logits=np.zeros((1, 2)))
+
+
+def test_ddu_lifts_round_off_variances_so_the_score_ignores_them():
+    rng = np.random.default_rng(8)
+    labels = np.repeat([0, 1], 200)
+    features = np.c_[rng.normal(size=(400, 3)) + 3.0 * labels[:, None], np.zeros(400)]  # a 4th, constant dimension
+    detector = make_detector("ddu").fit(ClassStatistics(2).fit(features, labels))
+    queries = features[:5].copy()
+    nudged = queries.copy()
+    nudged[:, 3] += 1e-7  # float32-sized noise in the direction no class varies in
+    np.testing.assert_allclose(detector.score(features=nudged), detector.score(features=queries), rtol=1e-6)
+    np.testing.assert_array_equal(lift_small_eigenvalues(np.eye(3)), np.eye(3))  # a healthy covariance is untouched

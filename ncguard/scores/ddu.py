@@ -14,6 +14,23 @@ from .base import Detector, logsumexp
 JITTER_LADDER = (0.0,) + tuple(10.0**exponent for exponent in range(-12, 1))
 
 
+# Class covariances of a collapsed layer can be (numerically) singular: the detection features of the
+# simplex-ETF head span one dimension fewer than their width, so one variance is pure float round-off.
+# Whitening such a direction turns the float32 differences between two runtimes into score (export
+# parity failed on Fashion-MNIST). Eigenvalues below this fraction of the largest are lifted to it:
+# 1e-6 in variance is 1e-3 in spread, far above float32 round-off and far below any real class spread.
+EIGENVALUE_FLOOR = 1e-6
+
+
+def lift_small_eigenvalues(covariance: np.ndarray, relative_floor: float = EIGENVALUE_FLOOR) -> np.ndarray:
+    """The covariance with eigenvalues below relative_floor * the largest raised to that level."""
+    values, vectors = np.linalg.eigh(covariance)
+    floor = relative_floor * max(float(values.max(initial=0.0)), 0.0)
+    if floor == 0.0 or values.min() >= floor:
+        return covariance
+    return (vectors * np.maximum(values, floor)) @ vectors.T
+
+
 def smallest_jitter_cholesky(covariance: np.ndarray) -> tuple[float, np.ndarray]:
     """(jitter, L) with L L^T = covariance + jitter I, for the smallest jitter on the ladder."""
     identity = np.eye(covariance.shape[0])
@@ -29,8 +46,8 @@ class DDU(Detector):
     """score = -log sum_c pi_c N(v; mu_c, Sigma_c + j_c I).
 
     pi_c are the class priors (counts / N), Sigma_c the per-class full (maximum-likelihood)
-    covariances and j_c the smallest jitter from `JITTER_LADDER` that makes the Cholesky
-    factorisation succeed, chosen per class (a class with few samples needs more than a
+    covariances (eigenvalues below EIGENVALUE_FLOOR of the largest lifted to it) and j_c the smallest
+    jitter from `JITTER_LADDER` that makes the Cholesky factorisation succeed, chosen per class (a class with few samples needs more than a
     well-populated one). With L_c the Cholesky factor, log N = -(D log 2 pi + 2 sum log diag L_c
     + ||L_c^-1 (v - mu_c)||^2) / 2, and the mixture is summed with logsumexp, so nothing under-
     or overflows. `whitening_` stores L_c^-1 so scoring is a matrix product per class.
@@ -48,7 +65,7 @@ class DDU(Detector):
         self.jitters_ = np.empty(n_classes)
         log_det = np.empty(n_classes)
         for c in range(n_classes):
-            jitter, cholesky = smallest_jitter_cholesky(stats.class_covariances_[c])
+            jitter, cholesky = smallest_jitter_cholesky(lift_small_eigenvalues(stats.class_covariances_[c]))
             self.jitters_[c] = jitter
             self.whitening_[c] = np.linalg.inv(cholesky)
             log_det[c] = 2.0 * np.log(np.diag(cholesky)).sum()
