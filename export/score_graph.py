@@ -139,23 +139,20 @@ def _knn(b: GraphBuilder, det, p, features, logits) -> str:
 
 
 def _ddu(b: GraphBuilder, det, p, features, logits) -> str:
-    # ||L_c^-1 (v - mu_c)||^2 for all c, in float64. A collapsed layer's class covariances are nearly
-    # singular, so L_c^-1 has large entries: in float32, whitening v and mu_c separately and then
-    # subtracting lost the distance entirely (export parity failed on Fashion-MNIST's detection layer).
-    # So centre first (v - mu_c, [N, C, D]), whiten per class with one batched MatMul ([C, N, D] x
-    # [C, D, D]) and stay in double until the score; the cost is C*D^2 multiply-adds per input.
+    # ||L_c^-1 (v - mu_c)||^2 for all c: centre first (v - mu_c, [N, C, D]), then whiten per class with
+    # one batched MatMul ([C, N, D] x [C, D, D]). Whitening v and mu_c separately and subtracting the two
+    # large results cancels catastrophically in float32 when L_c^-1 has large entries (a collapsed layer).
     whitening, means = p["whitening_"], p["means_"]
-    v = b.node("Cast", [features], "features_f64", to=TensorProto.DOUBLE)
-    diff = b.node("Sub", [b.node("Unsqueeze", [v, b.axes(1)]), b.constant("means", means[None], np.float64)], "diff")
+    diff = b.node("Sub", [b.node("Unsqueeze", [features, b.axes(1)]), b.constant("means", means[None])], "diff")
     by_class = b.node("Transpose", [diff], "diff_by_class", perm=[1, 0, 2])
-    whitened = b.node("MatMul", [by_class, b.constant("whitening_t", np.transpose(whitening, (0, 2, 1)), np.float64)], "whitened")
+    whitened = b.node("MatMul", [by_class, b.constant("whitening_t", np.transpose(whitening, (0, 2, 1)))], "whitened")
     distances = b.node("Transpose", [b.reduce("ReduceSumSquare", whitened, 2, hint="distances")], "distances_by_input", perm=[1, 0])
     log_joint = b.node(
         "Sub",
-        [b.constant("log_weights", p["log_weights_"][None], np.float64), b.node("Mul", [distances, b.constant("half", 0.5, np.float64)])],
+        [b.constant("log_weights", p["log_weights_"][None]), b.node("Mul", [distances, b.constant("half", 0.5)])],
         "log_joint",
     )
-    return b.node("Cast", [b.neg(b.logsumexp(log_joint))], "ddu", to=TensorProto.FLOAT)
+    return b.neg(b.logsumexp(log_joint))
 
 
 def _vim(b: GraphBuilder, det, p, features, logits) -> str:
