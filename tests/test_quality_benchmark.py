@@ -51,7 +51,7 @@ def smoke_report(tmp_path_factory):
 
 def test_smoke_run_writes_the_report(smoke_report):
     report = smoke_report / "report"
-    for name in ("quality.md", "quality.json", "quality-auroc.png", "quality-training.png"):
+    for name in ("quality.md", "quality.json", "quality-auroc.png", "quality-training.png", "quality-sets.png"):
         assert (report / name).stat().st_size > 0, name
     summary = json.loads((report / "quality.json").read_text())
     assert summary["sets"] == [*FAR_OOD, *COVARIATE_SHIFTS]

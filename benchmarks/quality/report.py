@@ -257,13 +257,25 @@ def _markdown(summary, tables, best, checks, ranked, near, ablations, byom, plot
     return lines
 
 
+def _example_images(path: Path) -> None:
+    """A few images of every evaluation set, beside Fashion-MNIST itself."""
+    from ncguard.data import load_dataset
+
+    from .ood_sets import far_ood_sets, save_examples, shifted_sets
+
+    test = load_dataset("fashion-mnist:test")
+    sets = {"fashion-mnist": test.x[:8], **far_ood_sets(test, 8), **{k: v[0] for k, v in shifted_sets(test, 8).items()}}
+    save_examples(sets, path)
+
+
 def _plots(out: Path, summary, tables, results) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = []
+    names = ["quality-sets.png"]
+    _example_images(out / names[0])
     sets = summary["sets"]
     if summary["ranking"]:
         rows = [("plain oracle", [summary["oracle"][s]["auroc"] for s in sets], None)]
