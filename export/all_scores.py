@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.detectors import FUSED, fit_detector, fit_fused, fused_components, fused_layers
+from export.detectors import FUSED, fit_detector, fit_fused, fused_components
 from ncguard.errors import ConfigError, NcguardError
 from ncguard.scores import SCORES
+from ncguard.scores.fused import component_layers
 
 BATCH_SIZE = 512
 
@@ -71,6 +72,6 @@ def _fit_fused(model, config: dict, bundle):
     if len(components) < 2:
         raise ConfigError("the run's statistics hold no conv block layer to fuse with the detection layer")
     calibration_x, _ = calibration_inputs(config)
-    calibration = _layer_features(model, calibration_x, (*fused_layers(components), "logits"), "calibration")
+    calibration = _layer_features(model, calibration_x, (*component_layers(components), "logits"), "calibration")
     logits = calibration.pop("logits")
     return fit_fused(bundle, components, "sum", calibration, logits)

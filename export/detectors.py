@@ -77,11 +77,6 @@ def fused_components(bundle: StatisticsBundle, components=None, combine: str = "
     return components
 
 
-def fused_layers(components) -> tuple[str, ...]:
-    """The distinct feature layers the components read, in order (Fused.layers_ after fitting)."""
-    return tuple(dict.fromkeys(layer for layer, _ in components if layer != "logits"))
-
-
 def fit_fused(
     bundle: StatisticsBundle,
     components,

@@ -28,12 +28,13 @@ import numpy as np
 import onnx
 import torch
 
-from export.detectors import DETECTION_LAYER, FUSED, TRANSFER_LAYER, fit_detector, fit_fused, fused_components, fused_layers
+from export.detectors import DETECTION_LAYER, FUSED, TRANSFER_LAYER, fit_detector, fit_fused, fused_components
 from export.finish import ExportReport, calibrate_and_stamp, finish_contract, parity_inputs
 from export.parity import ParityResult, compare, compare_logits, compare_scores
 from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import INPUT_NAME
 from ncguard.runtime import open_session, run_batched
+from ncguard.scores.fused import component_layers
 from ncguard.stats import StatisticsBundle
 from training.inference import collect_layer_features
 from training.model import DualHeadModel
@@ -220,7 +221,7 @@ def _layer_text(layer: str | tuple[str, ...] | None) -> str:
 def _fit_fused(model: DualHeadModel, bundle: StatisticsBundle, calibration_x: np.ndarray, components, combine: str):
     """The fused detector, standardized on the held-out ID inputs' features as torch computes them."""
     components = fused_components(bundle, components, combine)  # clear errors before the data pass
-    layers = fused_layers(components)
+    layers = component_layers(components)
     calibration = collect_layer_features(model, calibration_x, (*layers, "logits"))
     logits = calibration.pop("logits")
     return fit_fused(bundle, components, combine, calibration, logits)

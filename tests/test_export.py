@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from export.cli import calibration_inputs, export_run, run_export
-from export.detectors import fit_detector, fit_fused, fused_components, fused_layers
+from export.detectors import fit_detector, fit_fused, fused_components
 from export.parity import compare_scores
 from export.torch_export import SCORE_FEATURES, check_parity, finish_graph, parity_inputs, torch_outputs, torch_to_onnx
 from ncguard.calibration import calibrate_threshold
@@ -28,6 +28,7 @@ from ncguard.ood_data import load_ood_dataset
 from ncguard.ood_metrics import auroc
 from ncguard.runtime import Predictor, open_session, run_batched
 from ncguard.scores import SCORES, make_detector
+from ncguard.scores.fused import component_layers
 from ncguard.stats import ClassStatistics
 from training.inference import collect_layer_features
 from training.runs import load_run
@@ -80,7 +81,7 @@ def test_the_file_meets_the_model_artifact_contract(digits_model_path, digits_ru
     # The threshold keeps 95% of the held-out ID split training used, scored by the NumPy reference.
     calibration_x, _ = calibration_inputs(config)
     if meta.score == "fused":  # the default: its components standardized on that same split
-        layers = (*fused_layers(fused_components(bundle)), "logits")
+        layers = (*component_layers(fused_components(bundle)), "logits")
         features = collect_layer_features(model, calibration_x, layers)
         detector = fit_fused(bundle, None, "sum", features, features["logits"])
         reference = detector.score_layers(features, features["logits"])

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from export.cli import calibration_inputs
 from ncguard.calibration import calibrate_threshold
 from ncguard.collapse_cli import run as run_collapse
 from ncguard.data import load_dataset
 from ncguard.errors import ModelError
 from ncguard.ood_metrics import auroc
 from ncguard.scores import Fused, make_detector
-from ncguard.scores.fused import default_components
+from ncguard.scores.fused import component_layers, default_components
 from ncguard.stats import StatisticsBundle
 from training.cli import main as training_main
 from training.inference import collect_layer_features, iter_layer_features
@@ -107,10 +108,9 @@ def test_statistics_give_sensible_scores(digits_run_dir):
 def test_default_score_is_fused_and_its_threshold_keeps_held_out_id_data(digits_run_dir):
     model, config, bundle = load_run(digits_run_dir)
     assert bundle.meta["score"] == config["settings"]["score"] == "fused"
-    layers = (*dict.fromkeys(layer for layer, _ in default_components(tuple(bundle.layers))), "logits")
-    train = load_dataset("digits")
-    _, held_out = calibration_split(config)
-    calibration = collect_layer_features(model, train.x[held_out], layers)
+    layers = (*component_layers(default_components(tuple(bundle.layers))), "logits")
+    held_out_x, _ = calibration_inputs(config)
+    calibration = collect_layer_features(model, held_out_x, layers)
     fused = Fused().fit_layers(bundle.layers, bundle.weight, bundle.bias, "detection", calibration, calibration["logits"])
     held_out_scores = fused.score_layers(calibration, calibration["logits"])
     assert bundle.meta["threshold"] == pytest.approx(calibrate_threshold(held_out_scores, config["settings"]["tpr"]), rel=1e-9)

@@ -35,7 +35,7 @@ from ncguard.data import Dataset, load_dataset, test_split_of
 from ncguard.errors import ConfigError, DataError, ModelError, NcguardError
 from ncguard.run_dir import CONFIG_FILE, RUN_FORMAT, RunFiles, read_config
 from ncguard.scores import Fused, make_detector
-from ncguard.scores.fused import default_components
+from ncguard.scores.fused import component_layers, default_components
 from ncguard.stats import ClassStatistics, StatisticsBundle
 
 from .augment import AUGMENTATIONS, Augmentation, auto_augmentation
@@ -302,7 +302,7 @@ def _fit_run_score(model, score: str, stats, weight, bias, calibration_data: Dat
         detector = make_detector(score).fit(stats["detection"], weight, bias)
         return detector, _calibration_scores(model, calibration_data, detector, device)
     detector = Fused()  # the default components of these statistics' layers
-    layers = tuple(dict.fromkeys(layer for layer, _ in default_components(tuple(stats))))
+    layers = component_layers(default_components(tuple(stats)))
     held_out = collect_layer_features(model, calibration_data.x, (*layers, "logits"), device=device)
     detector.fit_layers(stats, weight, bias, "detection", held_out, held_out["logits"])
     return detector, detector.score_layers(held_out, held_out["logits"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ncguard.data import Dataset, load_dataset
+from ncguard.data import load_dataset
 from ncguard.ood_metrics import ood_report
 from ncguard.runtime import open_session, run_batched
 
@@ -42,7 +42,7 @@ def byom_result(work: Path, budget: Budget, force: bool = False) -> dict | None:
     bare = torch_to_onnx(model, None)
     train = load_dataset(config["data"]["spec"])
     rows = np.random.default_rng(0).permutation(len(train.y))[: min(FIT_ROWS, budget.train_limit or FIT_ROWS)]
-    sample = replace(train, x=train.x[rows], y=train.y[rows]) if isinstance(train, Dataset) else train
+    sample = replace(train, x=train.x[rows], y=train.y[rows])
     graph, report = fit_existing_model(bare, sample, features="features", logits="logits", score=DEFAULT_SCORE, name="byom-plain")
     session = open_session(graph.SerializeToString(), provider="cpu")
     (id_x, id_y), ood, shifts = evaluation_inputs(spec, budget)
@@ -56,7 +56,7 @@ def byom_result(work: Path, budget: Budget, force: bool = False) -> dict | None:
         "fit_rows": int(len(rows)),
         "id_accuracy": float((id_logits.argmax(axis=1) == id_y).mean()),
         "metrics": {f"byom-{DEFAULT_SCORE}": metrics},
-        "parity": [r.describe() for r in getattr(report, "parity", [])],
+        "parity": [r.describe() for r in report.parity],
         "seconds": time.perf_counter() - started,
     }
     write_result(result, target)

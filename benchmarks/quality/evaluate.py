@@ -96,11 +96,9 @@ def cached_features(model, config: dict, inputs: dict[str, np.ndarray | None], p
 
 def calibration_inputs(config: dict) -> np.ndarray:
     """The run's held-out ID split (training data it never fitted on), at most MAX_CALIBRATION rows."""
-    from training.runs import calibration_split
+    from export.cli import calibration_inputs as held_out_inputs
 
-    train = load_dataset(config["data"]["spec"])
-    _, held_out = calibration_split(config)
-    return train.x[held_out[:MAX_CALIBRATION]]
+    return held_out_inputs(config)[0][:MAX_CALIBRATION]
 
 
 def _scorers(bundle, calibration: dict[str, np.ndarray]):

@@ -75,7 +75,7 @@ def _render_glyph(rng: np.random.Generator, fonts: list[Path]) -> np.ndarray:
 
 def _grayscale(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image, dtype=np.float32)
-    if image.dtype == bool or image.max() <= 1.0:
+    if image.max() <= 1.0:  # boolean or [0, 1] images
         image = image * 255.0
     if image.ndim == 3:
         image = image[..., :3] @ LUMA_WEIGHTS

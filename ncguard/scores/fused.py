@@ -25,6 +25,11 @@ HEAD_LAYERS = ("transfer", "detection", LOGITS)  # every other statistics layer 
 BLOCK_SCORE, DETECTION_SCORE = "mahalanobis", "ddu"
 
 
+def component_layers(components) -> tuple[str, ...]:
+    """The distinct feature layers the components read, in order (Fused.layers_ after fitting)."""
+    return tuple(dict.fromkeys(layer for layer, _ in components if layer != LOGITS))
+
+
 def default_components(layers: Sequence[str], detection_layer: str = "detection") -> tuple[tuple[str, str], ...]:
     """The default of `ncguard train` and `ncguard export`: Mahalanobis on the first and the last conv
     block among `layers`, plus DDU on the detection layer.
