@@ -1,0 +1,34 @@
+"""The serving benchmark's OOD-cost attribution: which of the nodes ONNX Runtime runs belong to the OOD score."""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from benchmarks.serving.local_paths import _ood_only_nodes, ood_node_share
+
+
+def _graph() -> onnx.GraphProto:
+    """x -> shared -> logits / probabilities / features, and shared -> score_a -> ood_score."""
+    nodes = [
+        helper.make_node("Relu", ["x"], ["shared"], name="shared"),
+        helper.make_node("Identity", ["shared"], ["logits"], name="logits_node"),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax"),
+        helper.make_node("Identity", ["shared"], ["features"], name="features_node"),
+        helper.make_node("Neg", ["shared"], ["score_a"], name="score_a"),
+        helper.make_node("Abs", ["score_a"], ["ood_score"], name="score_b"),
+    ]
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 3])  # noqa: E731
+    return helper.make_graph(nodes, "g", [value("x")], [value(n) for n in ("logits", "probabilities", "ood_score", "features")])
+
+
+def test_only_nodes_that_nothing_but_the_score_needs_are_the_ood_part():
+    assert _ood_only_nodes(_graph()) == {"score_a", "score_b"}
+
+
+def test_the_scores_nodes_of_the_graph_onnx_runtime_runs_are_attributed(digits_model_path):
+    share = ood_node_share(digits_model_path, [4], calls=3)["4"]
+    names = set(share["ood_nodes"])
+    assert any(name.startswith("ncguard_score/") for name in names)
+    assert not any("conv" in name.lower() or "gemm" in name.lower() for name in names), names
+    assert 0.0 < share["ood_share"] < 1.0
