@@ -139,20 +139,19 @@ def _knn(b: GraphBuilder, det, p, features, logits) -> str:
 
 
 def _ddu(b: GraphBuilder, det, p, features, logits) -> str:
-    # ||L_c^-1 (v - mu_c)||^2 for all c: centre first (v - mu_c, [N, C, D]), then whiten per class with
-    # one batched MatMul ([C, N, D] x [C, D, D]). Whitening v and mu_c separately and subtracting the two
-    # large results cancels catastrophically in float32 when L_c^-1 has large entries (a collapsed layer).
+    # -logsumexp_c(log w_c - ||L_c^-1 (v - mu_c)||^2 / 2) in 6 nodes. Centre first ([1, N, D] - [C, 1, D]
+    # broadcasts straight to [C, N, D], no Transpose), then whiten per class with one batched MatMul
+    # ([C, N, D] x [C, D, D]). Whitening v and mu_c separately and subtracting the two large results
+    # cancels catastrophically in float32 when L_c^-1 has large entries (a collapsed layer). The 1/2 is
+    # folded into the whitening (sqrt(1/2) L_c^-1), and ONNX Runtime's ReduceLogSumExp subtracts the row
+    # maximum itself, as ncguard.scores.base.logsumexp does.
     whitening, means = p["whitening_"], p["means_"]
-    diff = b.node("Sub", [b.node("Unsqueeze", [features, b.axes(1)]), b.constant("means", means[None])], "diff")
-    by_class = b.node("Transpose", [diff], "diff_by_class", perm=[1, 0, 2])
-    whitened = b.node("MatMul", [by_class, b.constant("whitening_t", np.transpose(whitening, (0, 2, 1)))], "whitened")
-    distances = b.node("Transpose", [b.reduce("ReduceSumSquare", whitened, 2, hint="distances")], "distances_by_input", perm=[1, 0])
-    log_joint = b.node(
-        "Sub",
-        [b.constant("log_weights", p["log_weights_"][None]), b.node("Mul", [distances, b.constant("half", 0.5)])],
-        "log_joint",
-    )
-    return b.neg(b.logsumexp(log_joint))
+    diff = b.node("Sub", [b.node("Unsqueeze", [features, b.axes(0)]), b.constant("means", means[:, None, :])], "diff")
+    half_whitening_t = np.sqrt(0.5) * np.transpose(whitening, (0, 2, 1))
+    whitened = b.node("MatMul", [diff, b.constant("half_whitening_t", half_whitening_t)], "whitened")
+    half_distances = b.reduce("ReduceSumSquare", whitened, 2, hint="half_distances")  # [C, N]
+    log_joint = b.node("Sub", [b.constant("log_weights", p["log_weights_"][:, None]), half_distances], "log_joint")
+    return b.neg(b.reduce("ReduceLogSumExp", log_joint, 0, hint="log_density"))
 
 
 def _vim(b: GraphBuilder, det, p, features, logits) -> str:
@@ -201,7 +200,12 @@ assert set(SCORE_GRAPHS) == set(SCORES), "every score in ncguard.scores needs an
 
 def _fused(b: GraphBuilder, det, p, features, logits) -> str:
     """ncguard.scores.fused.Fused: slice each layer out of the concatenated features, build each
-    component with its own builder above, standardize with (s - mu) / sigma, then Sum or Max."""
+    component with its own builder above, and combine the standardized (s - mu) / sigma.
+
+    For "sum" the standardization is folded into constants, so it costs no node per component:
+    sum_l (s_l - mu_l) / sigma_l = sum_l s_l / sigma_l - sum_l mu_l / sigma_l, and for a Mahalanobis
+    component s_l / sigma_l is the Mahalanobis distance under the precision P / sigma_l.
+    """
     slices = det.slices()
     layer_inputs = {
         layer: b.node(
@@ -211,12 +215,23 @@ def _fused(b: GraphBuilder, det, p, features, logits) -> str:
         )
         for layer, (start, stop) in slices.items()
     }
-    standardized = []
+    folded, standardized = [], []
     for (layer, score), component, mu, sigma in zip(det.components_, det.detectors_, p["mu_"], p["sigma_"]):
-        raw = SCORE_GRAPHS[score](b, component, component.params(), layer_inputs.get(layer), logits)
+        params = component.params()
+        if det.combine == "sum" and score == "mahalanobis":
+            params = dict(params, precision_=params["precision_"] / float(sigma))
+            folded.append(SCORE_GRAPHS[score](b, component, params, layer_inputs.get(layer), logits))
+            continue
+        raw = SCORE_GRAPHS[score](b, component, params, layer_inputs.get(layer), logits)
+        if det.combine == "sum":
+            folded.append(b.node("Mul", [raw, b.constant(f"{layer}_{score}_inverse_sigma", 1.0 / float(sigma))], f"{layer}_{score}_scaled"))
+            continue
         centred = b.node("Sub", [raw, b.constant(f"{layer}_{score}_mu", float(mu))], f"{layer}_{score}_centred")
         standardized.append(b.node("Div", [centred, b.constant(f"{layer}_{score}_sigma", float(sigma))], f"{layer}_{score}_z"))
-    return b.node("Sum" if det.combine == "sum" else "Max", standardized, "fused")
+    if det.combine == "sum":
+        offset = -float(np.sum(np.asarray(p["mu_"], dtype=np.float64) / np.asarray(p["sigma_"], dtype=np.float64)))
+        return b.node("Sum", [*folded, b.constant("fused_offset", [offset])], "fused")
+    return b.node("Max", standardized, "fused")
 
 
 # Scores that combine others (ncguard.scores.COMBINED_SCORES); they are not in SCORES (see there).

@@ -61,6 +61,21 @@ def normalization_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
+def channel_mean_std(maps: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N, 2C]: per-channel mean, then per-channel (population) standard deviation.
+
+    One pass over [N, C, H*W], var = E[x^2] - E[x]^2 (clamped at 0 against round-off): in ONNX Runtime
+    this was the cheapest form measured (about half the cost of the centred two-pass form at batch 64;
+    reducing the 4-d maps over (2, 3) directly was up to 2x slower with two threads), and these
+    statistics are most of what the multi-layer score costs in the served graph. Block outputs are
+    post-ReLU values of order 1, so float32 loses nothing that matters here.
+    """
+    flat = maps.flatten(2)
+    mean = flat.mean(dim=2)
+    variance = (flat * flat).mean(dim=2) - mean * mean
+    return torch.cat([mean, variance.clamp_min(0.0).sqrt()], dim=1)
+
+
 class DualHeadModel(nn.Module):
     """Backbone, input normalization, detection head and classifier; see the module docstring."""
 
@@ -135,17 +150,15 @@ class DualHeadModel(nn.Module):
     def layer_features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """Flat features of every named layer: early blocks, "transfer" (h), "detection" (z), "logits".
 
-        Feature maps [N, C, H, W] are pooled per channel to [mean, std] ([N, 2C]): cheap
-        low-level statistics that catch inputs whose pixels look unlike the training data.
+        Feature maps [N, C, H, W] are pooled per channel to [mean, std] ([N, 2C]) by
+        `channel_mean_std`: cheap low-level statistics that catch inputs whose pixels look unlike
+        the training data.
         """
         blocks = self.backbone.forward_features(self.normalize_input(x))
         h = blocks.pop(next(reversed(blocks)))
         layers = OrderedDict()
         for name, value in blocks.items():
-            if value.ndim == 4:
-                flat = value.flatten(2)
-                value = torch.cat([flat.mean(dim=2), flat.std(dim=2, unbiased=False)], dim=1)
-            layers[name] = value
+            layers[name] = channel_mean_std(value) if value.ndim == 4 else value
         z = self.detection_features(h)
         layers["transfer"] = h
         layers["detection"] = z
