@@ -57,6 +57,13 @@ def test_smoke_run_writes_the_report(smoke_report):
     assert summary["sets"] == [*FAR_OOD, *COVARIATE_SHIFTS]
     text = (report / "quality.md").read_text()
     assert "Goal check" in text and "Near OOD" in text and "Bring your own model" in text
+    cost = summary["quiet_cost_measurement"]
+    assert set(cost["epoch_seconds"]) == {"etf", "plain"} and all(s > 0 for s in cost["epoch_seconds"].values())
+    for head in ("etf", "plain"):
+        c = summary["training_cost"][head]
+        assert c["quiet_epoch_seconds"] == cost["epoch_seconds"][head]
+        if np.isfinite(c["epochs_to_target_val"][0]):  # the smoke budget may never reach 93%
+            assert c["quiet_seconds_to_target_val"][0] == pytest.approx(c["epochs_to_target_val"][0] * c["quiet_epoch_seconds"])
 
 
 def test_oracle_is_the_best_standard_score_of_the_plain_model(smoke_report):

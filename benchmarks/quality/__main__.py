@@ -2,7 +2,8 @@
 
 Stages (default: all, in order): `train` the planned models with `ncguard train`, `evaluate` every
 score on every trained model (one JSON per model under WORK/results), `byom` the bring-your-own-model
-row (`ncguard fit` on the plain model's ONNX), and `report` (Markdown, JSON and PNGs in --out, by
+row (`ncguard fit` on the plain model's ONNX), `cost` the epoch time of both heads on a quiet machine
+(run it when nothing else is running), and `report` (Markdown, JSON and PNGs in --out, by
 default benchmarks/results/ for the full size). Every stage skips what is already done, so an
 interrupted run continues; pass --force to redo evaluation.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from .plan import BUDGETS, model_specs
 
-STAGES = ("train", "evaluate", "byom", "report")
+STAGES = ("train", "evaluate", "byom", "cost", "report")
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
@@ -55,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         from .byom_row import byom_result
 
         byom_result(work, budget, force=args.force)
+    if "cost" in stages:
+        from .cost import measure_cost
+        from .train import training_sets
+
+        measure_cost(work, budget, training_sets(work, budget)["full"], force=args.force)
     if "report" in stages:
         from .report import write_report
 
