@@ -19,6 +19,7 @@ from serving.dashboards import generate
 from serving.metrics import ModelMetrics
 from serving.monitor import DriftMonitor, score_buckets
 from serving.settings import DEFAULT_DRIFT_MIN_SAMPLES, DEFAULT_DRIFT_WINDOW, ServeSettings
+from serving.window import RingWindow
 from tests.tiny_models import tiny_metadata
 
 CLASSES = ["cat", "dog", "owl"]
@@ -161,6 +162,35 @@ def test_windows_stay_bounded():
         monitor.observe(*batch(rng, 17))
     assert gauge(registry, "ncguard_drift_window_samples") == 30
     assert len(monitor._scores) == len(monitor._classes) == len(monitor._features) == 30
+
+
+@pytest.mark.parametrize("size", [1, 5, 8])
+def test_ring_window_keeps_the_latest_items_like_a_bounded_deque(size):
+    """Against collections.deque(maxlen=size) (what ncguard.drift.RollingWindow uses), batch by batch."""
+    import collections
+
+    rng = np.random.default_rng(size)
+    ring, reference = RingWindow(size, np.float64, (2,)), collections.deque(maxlen=size)
+    for n in (0, 1, 3, size, 2, size + 3, 1, 4):
+        rows = rng.normal(size=(n, 2)).astype(np.float32)  # stored as float64, like the monitor's features
+        ring.extend(rows)
+        reference.extend(rows.astype(np.float64))
+        expected = np.asarray(reference).reshape(-1, 2)
+        assert len(ring) == len(reference)
+        np.testing.assert_array_equal(ring.values(), expected)
+        # storage order may be rotated, but it holds the same items
+        np.testing.assert_array_equal(np.sort(ring.contents(), axis=0), np.sort(expected, axis=0))
+        assert ring.values().dtype == np.float64
+
+
+def test_ring_window_refuses_bad_sizes_and_items_of_another_shape():
+    for size in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="positive integer"):
+            RingWindow(size, np.float64)
+    ring = RingWindow(3, np.int64)
+    with pytest.raises(DataError, match="shape"):
+        ring.extend(np.zeros((2, 4)))
+    assert len(ring) == 0
 
 
 def test_concurrent_batches_are_all_counted_and_the_gauges_describe_the_final_window():
