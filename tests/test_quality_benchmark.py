@@ -87,6 +87,9 @@ def test_metrics_are_probabilities_and_early_layers_catch_noise(smoke_report):
     # pixel statistics of the first block separate uniform noise from clothing even after one epoch
     assert result["metrics"]["mahalanobis@block1"]["noise-uniform"]["auroc"] > 0.9
     assert 0.0 < result["probe"]["transfer"] <= 1.0
+    # the head's inner layers are probed too, and the raw-pixel floor (8x8 digits are easy even as pixels)
+    assert set(result["probe"]) >= {"grid", "transfer-preact", "pixels"}
+    assert result["probe"]["pixels"] > 0.9
 
 
 def test_byom_row_keeps_the_plain_models_predictions(smoke_report):

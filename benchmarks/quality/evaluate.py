@@ -136,8 +136,18 @@ def _fused(bundle, calibration, components, combine):
     return lambda f: detector.score_layers(f, f["logits"])
 
 
+PROBE_LAYERS = ("transfer", "detection", *BLOCKS)
+# Inside the backbone's head (SmallCNN: pool to a grid, Linear, BatchNorm, ReLU -> h): where transfer is lost.
+HEAD_PROBES = ("grid", "transfer-preact")
+
+
 def probe_digits(model, seed: int = 0) -> dict[str, float]:
-    """Linear-probe accuracy on scikit-learn digits (a task never trained on) from the transfer and detection features."""
+    """Linear-probe accuracy on scikit-learn digits (a task never trained on), per layer.
+
+    Besides the scored layers: "pixels" (the raw input, the floor), "grid" (the pooled block3 grid the
+    head's Linear reads) and "transfer-preact" (h before the head's final ReLU), which locate the
+    layer where a model's features stop transferring.
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.pipeline import make_pipeline
@@ -149,13 +159,43 @@ def probe_digits(model, seed: int = 0) -> dict[str, float]:
     digits = load_dataset("digits")
     x = fit_to_shape(digits.x, (1, SIDE, SIDE), "digits")
     features = layer_features(model, x, "features of the probe task")
+    features.update(_head_inputs(model, x))
+    features["pixels"] = x.reshape(len(x), -1)
     train, test = train_test_split(np.arange(len(x)), test_size=0.4, random_state=seed, stratify=digits.y)
     result = {}
-    for layer in ("transfer", "detection", *BLOCKS):
+    for layer in (*PROBE_LAYERS, *HEAD_PROBES, "pixels"):
+        if layer not in features:
+            continue
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
         probe.fit(features[layer][train], digits.y[train])
         result[layer] = float(probe.score(features[layer][test], digits.y[test]))
     return result
+
+
+def _head_inputs(model, x: np.ndarray) -> dict[str, np.ndarray]:
+    """{"grid": input of the head's Linear, "transfer-preact": input of its final ReLU}; {} for other heads."""
+    import torch
+    from torch import nn
+
+    head = getattr(model.backbone, "head", None)
+    modules = list(head) if isinstance(head, nn.Sequential) else []
+    linear = next((m for m in modules if isinstance(m, nn.Linear)), None)
+    if linear is None or not isinstance(modules[-1], nn.ReLU):
+        return {}
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [
+        linear.register_forward_hook(lambda module, inputs, output: captured.__setitem__("grid", inputs[0])),
+        # a pre-hook: the ReLU works in place, so after it runs its input is already rectified
+        modules[-1].register_forward_pre_hook(lambda module, inputs: captured.__setitem__("transfer-preact", inputs[0].clone())),
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(torch.from_numpy(x))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: value.numpy() for name, value in captured.items()}
 
 
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:

@@ -23,6 +23,8 @@ from .plan import Budget
 
 TARGET_ACCURACY = 0.93
 OURS, PLAIN = "etf", "plain"
+PROBE_COLUMNS = ("pixels", "block1", "block2", "block3", "grid", "transfer-preact", "transfer", "detection")
+PROBE_LABELS = {"pixels": "pixels", "transfer-preact": "h pre-ReLU", "transfer": "h", "detection": "z"} | {c: c for c in ("block1", "block2", "block3", "grid")}
 DEFAULT_ROW = "fused"  # the score ncguard train and ncguard export use by default
 
 
@@ -143,7 +145,7 @@ def write_report(work: Path, out: Path, budget: Budget) -> Path:
     ranked = sorted(checks, key=lambda row: (checks[row]["wins"], checks[row]["mean_auroc"]), reverse=True)
     accuracy = {head: _mean_sd([r["id_accuracy"] for r in rs]) for head, rs in ((OURS, ours), (PLAIN, plain))}
     shift_accuracy = {head: {s: _mean_sd([r["shift_accuracy"].get(s) for r in rs]) for s in COVARIATE_SHIFTS} for head, rs in ((OURS, ours), (PLAIN, plain))}
-    probe = {head: {layer: _mean_sd([r["probe"][layer] for r in rs if r.get("probe")]) for layer in ("transfer", "detection", "block1", "block2", "block3")} for head, rs in ((OURS, ours), (PLAIN, plain))}
+    probe = {head: {layer: _mean_sd([r["probe"].get(layer) for r in rs if r.get("probe")]) for layer in PROBE_COLUMNS} for head, rs in ((OURS, ours), (PLAIN, plain))}
     near = {r["model"]: r for r in results if r["task"] == "near"}
     ablations = [r for r in results if r["role"] == "ablation"]
     byom = load_byom(work)
@@ -228,6 +230,11 @@ def _markdown(summary, tables, best, checks, ranked, near, ablations, byom, plot
         shift = summary["shift_accuracy"][head]
         lines.append(f"| {head} | {_fmt(*acc[head], digits=4)} | {_fmt(*p['transfer'])} | {_fmt(*p['detection'])} | " + " | ".join(_fmt(*shift[s]) for s in COVARIATE_SHIFTS) + " |")
     lines += ["", "Probe: logistic regression on standardized features of scikit-learn's digits (upscaled to 28x28), 60/40 split; for the plain model z is h.", ""]
+    lines += ["Where transfer is lost, probe accuracy layer by layer (raw pixels are the floor; `grid` is the pooled block3 grid the head's Linear reads, `h pre-ReLU` is h before the head's final ReLU):", "",
+              "| model | " + " | ".join(PROBE_LABELS[c] for c in PROBE_COLUMNS) + " |", "| --- | " + " | ".join("---:" for _ in PROBE_COLUMNS) + " |"]
+    for head in (OURS, PLAIN):
+        lines.append(f"| {head} | " + " | ".join(_fmt(*summary["probe"][head][c]) for c in PROBE_COLUMNS) + " |")
+    lines.append("")
     lines += ["## Every score, both models", ""]
     for head in (OURS, PLAIN):
         lines += _matrix_md(f"{head}: AUROC", tables[head]["auroc"], sets)
@@ -247,15 +254,15 @@ def _markdown(summary, tables, best, checks, ranked, near, ablations, byom, plot
     if ablations:
         rows = [DEFAULT_ROW, "etf"]
         lines += ["## Study: training variants (seed 0, one run each)", "",
-                  "| model | settings changed | accuracy | probe h | " + " | ".join(f"{r}: mean AUROC / worst AUROC" for r in rows) + " |",
-                  "| --- | --- | ---: | ---: | " + " | ".join("---" for _ in rows) + " |"]
+                  "| model | settings changed | accuracy | probe h | probe h pre-ReLU | " + " | ".join(f"{r}: mean AUROC / worst AUROC" for r in rows) + " |",
+                  "| --- | --- | ---: | ---: | ---: | " + " | ".join("---" for _ in rows) + " |"]
         for r in reference + ablations:
             cells = []
             for row in rows:
                 values = [r["metrics"][row][s]["auroc"] for s in sets if row in r["metrics"] and s in r["metrics"][row]]
                 cells.append(f"{np.mean(values):.3f} / {np.min(values):.3f}" if values else "n/a")
             changed = ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k in ("label_smoothing", "entropy_weight", "classifier", "epochs"))
-            lines.append(f"| {r['model']} | {changed} | {r['id_accuracy']:.4f} | {r['probe']['transfer']:.3f} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['model']} | {changed} | {r['id_accuracy']:.4f} | {r['probe']['transfer']:.3f} | {_fmt(r['probe'].get('transfer-preact', float('nan')))} | " + " | ".join(cells) + " |")
         lines.append("")
     if byom:
         m = next(iter(byom["metrics"].values()))
