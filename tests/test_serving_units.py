@@ -135,3 +135,15 @@ def test_body_limit_refuses_larger_bodies_with_413_json():
         assert response.status_code == 413
         assert response.json() == {"error": "the request body is larger than the 100 bytes allowed"}
     assert len(rejections) == 2
+
+
+def test_sessions_do_not_spin_between_runs(tmp_path):
+    """Every path's session (service, ncguard predict, the benchmark's raw session) gets the option:
+    spinning pool threads took the shared cores from the thread with the work (ncguard.runtime)."""
+    from ncguard.runtime import ALLOW_SPINNING, Predictor
+    from tests.tiny_models import write_tiny_model
+
+    predictor = Predictor(write_tiny_model(tmp_path / "tiny.onnx"), provider="cpu", threads=2)
+    options = predictor.session.get_session_options()
+    assert options.get_session_config_entry(ALLOW_SPINNING) == "0"
+    assert options.intra_op_num_threads == 2
