@@ -73,6 +73,18 @@ def test_cnn_works_for_any_image_size_from_8(shape):
     assert features["block1"].ndim == 4
 
 
+def test_cnn_linear_leaves_h_signed_and_is_otherwise_the_cnn():
+    torch.manual_seed(0)
+    linear = build_backbone("cnn-linear", (1, 28, 28)).eval()
+    torch.manual_seed(0)
+    rectified = build_backbone("cnn", (1, 28, 28)).eval()
+    x = torch.rand(16, 1, 28, 28)
+    with torch.inference_mode():
+        h_linear, h_rectified = linear(x), rectified(x)
+    assert (h_linear < 0).any() and not (h_rectified < 0).any()
+    torch.testing.assert_close(torch.relu(h_linear), h_rectified)
+
+
 def test_resnet18_is_cifar_style_and_takes_small_images():
     backbone = build_backbone("resnet18", (3, 8, 8)).eval()
     assert backbone.stem[0].kernel_size == (3, 3) and backbone.stem[0].stride == (1, 1)

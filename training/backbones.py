@@ -15,7 +15,7 @@ from torch import nn
 
 from ncguard.errors import ConfigError, ModelError
 
-ARCHITECTURES = ("cnn", "resnet18", "mlp")
+ARCHITECTURES = ("cnn", "cnn-linear", "resnet18", "mlp")
 MIN_IMAGE_SIZE = 8
 
 
@@ -46,10 +46,13 @@ class SmallCNN(Backbone):
     Sized for 2 CPU cores (~15M multiply-adds per 28x28 image, ~45 s per Fashion-MNIST epoch).
     Full resolution gets a single cheap convolution. Keeping a coarse 4x4 grid instead of global
     pooling keeps where-things-are information that small images need; the adaptive pooling and
-    ceil_mode make any H, W >= 8 work.
+    ceil_mode make any H, W >= 8 work. `final_relu=False` (`--arch cnn-linear`) leaves h signed: the
+    quality benchmark found the ETF head's h loses most of its transfer in that last ReLU.
     """
 
-    def __init__(self, in_channels: int, widths: tuple[int, int, int] = (32, 64, 128), grid: int = 4, feature_dim: int = 256):
+    def __init__(
+        self, in_channels: int, widths: tuple[int, int, int] = (32, 64, 128), grid: int = 4, feature_dim: int = 256, final_relu: bool = True
+    ):
         super().__init__()
         w1, w2, w3 = widths
         self.block1 = nn.Sequential(_conv_bn_relu(in_channels, w1), nn.MaxPool2d(2, ceil_mode=True))
@@ -60,7 +63,7 @@ class SmallCNN(Backbone):
             nn.Flatten(),
             nn.Linear(w3 * grid * grid, feature_dim, bias=False),
             nn.BatchNorm1d(feature_dim),
-            nn.ReLU(inplace=True),
+            *([nn.ReLU(inplace=True)] if final_relu else []),
         )
         self.feature_dim = feature_dim
 
@@ -180,4 +183,6 @@ def build_backbone(arch: str, input_shape: tuple[int, ...]) -> Backbone:
     channels, height, width = input_shape
     if height < MIN_IMAGE_SIZE or width < MIN_IMAGE_SIZE:
         raise ConfigError(f"--arch {arch} needs images of at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE}, got {height}x{width}")
+    if arch == "cnn-linear":
+        return SmallCNN(channels, final_relu=False)
     return SmallCNN(channels) if arch == "cnn" else ResNet18(channels)

@@ -78,7 +78,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Every `ncguard train` flag (ncguard/cli.py's _train_args declares the same list)."""
     p.add_argument("--data", required=True, help="data SPEC: fashion-mnist[:train|:test], digits, FILE.npz or an image folder")
     p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--arch", default=None, help="backbone: cnn, resnet18 or mlp (default: cnn for images, mlp for vectors)")
+    p.add_argument("--arch", default=None, help="backbone: cnn, cnn-linear (cnn without the ReLU on h), resnet18 or mlp (default: cnn for images, mlp for vectors)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: about 5000 steps, 3 to 30 epochs: 12 for fashion-mnist, 30 for digits)")
     p.add_argument("--entropy-weight", type=float, default=None, help="weight of the entropy regularizer on the transfer features, 0 disables it (default: 0.05 for --head etf, else 0)")
     p.add_argument("--head", default="etf", help="detection head: etf, plain or l2")

@@ -173,21 +173,19 @@ def probe_digits(model, seed: int = 0) -> dict[str, float]:
 
 
 def _head_inputs(model, x: np.ndarray) -> dict[str, np.ndarray]:
-    """{"grid": input of the head's Linear, "transfer-preact": input of its final ReLU}; {} for other heads."""
+    """{"grid": input of the head's Linear, "transfer-preact": input of its final ReLU if it has one}; {} for other heads."""
     import torch
     from torch import nn
 
     head = getattr(model.backbone, "head", None)
     modules = list(head) if isinstance(head, nn.Sequential) else []
     linear = next((m for m in modules if isinstance(m, nn.Linear)), None)
-    if linear is None or not isinstance(modules[-1], nn.ReLU):
+    if linear is None:
         return {}
     captured: dict[str, torch.Tensor] = {}
-    hooks = [
-        linear.register_forward_hook(lambda module, inputs, output: captured.__setitem__("grid", inputs[0])),
-        # a pre-hook: the ReLU works in place, so after it runs its input is already rectified
-        modules[-1].register_forward_pre_hook(lambda module, inputs: captured.__setitem__("transfer-preact", inputs[0].clone())),
-    ]
+    hooks = [linear.register_forward_hook(lambda module, inputs, output: captured.__setitem__("grid", inputs[0]))]
+    if isinstance(modules[-1], nn.ReLU):  # a pre-hook: the ReLU works in place, so afterwards its input is rectified
+        hooks.append(modules[-1].register_forward_pre_hook(lambda module, inputs: captured.__setitem__("transfer-preact", inputs[0].clone())))
     try:
         with torch.no_grad():
             model.eval()

@@ -49,6 +49,9 @@ ABLATIONS = (
     ("etf-nols", "etf", ("--label-smoothing", "0")),
     ("etf-ent0.5", "etf", ("--entropy-weight", "0.5")),
     ("etf-simplex", "etf", ("--classifier", "simplex")),
+    # h without the head's final ReLU, for both heads (a backbone change, so the baseline changes too)
+    ("etf-linear", "etf", ("--arch", "cnn-linear")),
+    ("plain-linear", "plain", ("--arch", "cnn-linear")),
 )
 
 
