@@ -23,6 +23,7 @@ from .plan import Budget
 
 TARGET_ACCURACY = 0.93
 OURS, PLAIN = "etf", "plain"
+STUDIED_SETTINGS = ("arch", "label_smoothing", "entropy_weight", "classifier", "epochs")
 PROBE_COLUMNS = ("pixels", "block1", "block2", "block3", "grid", "transfer-preact", "transfer", "detection")
 PROBE_LABELS = {"pixels": "pixels", "transfer-preact": "h pre-ReLU", "transfer": "h", "detection": "z"} | {c: c for c in ("block1", "block2", "block3", "grid")}
 DEFAULT_ROW = "fused"  # the score ncguard train and ncguard export use by default
@@ -261,7 +262,8 @@ def _markdown(summary, tables, best, checks, ranked, near, ablations, byom, plot
             for row in rows:
                 values = [r["metrics"][row][s]["auroc"] for s in sets if row in r["metrics"] and s in r["metrics"][row]]
                 cells.append(f"{np.mean(values):.3f} / {np.min(values):.3f}" if values else "n/a")
-            changed = ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k in ("label_smoothing", "entropy_weight", "classifier", "epochs"))
+            base = next((x["settings"] for x in reference if x["head"] == r["head"]), {})
+            changed = ", ".join(f"{k}={v}" for k, v in r["settings"].items() if k in STUDIED_SETTINGS and base.get(k) != v) or "defaults"
             lines.append(f"| {r['model']} | {changed} | {r['id_accuracy']:.4f} | {r['probe']['transfer']:.3f} | {_fmt(r['probe'].get('transfer-preact', float('nan')))} | " + " | ".join(cells) + " |")
         lines.append("")
     if byom:
