@@ -9,13 +9,11 @@ held-out calibration split, as at export. Uses torch.
 
 from __future__ import annotations
 
-
 import numpy as np
 
-from export.detectors import FUSED, fit_detector, fit_fused, fused_components
+from export.detectors import FUSED, fit_detector, fused_components
 from ncguard.errors import ConfigError, NcguardError
 from ncguard.scores import SCORES
-from ncguard.scores.fused import component_layers
 
 BATCH_SIZE = 512
 
@@ -65,13 +63,11 @@ def score_every_detector(run_dir: str, id_x: np.ndarray, ood_inputs: dict[str, n
 
 
 def _fit_fused(model, config: dict, bundle):
-    """The fused score with its default components, standardized on the run's held-out ID split."""
+    """The fused score with its default components, standardized on the run's held-out ID split, as at export."""
     from export.cli import calibration_inputs
+    from export.torch_export import fit_fused_on_held_out
 
-    components = fused_components(bundle)
-    if len(components) < 2:
+    if len(fused_components(bundle)) < 2:
         raise ConfigError("the run's statistics hold no conv block layer to fuse with the detection layer")
     calibration_x, _ = calibration_inputs(config)
-    calibration = _layer_features(model, calibration_x, (*component_layers(components), "logits"), "calibration")
-    logits = calibration.pop("logits")
-    return fit_fused(bundle, components, "sum", calibration, logits)
+    return fit_fused_on_held_out(model, bundle, calibration_x)

@@ -175,7 +175,7 @@ def export_model(
     if score == FUSED:
         if layer is not None:
             raise ConfigError("--layer does not apply to --score fused: name the layers in --components")
-        detector = _fit_fused(model, bundle, calibration_x, components, combine)
+        detector = fit_fused_on_held_out(model, bundle, calibration_x, components, combine)
         layer = detector.layers_
         score_extra = {"fused": detector.describe()}
     else:
@@ -218,7 +218,7 @@ def _layer_text(layer: str | tuple[str, ...] | None) -> str:
     return layer or "logits"
 
 
-def _fit_fused(model: DualHeadModel, bundle: StatisticsBundle, calibration_x: np.ndarray, components, combine: str):
+def fit_fused_on_held_out(model: DualHeadModel, bundle: StatisticsBundle, calibration_x: np.ndarray, components=None, combine: str = "sum"):
     """The fused detector, standardized on the held-out ID inputs' features as torch computes them."""
     components = fused_components(bundle, components, combine)  # clear errors before the data pass
     layers = component_layers(components)
