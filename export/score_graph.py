@@ -215,23 +215,23 @@ def _fused(b: GraphBuilder, det, p, features, logits) -> str:
         )
         for layer, (start, stop) in slices.items()
     }
-    folded, standardized = [], []
+    parts = []
     for (layer, score), component, mu, sigma in zip(det.components_, det.detectors_, p["mu_"], p["sigma_"]):
-        params = component.params()
+        params, name = component.params(), f"{layer}_{score}"
         if det.combine == "sum" and score == "mahalanobis":
             params = dict(params, precision_=params["precision_"] / float(sigma))
-            folded.append(SCORE_GRAPHS[score](b, component, params, layer_inputs.get(layer), logits))
-            continue
         raw = SCORE_GRAPHS[score](b, component, params, layer_inputs.get(layer), logits)
-        if det.combine == "sum":
-            folded.append(b.node("Mul", [raw, b.constant(f"{layer}_{score}_inverse_sigma", 1.0 / float(sigma))], f"{layer}_{score}_scaled"))
-            continue
-        centred = b.node("Sub", [raw, b.constant(f"{layer}_{score}_mu", float(mu))], f"{layer}_{score}_centred")
-        standardized.append(b.node("Div", [centred, b.constant(f"{layer}_{score}_sigma", float(sigma))], f"{layer}_{score}_z"))
-    if det.combine == "sum":
-        offset = -float(np.sum(np.asarray(p["mu_"], dtype=np.float64) / np.asarray(p["sigma_"], dtype=np.float64)))
-        return b.node("Sum", [*folded, b.constant("fused_offset", [offset])], "fused")
-    return b.node("Max", standardized, "fused")
+        if det.combine == "max":
+            centred = b.node("Sub", [raw, b.constant(f"{name}_mu", float(mu))], f"{name}_centred")
+            parts.append(b.node("Div", [centred, b.constant(f"{name}_sigma", float(sigma))], f"{name}_z"))
+        elif score == "mahalanobis":
+            parts.append(raw)  # already s_l / sigma_l
+        else:
+            parts.append(b.node("Mul", [raw, b.constant(f"{name}_inverse_sigma", 1.0 / float(sigma))], f"{name}_scaled"))
+    if det.combine == "max":
+        return b.node("Max", parts, "fused")
+    offset = -float(np.sum(np.asarray(p["mu_"], dtype=np.float64) / np.asarray(p["sigma_"], dtype=np.float64)))
+    return b.node("Sum", [*parts, b.constant("fused_offset", [offset])], "fused")
 
 
 # Scores that combine others (ncguard.scores.COMBINED_SCORES); they are not in SCORES (see there).
