@@ -3,12 +3,13 @@
 Every scored batch updates the counters (predictions by label, OOD-flagged inputs), the OOD-score
 histogram, and bounded rolling windows of the latest scores, flags, predicted classes and transfer
 features; the window gauges (OOD rate, PSI, KS, Jensen-Shannon, feature mean shift) are then
-recomputed from the windows with the NumPy reference in ncguard.drift. Gauges are recomputed on
-the request path, not at scrape time, because /metrics may be answered by any worker and reads
-only what each worker has written (multiprocess mode: see serving.metrics for how the workers'
-values are merged). The windows are NumPy ring buffers (serving.window), read back as views:
-with deques of rows (ncguard.drift.RollingWindow) rebuilding the 1000 x 256 feature window alone
-took about 1.3 ms per request.
+recomputed from the windows with the NumPy reference in ncguard.drift: in `observe`, or in the
+service right after it by the monitor's own thread (DriftMonitor, background=True). Not at scrape
+time, because /metrics may be answered by any worker and reads only what each worker has written
+(multiprocess mode: see serving.metrics for how the workers' values are merged). The windows are
+NumPy ring buffers (serving.window), read back as views: with deques of rows
+(ncguard.drift.RollingWindow) rebuilding the 1000 x 256 feature window alone took about 1.3 ms
+per request.
 Never imports torch.
 """
 
@@ -63,9 +64,16 @@ class DriftMonitor:
     Thread-safe: `observe` may be called from several threads at once (BentoML runs the batchable
     method in a thread pool). The windows hold at most `window` predictions each, and window gauges
     appear once `min_samples` predictions are in, so a few early requests are not read as drift.
+
+    With `background=True` (the service) `observe` only counts and moves the windows (~0.3 ms for a
+    batch of 64), and a daemon thread started by `start` recomputes the window gauges (PSI, KS, JS,
+    mean shift: ~1.5 ms) after it, off the request path: it never blocks a request for longer than
+    a snapshot of the windows takes, and batches that arrive while it computes are covered by its
+    next pass, so nothing is queued and nothing is lost. Counters and the histogram are always
+    updated in `observe` itself. `flush` waits until the gauges describe every batch observed so far.
     """
 
-    def __init__(self, metadata: ModelMetadata, metrics: ModelMetrics, *, window: int, min_samples: int):
+    def __init__(self, metadata: ModelMetadata, metrics: ModelMetrics, *, window: int, min_samples: int, background: bool = False):
         self.metadata = metadata
         self.metrics = metrics
         self.window = window
@@ -76,6 +84,11 @@ class DriftMonitor:
         width = len(metadata.drift_reference.feature_mean)
         self._features = RingWindow(window, np.float64, (width,))
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._observed = 0  # batches moved into the windows
+        self._published = 0  # batches the published gauges describe
+        self._background = background
+        self._publisher: threading.Thread | None = None
         self._features_usable = width > 0
 
     @property
@@ -91,6 +104,9 @@ class DriftMonitor:
         for label in meta.classes:
             m.predictions.labels(model=self.model, label=label)
         m.ood.labels(model=self.model)
+        if self._background and self._publisher is None:
+            self._publisher = threading.Thread(target=self._publish_loop, name="ncguard-drift-gauges", daemon=True)
+            self._publisher.start()
         return self
 
     def observe(self, class_index, ood_score, is_ood, features) -> None:
@@ -112,12 +128,37 @@ class DriftMonitor:
             return
         self._count(class_index, ood_score, is_ood)
         finite = np.isfinite(ood_score)  # inputs are finite, but a model may still overflow
-        with self._lock:  # windows and gauges move together, so a gauge always describes one window
+        with self._lock:  # the windows move together, so a snapshot always describes one window
             self._scores.extend(ood_score[finite])
             self._flags.extend(is_ood)
             self._classes.extend(class_index)
             self._extend_features(features)
-            self._publish(self._distances())
+            self._observed += 1
+            if self._background:
+                self._changed.notify_all()
+                return
+            self._publish(self._snapshot())
+            self._published = self._observed
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until the gauges describe every batch observed before this call; False on timeout."""
+        with self._changed:
+            target = self._observed
+            return self._changed.wait_for(lambda: self._published >= target, timeout=timeout)
+
+    def _publish_loop(self) -> None:
+        """The background publisher: one recomputation per wake-up covers every batch since the last."""
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._published < self._observed)
+                target, snapshot = self._observed, self._snapshot()
+            try:
+                self._publish(snapshot)
+            except Exception:  # a broken gauge must not stop the next ones
+                log.exception("the drift gauges could not be recomputed")
+            with self._changed:
+                self._published = target
+                self._changed.notify_all()
 
     def _count(self, class_index: np.ndarray, ood_score: np.ndarray, is_ood: np.ndarray) -> None:
         m = self.metrics
@@ -149,28 +190,39 @@ class DriftMonitor:
     def distances(self) -> dict[str, float]:
         """The current window statistics; a statistic is missing until its window holds min_samples."""
         with self._lock:
-            return self._distances()
+            snapshot = self._snapshot()
+        return self._distances(snapshot)
 
-    def _distances(self) -> dict[str, float]:
-        # the windows' contents in storage order: every statistic here ignores the order
+    def _snapshot(self) -> dict:
+        """What the gauges need from the windows, copied (caller holds the lock): the scores, the
+        flags, class counts and the feature mean. Every statistic ignores the order within a window."""
+        features = self._features.contents()
+        return {
+            "scores": self._scores.contents().copy(),
+            "flags": self._flags.contents().copy(),
+            "classes": self._classes.contents().copy(),
+            "feature_count": len(features),
+            "feature_mean": features.mean(axis=0) if len(features) else None,
+        }
+
+    def _distances(self, snapshot: dict) -> dict[str, float]:
         reference = self.metadata.drift_reference
         result: dict[str, float] = {}
-        scores = self._scores.contents()
+        scores = snapshot["scores"]
         if len(scores) >= self.min_samples:
             result["score_psi"] = drift.psi(scores, reference.score_quantiles)
             result["score_ks"] = drift.ks_distance(scores, reference.score_quantiles)
-        flags = self._flags.contents()
+        flags = snapshot["flags"]
         if len(flags) >= self.min_samples:
             result["ood_rate"] = float(flags.mean())
-        classes = self._classes.contents()
+        classes = snapshot["classes"]
         if len(classes) >= self.min_samples:
             result["class_js"] = drift.js_distance(drift.class_distribution(classes, len(self.metadata.classes)), reference.class_priors)
-        features = self._features.contents()
-        if len(features) >= self.min_samples:
-            result["feature_mean_shift"] = drift.mean_shift(features.mean(axis=0), reference.feature_mean, reference.feature_std)
+        if snapshot["feature_count"] >= self.min_samples:
+            result["feature_mean_shift"] = drift.mean_shift(snapshot["feature_mean"], reference.feature_mean, reference.feature_std)
         return result
 
-    def _publish(self, distances: dict[str, float]) -> None:
+    def _publish(self, snapshot: dict) -> None:
         m = self.metrics
         gauges = {
             "ood_rate": m.ood_rate,
@@ -179,6 +231,6 @@ class DriftMonitor:
             "class_js": m.class_js,
             "feature_mean_shift": m.feature_shift,
         }
-        for name, value in distances.items():
+        for name, value in self._distances(snapshot).items():
             gauges[name].labels(model=self.model).set(value)
-        m.window_samples.labels(model=self.model).set(len(self._flags))
+        m.window_samples.labels(model=self.model).set(len(snapshot["flags"]))

@@ -30,7 +30,8 @@ alone anyway). Concurrent requests still meet in the queue and are merged.
 input with the same `Predictor.check_input`, so direct callers get a 400, never a 5xx.
 
 Every scored batch also goes to the worker's drift monitor (serving.monitor), which keeps the
-Prometheus counters and drift gauges that /metrics exports.
+Prometheus counters and drift gauges that /metrics exports; the gauges are recomputed by the
+monitor's own thread, off the request path.
 
 Options come from the environment (serving.settings), set by `ncguard serve` or by hand.
 Never imports torch.
@@ -188,7 +189,7 @@ class NcguardService:
         self.model_name = self.metadata.name
         reference = self.metadata.drift_reference
         metrics = model_metrics(score_buckets(reference.score_quantiles, self.metadata.threshold))
-        self.monitor = DriftMonitor(self.metadata, metrics, window=settings.drift_window, min_samples=settings.drift_min_samples).start()
+        self.monitor = DriftMonitor(self.metadata, metrics, window=settings.drift_window, min_samples=settings.drift_min_samples, background=True).start()
         start_rejection_counts(self.model_name)
         self._in_flight = 0  # requests in `answer` now; changed on the event loop only, so no lock
         log.info("serving %s (%s, score %s, threshold %.6g) from %s", self.model_name, self.metadata.version, self.metadata.score, self.metadata.threshold, path)

@@ -33,7 +33,8 @@ DRIFT_MIN_SAMPLES_ENV = "NCGUARD_DRIFT_MIN_SAMPLES"
 # at 64 and rises again at 256, hence 64. Under 8 concurrent clients a latency ceiling of 10 ms made
 # BentoML shed 40-65% of requests with 503 and 100 ms still shed some in one run, while 1000 ms shed
 # none and still answered a lone request at once (the ceiling bounds waiting; it is not a fixed wait).
-# Requests of at least DEFAULT_BATCH_SIZE rows skip the batching queue (serving.service).
+# Requests of at least DEFAULT_BATCH_SIZE rows, and requests that arrive while no other is in
+# flight, skip the batching queue (serving.service).
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_BATCH_LATENCY_MS = 1000
 DEFAULT_MAX_BATCH_INPUTS = 256

@@ -215,6 +215,43 @@ def test_concurrent_batches_are_all_counted_and_the_gauges_describe_the_final_wi
         assert gauge(registry, name) == pytest.approx(final[key], rel=1e-12), key
 
 
+def test_background_gauges_catch_up_with_every_batch_and_counters_never_wait():
+    """The service's mode: gauges recomputed by the monitor's own thread, counters in observe itself."""
+    metadata = make_metadata()
+    registry = CollectorRegistry()
+    buckets = score_buckets(metadata.drift_reference.score_quantiles, metadata.threshold)
+    monitor = DriftMonitor(metadata, ModelMetrics(buckets, registry=registry), window=100, min_samples=10, background=True).start()
+    assert monitor.flush(timeout=5)  # nothing observed yet: nothing to wait for
+    n_threads, n_batches, size = 6, 30, 4
+    counted_at_once = []
+
+    def worker(seed):
+        rng = np.random.default_rng(seed)
+        for done in range(1, n_batches + 1):
+            monitor.observe(*batch(rng, size, shift=seed / 4))
+            # this thread's own batches are counted when observe returns, whatever the publisher does
+            counted_at_once.append(gauge(registry, "ncguard_ood_score_count") >= done * size)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(n_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(counted_at_once) and len(counted_at_once) == n_threads * n_batches
+    assert gauge(registry, "ncguard_ood_score_count") == n_threads * n_batches * size
+    assert monitor.flush(timeout=10)
+    final = monitor.distances()
+    assert set(final) == set(GAUGES)
+    for key, name in GAUGES.items():
+        assert gauge(registry, name) == pytest.approx(final[key], rel=1e-12), key
+    assert gauge(registry, "ncguard_drift_window_samples") == 100
+    # one more batch moves the gauges again once the publisher has run
+    monitor.observe(*batch(np.random.default_rng(99), 50, shift=3.0))
+    assert monitor.flush(timeout=10)
+    assert gauge(registry, "ncguard_drift_score_psi") == pytest.approx(monitor.distances()["score_psi"], rel=1e-12)
+    assert gauge(registry, "ncguard_drift_score_psi") > final["score_psi"]
+
+
 def test_non_finite_scores_and_a_mismatched_feature_width_do_not_stop_the_other_gauges():
     monitor, registry = make_monitor(window=40, min_samples=10, metadata=make_metadata(feature_width=WIDTH + 1))
     classes, scores, flags, features = batch(np.random.default_rng(6), 20)
