@@ -139,7 +139,7 @@ def _knn(b: GraphBuilder, det, p, features, logits) -> str:
 
 
 def _ddu(b: GraphBuilder, det, p, features, logits) -> str:
-    # -logsumexp_c(log w_c - ||L_c^-1 (v - mu_c)||^2 / 2) in 6 nodes. Centre first ([1, N, D] - [C, 1, D]
+    # -logsumexp_c(log w_c - ||L_c^-1 (v - mu_c)||^2 / 2) in 7 nodes. Centre first ([1, N, D] - [C, 1, D]
     # broadcasts straight to [C, N, D], no Transpose), then whiten per class with one batched MatMul
     # ([C, N, D] x [C, D, D]). Whitening v and mu_c separately and subtracting the two large results
     # cancels catastrophically in float32 when L_c^-1 has large entries (a collapsed layer). The 1/2 is
