@@ -64,6 +64,15 @@ class Predictions:
     finite: np.ndarray  # [N] bool: every output of the row is finite (see Predictor.predict)
 
 
+def session_options(threads: int | None = None):
+    """The SessionOptions every ncguard session uses (see open_session); benchmarks add their profiler to them."""
+    options = _import_onnxruntime().SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.add_session_config_entry(ALLOW_SPINNING, "0")
+    return options
+
+
 def open_session(serialized: bytes, *, provider: str | None = None, threads: int | None = None):
     """An ONNX Runtime InferenceSession on the selected providers, for any serialized graph.
 
@@ -78,10 +87,7 @@ def open_session(serialized: bytes, *, provider: str | None = None, threads: int
     spinning (23 ms and 12 ms at 16 rows; the same 1.3 ms at 1 row).
     """
     ort = _import_onnxruntime()
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    options.add_session_config_entry(ALLOW_SPINNING, "0")
+    options = session_options(threads)
     wanted = select_providers(provider, ort.get_available_providers())
     try:
         session = ort.InferenceSession(serialized, sess_options=options, providers=wanted)

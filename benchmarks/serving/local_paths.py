@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from ncguard.model_file import INPUT_NAME, OUTPUT_NAMES, load_model
-from ncguard.runtime import open_session
+from ncguard.runtime import open_session, session_options
 
 WITHOUT_OOD = tuple(name for name in OUTPUT_NAMES if name != "ood_score")
 
@@ -188,7 +188,7 @@ def ood_node_share(model: Path, batches: list[int], *, calls: int) -> dict:
     shares = {}
     for batch in batches:
         folder = Path(tempfile.mkdtemp(prefix="bench-profile-"))
-        options = ort.SessionOptions()  # open_session's options (no thread setting) plus the profiler
+        options = session_options()  # open_session's options plus the profiler
         options.enable_profiling = True
         options.profile_file_prefix = str(folder / "ort")
         options.optimized_model_filepath = str(folder / "optimized.onnx")
