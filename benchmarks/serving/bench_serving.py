@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = 0.5 if args.quick else 4.0
     calls = 20 if args.quick else 4000
 
+    load_before = os.getloadavg()[0]
     model = Path(args.model)
     meta = load_model(model).metadata
     shape = tuple(meta.input_shape)
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"path": str(model), "description": args.describe, "name": meta.name, "input_shape": list(shape), "classes": len(meta.classes), "score": meta.score},
         "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}",
         "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average_before": round(load_before, 2),
         "command": command,
         "local": {**graphs, "ncguard_predict": predict},
         "http": http,

@@ -99,7 +99,8 @@ def markdown(report: dict) -> str:
         f"score {model['score']}). {report['machine']}. {report['when']}.",
         "",
         "Written by `" + report["command"] + "`. Every ratio is to the raw ONNX Runtime session at the same batch size, "
-        "in the same run (the machine is shared with a training job, so absolute numbers drift; the ratios are the result). "
+        f"in the same run (1-minute load average {report.get('load_average_before', float('nan')):.2f} when it started; on shared machines "
+        "absolute numbers drift, so the ratios are the result). "
         "HTTP: one `ncguard serve` worker on 127.0.0.1, default settings; each client sends the same request back to back; "
         "client and server share the 2 cores, so HTTP numbers include the client's own cost.",
         "",
@@ -112,7 +113,7 @@ def markdown(report: dict) -> str:
         f"-> {'met' if v['service_goal_met_by_one_client'] else 'NOT met'}; best cell {v['service_batch64_best']['path']}, "
         f"{v['service_batch64_best']['clients']} clients: {v['service_batch64_best']['throughput_ratio']:.0%} "
         f"({v['service_batch64_best']['rows_per_s']:,.0f} rows/s) -> {'met' if v['service_goal_met'] else 'NOT met'}. "
-        "Concurrent cells can pass 100%: more runnable threads win more of the cores from the other jobs on this machine "
+        "Concurrent cells can pass 100% of the single-caller raw session: several calls in flight keep both cores busy "
         "(compare the raw session with several caller threads).",
         "",
         "## What the OOD part costs",
@@ -122,8 +123,9 @@ def markdown(report: dict) -> str:
         "",
         "The OOD part's cost four ways: ONNX Runtime's profiler (kernel time of the OOD-only nodes over the rest, in the same "
         "calls, so the load between calls does not enter; preemption inside a kernel still does), and three wall-clock comparisons of the full and "
-        "the stripped session (median of call-by-call ratios, ratio of p50s, ratio of throughputs), which the training "
-        "job's load moves by several percent either way.",
+        "the stripped session (median of call-by-call ratios, ratio of p50s, ratio of throughputs), which other load on "
+        "the machine moves by several percent either way. The profiler's OOD nodes are found in the graph ONNX Runtime "
+        "actually runs (its fusions rename nodes and add layout reorders).",
         "",
         "| batch | full graph rows/s | without OOD rows/s | OOD adds (profiler) | (paired median) | (p50) | (throughput) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
