@@ -97,3 +97,15 @@ def test_byom_row_keeps_the_plain_models_predictions(smoke_report):
     plain = json.loads((smoke_report / "results" / "plain-s0.json").read_text())
     assert byom["id_accuracy"] == pytest.approx(plain["id_accuracy"], abs=2 / plain["n_id"])  # float32 near-ties only
     assert set(next(iter(byom["metrics"].values()))) == {*FAR_OOD, *COVARIATE_SHIFTS}
+
+
+def test_study_size_is_seed_zero_and_the_variants_with_the_full_runs_flags():
+    from benchmarks.quality.plan import BUDGETS, model_specs, train_flags
+
+    full = {s.name: s for s in model_specs(BUDGETS["full"])}
+    study = model_specs(BUDGETS["study"])
+    assert [s.name for s in study[:2]] == ["etf-s0", "plain-s0"]
+    assert all(s.task == "full" and s.seed == 0 for s in study), "no near-OOD pair, no other seeds"
+    assert {s.name for s in study if s.role == "ablation"} == {s.name for s in full.values() if s.role == "ablation"}
+    for spec in study:  # same names mean the same runs, so the two sizes can share a work folder
+        assert train_flags(spec, BUDGETS["study"]) == train_flags(full[spec.name], BUDGETS["full"])

@@ -22,9 +22,9 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(BUDGETS), default="full", help="full: the published numbers; smoke: tiny, for CI")
+    parser.add_argument("--size", choices=sorted(BUDGETS), default="full", help="full: the published numbers; study: seed 0 and the training variants; smoke: tiny, for CI")
     parser.add_argument("--work", default="runs/quality", help="folder for data, run directories and per-model results")
-    parser.add_argument("--out", default=None, help="where the report goes (default: benchmarks/results for full, WORK/report for smoke)")
+    parser.add_argument("--out", default=None, help="where the report goes (default: benchmarks/results for full, benchmarks/results/study for study, WORK/report for smoke)")
     parser.add_argument("--stage", action="append", choices=STAGES, help="run only these stages (repeatable)")
     parser.add_argument("--models", default=None, help="comma-separated model names to train/evaluate (default: all planned)")
     parser.add_argument("--force", action="store_true", help="re-evaluate models that already have results")
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     budget = BUDGETS[args.size]
     work = Path(args.work)
-    out = Path(args.out) if args.out else (RESULTS if args.size == "full" else work / "report")
+    out = Path(args.out) if args.out else (work / "report" if budget.published is None else RESULTS / budget.published)
     stages = args.stage or list(STAGES)
     only = set(args.models.split(",")) if args.models else None
     specs = [spec for spec in model_specs(budget) if not only or spec.name in only]
