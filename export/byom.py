@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from export.detectors import TRANSFER_LAYER, fit_detector
 from export.finish import ExportReport, calibrate_and_stamp, finish_contract, parity_inputs
-from export.graph_surgery import InputTransform, Network, build_network, check_matrix
+from export.graph_reading import check_matrix
+from export.graph_surgery import InputTransform, Network, build_network
 from export.parity import allowed_error, compare, compare_logits, compare_scores
 from ncguard.calibration import check_open_unit, split_for_calibration
 from ncguard.data import Dataset, iter_batches

@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from export.byom import fit_existing_model
     from export.cli import check_provider
-    from export.graph_surgery import InputTransform, load_onnx
+    from export.graph_reading import load_onnx
+    from export.graph_surgery import InputTransform
 
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":

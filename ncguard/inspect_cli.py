@@ -1,7 +1,7 @@
 """`ncguard inspect EXISTING.onnx`: what `ncguard fit` can read from a classifier you already have.
 
 Lists the model's inputs and outputs, and the tensors that can serve as `--features`: float
-tensors that are [N, D] under the flattening rule of export.graph_surgery (batch axis first, at
+tensors that are [N, D] under the flattening rule of export.graph_reading (batch axis first, at
 most one longer axis after it, e.g. [N, 512] or [N, 512, 1, 1]). `--all` lists every float
 tensor with its shape instead (feature maps included, marked unusable). The suggested `--logits`
 is the model's logits-like output (the input of a final Softmax), and the suggested `--features`
@@ -22,7 +22,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def format_description(description, *, show_all: bool = False) -> str:
-    from export.graph_surgery import format_shape
+    from export.graph_reading import format_shape
 
     def mark(name: str) -> str:
         marks = []
@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from export.graph_surgery import describe_model, load_onnx
+    from export.graph_reading import describe_model, load_onnx
 
     description = describe_model(load_onnx(args.model))
     if not description.inputs:

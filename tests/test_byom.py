@@ -397,7 +397,7 @@ def saved_and_loaded(proto: onnx.ModelProto, folder: Path):
     [(["N", 512], 512), (["N", 512, 1, 1], 512), (["N", 1, 7], 7), ([4, 3], 3), (["N", None], None), (["N", "d"], None)],
 )
 def test_flattening_rule_accepts_one_long_axis(shape, width):
-    from export.graph_surgery import matrix_width
+    from export.graph_reading import matrix_width
 
     assert matrix_width(shape) == width
 
@@ -408,7 +408,7 @@ def test_flattening_rule_accepts_one_long_axis(shape, width):
     ([1, 640], 10, "not the batch axis"),
 ])
 def test_flattening_rule_refuses_feature_maps_and_missing_batch_axes(shape, rows, reason):
-    from export.graph_surgery import matrix_width
+    from export.graph_reading import matrix_width
 
     with pytest.raises(ValueError, match=reason):
         matrix_width(shape, rows=rows)
