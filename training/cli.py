@@ -1,4 +1,4 @@
-"""`ncguard train`: validate the options, train, fit the class statistics, calibrate, write the run.
+"""`ncguard train`: validate the options, train, then let training.finish fit, calibrate and write the run.
 
 The run directory (every file written atomically):
     config.json       all settings, data spec, classes, input shape/scale, run id, versions
@@ -29,19 +29,15 @@ import torch.distributed as dist
 from threadpoolctl import threadpool_limits
 
 import ncguard
-from ncguard.calibration import DEFAULT_TPR, calibrate_threshold, check_open_unit, split_for_calibration
-from ncguard.collapse import NearestMeanAgreement, collapse_report
+from ncguard.calibration import DEFAULT_TPR, check_open_unit, split_for_calibration
 from ncguard.data import Dataset, load_dataset, test_split_of
 from ncguard.errors import ConfigError, DataError, ModelError, NcguardError
 from ncguard.run_dir import CONFIG_FILE, RUN_FORMAT, RunFiles, read_config
-from ncguard.scores import Fused, make_detector
-from ncguard.scores.fused import component_layers, default_components
-from ncguard.stats import ClassStatistics, StatisticsBundle
 
 from .augment import AUGMENTATIONS, Augmentation, auto_augmentation
 from .backbones import ARCHITECTURES
-from .files import atomic_torch_save, atomic_write_json
-from .inference import accuracy_and_loss, collect_layer_features, iter_layer_features
+from .files import atomic_write_json
+from .finish import REQUIRED_LAYERS, finish_run
 from .losses import LABEL_SMOOTHING, LOSSES, TrainingLoss
 from .model import CLASSIFIERS, HEADS, DualHeadModel, build_model, normalization_stats
 from .trainer import Trainer, TrainSettings, distributed_context, parameter_fingerprint, seed_everything
@@ -55,7 +51,6 @@ DEFAULT_CALIBRATION_FRACTION = 0.1
 # (an explicit --layers naming a missing layer is still an error).
 DEFAULT_LAYERS = ("block1", "block2", "block3", "transfer", "detection")
 OPTIONAL_DEFAULT_LAYERS = ("block2", "block3")
-REQUIRED_LAYERS = ("transfer", "detection")
 # fused: the quality benchmark's winner on both heads (ncguard.scores.fused.default_components)
 DEFAULT_SCORE = {"etf": "fused", "plain": "fused", "l2": "ddu"}
 # --epochs default: about TARGET_STEPS optimizer steps, within [MIN_EPOCHS, MAX_EPOCHS] epochs.
@@ -65,7 +60,6 @@ DEFAULT_SCORE = {"etf": "fused", "plain": "fused", "l2": "ddu"}
 TARGET_STEPS = 5000
 MIN_EPOCHS, MAX_EPOCHS = 3, 30
 THREADS = 2
-NC4_SAMPLES = 10_000
 
 
 def default_epochs(n_train: int, batch_size: int) -> int:
@@ -269,52 +263,6 @@ def _prepare_run_dir(options: TrainOptions, settings: dict, data: dict, files: R
     return config
 
 
-def _fit_statistics(model, dataset: Dataset, layers, settings, device) -> dict[str, ClassStatistics]:
-    """Class statistics of every fitted layer, streaming over the fit split (one pass)."""
-    n_classes = len(dataset.classes)
-    stats = {layer: ClassStatistics(n_classes, seed=settings["seed"]) for layer in layers}
-    for rows, features in iter_layer_features(model, dataset.x, layers, device=device):
-        for layer in layers:
-            stats[layer].partial_fit(features[layer], dataset.y[rows])
-    return {layer: value.finalize() for layer, value in stats.items()}
-
-
-def _nearest_mean_agreement(model, dataset: Dataset, stats, seed: int, device) -> dict[str, NearestMeanAgreement]:
-    """NC4 of the transfer and detection layers, on at most NC4_SAMPLES training samples.
-
-    It needs the final class means, so it is a second pass; a seeded subsample keeps that pass
-    short on large data sets (a mismatch rate from 10,000 samples has a standard error below 0.005).
-    """
-    rows = np.arange(len(dataset))
-    if len(rows) > NC4_SAMPLES:
-        rows = np.sort(np.random.default_rng(seed).choice(len(rows), size=NC4_SAMPLES, replace=False))
-    agreement = {layer: NearestMeanAgreement(stats[layer].means_) for layer in REQUIRED_LAYERS}
-    for _, features in iter_layer_features(model, dataset.x[rows], (*REQUIRED_LAYERS, "logits"), device=device):
-        predictions = features["logits"].argmax(axis=1)
-        for layer in REQUIRED_LAYERS:
-            agreement[layer].partial_fit(features[layer], predictions)
-    return {layer: value.finalize() for layer, value in agreement.items()}
-
-
-def _fit_run_score(model, score: str, stats, weight, bias, calibration_data: Dataset, device):
-    """(detector, its scores on the held-out split) for the run's score; fused is standardized on that split."""
-    if score != Fused.name:
-        detector = make_detector(score).fit(stats["detection"], weight, bias)
-        return detector, _calibration_scores(model, calibration_data, detector, device)
-    detector = Fused()  # the default components of these statistics' layers
-    layers = component_layers(default_components(tuple(stats)))
-    held_out = collect_layer_features(model, calibration_data.x, (*layers, "logits"), device=device)
-    detector.fit_layers(stats, weight, bias, "detection", held_out, held_out["logits"])
-    return detector, detector.score_layers(held_out, held_out["logits"])
-
-
-def _calibration_scores(model, dataset: Dataset, detector, device) -> np.ndarray:
-    scores = []
-    for _, features in iter_layer_features(model, dataset.x, ("detection", "logits"), device=device):
-        scores.append(detector.score(features=features["detection"], logits=features["logits"]))
-    return np.concatenate(scores)
-
-
 def _available_layers(model: DualHeadModel) -> tuple[str, ...]:
     probe = torch.zeros((2, *model.input_shape))
     model.eval()
@@ -419,92 +367,6 @@ def _train(options: TrainOptions) -> dict | None:
     return finish_run(
         model, trainer.history_, config, files, fit_data, calibration_data, device, train_seconds, started, replicas
     )
-
-
-def finish_run(
-    model, history, config, files: RunFiles, fit_data, calibration_data, device, train_seconds, started, replicas=None
-) -> dict:
-    """After training: statistics, calibration, NC report, test accuracy; write the run files."""
-    settings, data = config["settings"], config["data"]
-    fit_start = time.perf_counter()
-    layers = tuple(settings["layers"])
-    stats = _fit_statistics(model, fit_data, layers, settings, device)
-    agreement = _nearest_mean_agreement(model, fit_data, stats, settings["seed"], device)
-    weight, bias = model.classifier_weight_bias()
-    reports = {}
-    for layer in REQUIRED_LAYERS:
-        classifier_input = layer == "detection" or settings["head"] == "plain"  # plain: z is h
-        reports[layer] = collapse_report(stats[layer], weight if classifier_input else None, agreement[layer])
-
-    detector, calibration_scores = _fit_run_score(model, settings["score"], stats, weight, bias, calibration_data, device)
-    threshold = calibrate_threshold(calibration_scores, settings["tpr"])
-    fit_seconds = time.perf_counter() - fit_start
-
-    test = None
-    if data["test_spec"]:
-        test_data = load_dataset(data["test_spec"])
-        accuracy, loss = accuracy_and_loss(model, test_data.x, test_data.y, device)
-        test = {"spec": data["test_spec"], "accuracy": accuracy, "loss": loss, "n": len(test_data)}
-
-    quantile_levels = np.linspace(0.0, 1.0, 21)
-    calibration = {
-        "score": settings["score"],
-        "layer": ",".join(detector.layers_) if settings["score"] == Fused.name else "detection",
-        "threshold": threshold,
-        "tpr": settings["tpr"],
-        "n": int(len(calibration_scores)),
-        "flagged_fraction": float(np.mean(calibration_scores > threshold)),
-        "score_quantile_levels": quantile_levels.tolist(),
-        "score_quantiles": np.quantile(calibration_scores, quantile_levels).tolist(),
-    }
-    bundle = StatisticsBundle(
-        layers=stats, weight=weight, bias=bias, classes=tuple(data["classes"]),
-        meta={
-            "run_id": config["run_id"],
-            "score": settings["score"],
-            "score_layer": "detection",
-            "threshold": threshold,
-            "tpr": settings["tpr"],
-            "classifier_layer": "detection",
-            "head": settings["head"],
-            "calibration": {key: calibration[key] for key in ("n", "score_quantile_levels", "score_quantiles")},
-        },
-    )
-    checksum = bundle.save(files.statistics)
-
-    nc1_history = {
-        layer: [record.get(f"nc1_{layer}") for record in history] for layer in REQUIRED_LAYERS
-    }
-    if any(value is None for values in nc1_history.values() for value in values):
-        nc1_history = None
-    atomic_write_json(files.collapse, {"run_id": config["run_id"], "head": settings["head"], "layers": reports})
-    metrics = {
-        "run_id": config["run_id"],
-        "history": history,
-        "nc1_history": nc1_history,
-        "final": {key: history[-1].get(key) for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")},
-        "test": test,
-        "calibration": calibration,
-        "statistics_checksum": checksum,
-        "distributed": replicas,
-        "timings": {
-            "train_seconds": train_seconds,
-            "fit_seconds": fit_seconds,
-            "total_seconds": time.perf_counter() - started,
-        },
-    }
-    atomic_write_json(files.metrics, metrics)
-    atomic_torch_save(files.model, model.state_dict())
-    return {
-        "run_dir": str(files.root),
-        "run_id": config["run_id"],
-        "test_accuracy": None if test is None else test["accuracy"],
-        "val_accuracy": history[-1].get("val_accuracy"),
-        "nc1": {layer: reports[layer]["nc1"] for layer in REQUIRED_LAYERS},
-        "score": settings["score"],
-        "threshold": threshold,
-        "total_seconds": metrics["timings"]["total_seconds"],
-    }
 
 
 def print_summary(summary: dict) -> None:
