@@ -33,7 +33,7 @@ def measure_cost(work: Path, budget: Budget, data: str, force: bool = False) -> 
     target = work / "results" / "cost.json"
     if target.exists() and not force:
         return json.loads(target.read_text())
-    load_before = os.getloadavg()[0]
+    load_before = _settled_load(budget.settle_seconds)
     if load_before > QUIET_LOAD:
         print(f"[quality] warning: load average {load_before:.2f} > {QUIET_LOAD}: the epoch times will be inflated", flush=True)
     result = {"epochs_run": EPOCHS, "load_before": round(load_before, 2), "epoch_seconds": {}, "cpu_share": {}}
@@ -61,3 +61,17 @@ def measure_cost(work: Path, budget: Budget, data: str, force: bool = False) -> 
 def _children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def _settled_load(settle_seconds: float, poll: float = 5.0) -> float:
+    """The 1-minute load average once it is at most QUIET_LOAD, waiting up to `settle_seconds`.
+
+    The load average decays with a one-minute time constant, so right after the training stage it
+    still reads about 2 on an idle machine; measuring at once would flag a quiet machine as busy.
+    """
+    deadline = time.monotonic() + settle_seconds
+    load = os.getloadavg()[0]
+    while load > QUIET_LOAD and time.monotonic() < deadline:
+        time.sleep(poll)
+        load = os.getloadavg()[0]
+    return load
