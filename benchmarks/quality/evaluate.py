@@ -139,17 +139,16 @@ def _fused(bundle, calibration, components, combine):
 PROBE_LAYERS = ("transfer", "detection", *BLOCKS)
 # Inside the backbone's head (SmallCNN: pool to a grid, Linear, BatchNorm, ReLU -> h): where transfer is lost.
 HEAD_PROBES = ("grid", "transfer-preact")
-PROBE_FOLDS = 5
 
 
-def probe_digits(model, seed: int = 0) -> dict[str, float]:
+def probe_digits(model, folds: int, seed: int = 0) -> dict[str, float]:
     """Linear-probe accuracy on scikit-learn digits (a task never trained on), per layer.
 
     Besides the scored layers: "pixels" (the raw input, the floor), "grid" (the pooled block3 grid the
     head's Linear reads) and "transfer-preact" (h before the head's final ReLU), which locate the
     layer where a model's features stop transferring.
 
-    Accuracy is the mean over PROBE_FOLDS stratified folds of all 1,797 digits: one 40% split of
+    Accuracy is the mean over `folds` stratified folds of all 1,797 digits: one 40% split of
     the 1,347 training digits left a split-to-split standard error near 0.9 points, as large as the
     differences the study looks for; cross-validation over every digit brings it near 0.2.
     """
@@ -167,13 +166,13 @@ def probe_digits(model, seed: int = 0) -> dict[str, float]:
     features = layer_features(model, x, "features of the probe task")
     features.update(_head_inputs(model, x))
     features["pixels"] = x.reshape(len(x), -1)
-    folds = StratifiedKFold(n_splits=PROBE_FOLDS, shuffle=True, random_state=seed)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     result = {}
     for layer in (*PROBE_LAYERS, *HEAD_PROBES, "pixels"):
         if layer not in features:
             continue
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
-        result[layer] = float(cross_val_score(probe, features[layer], y, cv=folds).mean())
+        result[layer] = float(cross_val_score(probe, features[layer], y, cv=splitter).mean())
     return result
 
 
@@ -233,7 +232,7 @@ def evaluate_run(spec: ModelSpec, run_dir: Path, budget: Budget) -> dict:
         "shift_accuracy": {k: _accuracy(features[k]["logits"], y) for k, (_, y) in shifts.items()},
         "metrics": metrics,
         "skipped_scores": skipped,
-        "probe": probe_digits(model) if spec.task == "full" else None,
+        "probe": probe_digits(model, budget.probe_folds) if spec.task == "full" else None,
         "training": _training_record(run_dir),
         "seconds": time.perf_counter() - started,
     }

@@ -42,12 +42,13 @@ class Budget:
     near_ood: bool = True  # train the near-OOD pair (6 known classes)
     published: str | None = None  # folder under benchmarks/results its report goes to by default; None: WORK/report
     settle_seconds: float = 240.0  # the cost stage waits up to this long for the load average to settle
+    probe_folds: int = 5  # cross-validation folds of the transfer probe
 
 
 BUDGETS = {
     "full": Budget("full", seeds=(0, 1, 2), epochs=None, id_test=None, ood_per_set=2000, ablations=True, published=""),
     "study": Budget("study", seeds=(0,), epochs=None, id_test=None, ood_per_set=2000, ablations=True, near_ood=False, published="study"),
-    "smoke": Budget("smoke", seeds=(0,), epochs=1, id_test=300, ood_per_set=100, ablations=False, train_limit=1200, settle_seconds=0.0),
+    "smoke": Budget("smoke", seeds=(0,), epochs=1, id_test=300, ood_per_set=100, ablations=False, train_limit=1200, settle_seconds=0.0, probe_folds=2),
 }
 
 # Training variants, one seed each (~15 min apiece on 2 cores: 12 epochs of ~68 s, fitting, evaluation): the study behind the defaults.

@@ -155,6 +155,7 @@ def write_report(work: Path, out: Path, budget: Budget) -> Path:
 
     summary = {
         "budget": budget.name,
+        "probe_folds": budget.probe_folds,
         "machine": f"{platform.machine()}, Python {platform.python_version()}",
         "sets": sets,
         "seeds": {OURS: len(ours), PLAIN: len(plain)},
@@ -231,7 +232,7 @@ def _markdown(summary, tables, best, checks, ranked, near, ablations, byom, plot
         p = summary["probe"][head]
         shift = summary["shift_accuracy"][head]
         lines.append(f"| {head} | {_fmt(*acc[head], digits=4)} | {_fmt(*p['transfer'])} | {_fmt(*p['detection'])} | " + " | ".join(_fmt(*shift[s]) for s in COVARIATE_SHIFTS) + " |")
-    lines += ["", "Probe: logistic regression on standardized features of scikit-learn's digits (all 1,797, upscaled to 28x28), mean accuracy over 5 stratified folds; for the plain model z is h.", ""]
+    lines += ["", "Probe: logistic regression on standardized features of scikit-learn's digits (all 1,797, upscaled to 28x28), mean accuracy over " + f"{summary['probe_folds']} stratified folds; for the plain model z is h.", ""]
     lines += ["Where transfer is lost, probe accuracy layer by layer (raw pixels are the floor; `grid` is the pooled block3 grid the head's Linear reads, `h pre-ReLU` is h before the head's final ReLU):", "",
               "| model | " + " | ".join(PROBE_LABELS[c] for c in PROBE_COLUMNS) + " |", "| --- | " + " | ".join("---:" for _ in PROBE_COLUMNS) + " |"]
     for head in (OURS, PLAIN):
