@@ -267,9 +267,8 @@ def _markdown(summary, tables, best, checks, ranked, near, ablations, byom, plot
                   f"| model | settings changed | accuracy | probe h | probe h pre-ReLU | {DEFAULT_ROW} beats | " + " | ".join(f"{r}: mean AUROC / worst AUROC" for r in rows) + " |",
                   "| --- | --- | ---: | ---: | ---: | ---: | " + " | ".join("---" for _ in rows) + " |"]
         for r in reference + ablations:
-            default = r["metrics"].get(DEFAULT_ROW, {})
-            wins = sum(beats(default[s]["auroc"], default[s]["fpr95"], best[s]) for s in sets if s in default and s in best)
-            cells = [f"{wins}/{len(sets)}" if default and best else "n/a"]
+            check = goal_check(row_table([r], "auroc"), row_table([r], "fpr95"), best, sets).get(DEFAULT_ROW) if best else None
+            cells = [f"{check['wins']}/{len(sets)}" if check else "n/a"]
             for row in rows:
                 values = [r["metrics"][row][s]["auroc"] for s in sets if row in r["metrics"] and s in r["metrics"][row]]
                 cells.append(f"{np.mean(values):.3f} / {np.min(values):.3f}" if values else "n/a")
