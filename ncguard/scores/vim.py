@@ -6,8 +6,24 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..stats import pinv_rtol
 from .base import Detector, check_classifier
 from .energy import energy
+
+
+def classifier_origin(weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """u = -W^+ b, with singular values of W below `stats.pinv_rtol(max(C, D))` of the largest cut.
+
+    The cut-off is the one the project uses for covariances (NumPy's `matrix_rank` tolerance),
+    not `np.linalg.pinv`'s default 1e-15. A head whose rows sum to zero (multinomial logistic
+    regression, centred heads, many bring-your-own models) has rank C - 1: its smallest singular
+    value is round-off (~1e-15 of the largest), just above the default cut-off, and inverting it
+    turns the bias's component along 1 (which only shifts every logit by the same amount and so
+    changes no softmax) into a huge origin. Measured on a 10-class, 64-wide scikit-learn
+    multinomial head: ||u|| was 0.26 with the default cut-off and 2356 after adding 1e-12 to b;
+    with this one it is 0.042 both times (the issue's pytorch-ood cross-check: 13.8 -> 316).
+    """
+    return -np.linalg.pinv(weight, rtol=pinv_rtol(max(weight.shape))) @ bias
 
 
 def principal_dim(width: int) -> int:
@@ -22,7 +38,9 @@ def principal_dim(width: int) -> int:
 class ViM(Detector):
     """score = alpha * ||(h - u)^{P-perp}|| - logsumexp(logits): energy plus the virtual logit.
 
-    - origin u = -W^+ b, so that the logits are linear (not affine) in h - u;
+    - origin u = -W^+ b, so that the logits are linear (not affine) in h - u; W^+ cuts singular
+      values at the project's covariance rule (`classifier_origin`), so a zero-sum head's
+      round-off singular value is not inverted;
     - the principal subspace P is spanned by the top `n_principal` eigenvectors of
       E[(h - u)(h - u)^T] (from the statistics' mean and second moment, i.e. over all ID
       training features); the residual (h - u)^{P-perp} is the projection on the rest;
@@ -52,7 +70,7 @@ class ViM(Detector):
             )
         if stats.bank_.shape[0] == 0:
             raise DataError("the vim score needs a feature bank to set alpha; fit the statistics with bank_size > 0")
-        origin = -np.linalg.pinv(weight) @ bias
+        origin = classifier_origin(weight, bias)
         mean = stats.global_mean_
         moment = stats.second_moment_ - np.outer(origin, mean) - np.outer(mean, origin) + np.outer(origin, origin)
         _, eigenvectors = np.linalg.eigh((moment + moment.T) / 2)  # ascending eigenvalues
