@@ -23,6 +23,8 @@ THREADS_ENV = "NCGUARD_THREADS"
 MAX_BATCH_INPUTS_ENV = "NCGUARD_MAX_BATCH_INPUTS"
 MAX_BODY_BYTES_ENV = "NCGUARD_MAX_BODY_BYTES"
 MAX_IMAGE_PIXELS_ENV = "NCGUARD_MAX_IMAGE_PIXELS"
+MAX_REQUEST_PIXELS_ENV = "NCGUARD_MAX_REQUEST_PIXELS"
+VERIFY_KEY_ENV = "NCGUARD_VERIFY_KEY"  # public key PEM: workers refuse a model not signed with it
 BATCH_SIZE_ENV = "NCGUARD_BATCH_SIZE"
 BATCH_LATENCY_MS_ENV = "NCGUARD_BATCH_LATENCY_MS"
 DRIFT_WINDOW_ENV = "NCGUARD_DRIFT_WINDOW"
@@ -40,6 +42,15 @@ DEFAULT_BATCH_LATENCY_MS = 1000
 DEFAULT_MAX_BATCH_INPUTS = 256
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# Pixels one /predict_image request may decode, all its images together (read from the headers
+# before any is decoded). Decoding costs CPU and memory per pixel (~3 bytes per RGB pixel, and
+# some ms per megapixel), so a per-image cap alone let 32 images of 4096x4096 (a 0.5 MB request of
+# flat PNGs) cost 2.3 s of server CPU. The default, 4096*4096 = 256 * 256*256, still takes one
+# image at the per-image cap, or a full default batch (256) of 256x256 images, and bounds a
+# request to what one largest image costs (about 50 MB decoded); the models we serve take
+# 8x8 to 28x28 inputs, so larger sources only add decoding work. When unset it is never below
+# NCGUARD_MAX_IMAGE_PIXELS, so raising the per-image cap alone still admits one such image.
+DEFAULT_MAX_REQUEST_PIXELS = 4096 * 4096
 
 # Drift windows (per worker). Sampling noise alone gives a same-distribution window of n scores a
 # decile PSI of about 9/n and a KS distance of about 0.9/sqrt(n): 1000 keeps both an order of
@@ -77,6 +88,8 @@ class ServeSettings:
     batch_latency_ms: int  # adaptive batching: latency ceiling before BentoML sheds load
     drift_window: int = DEFAULT_DRIFT_WINDOW  # most recent predictions each worker's drift gauges cover
     drift_min_samples: int = DEFAULT_DRIFT_MIN_SAMPLES  # predictions a worker needs before it publishes them
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS  # pixels of all images of one /predict_image request
+    verify_key: str | None = None  # public key PEM path: load only models signed with its private key
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServeSettings":
@@ -108,4 +121,9 @@ class ServeSettings:
             batch_latency_ms=_positive_int(environ, BATCH_LATENCY_MS_ENV, DEFAULT_BATCH_LATENCY_MS),
             drift_window=drift_window,
             drift_min_samples=drift_min_samples,
+            max_request_pixels=_positive_int(
+                environ, MAX_REQUEST_PIXELS_ENV,
+                max(DEFAULT_MAX_REQUEST_PIXELS, _positive_int(environ, MAX_IMAGE_PIXELS_ENV, DEFAULT_MAX_IMAGE_PIXELS)),
+            ),
+            verify_key=environ.get(VERIFY_KEY_ENV, "").strip() or None,
         )
