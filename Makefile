@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt 'torch==2.13.0'
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps pytorch-ood==0.4.0
 	touch $(STAMP)
 
 # System packages the tests use: Fashion-MNIST (Debian's dataset-fashion-mnist) and a real
