@@ -41,6 +41,7 @@ COMMANDS: list[Command] = [
     Command("fit", "add OOD scoring to an existing ONNX classifier (bring your own model)", "ncguard.fit_cli"),
     Command("inspect", "list an ONNX classifier's inputs, outputs and candidate feature tensors", "ncguard.inspect_cli"),
     Command("data", "read a data SPEC and describe it (shape, classes, counts)", "ncguard.data_cli"),
+    Command("audit", "OOD and drift audit of whole datasets: per-row Parquet, aggregates, report (local or Ray)", "ncguard.audit_cli"),
 ]
 
 
