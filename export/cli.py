@@ -20,10 +20,11 @@ import numpy as np
 from ncguard.calibration import DEFAULT_TPR, check_open_unit
 from ncguard.data import load_dataset
 from ncguard.errors import ConfigError, DataError, ModelError
-from ncguard.model_file import load_model, save_model
+from ncguard.model_file import load_model, save_model, sign_model
 from ncguard.runtime import PROVIDER_CHOICES, select_providers
 from ncguard.scores import COMBINED_SCORES, SCORES
 from ncguard.scores.fused import COMBINES
+from ncguard.signing import fingerprint, load_private_key
 
 
 
@@ -54,8 +55,9 @@ def check_provider(provider: str | None) -> list[str]:
 
 def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float | None = None, layer: str | None = None,
                provider: str | None = None, name: str | None = None, components: str | None = None,
-               combine: str | None = None):
-    """Export RUN_DIR to `out`; returns (written path, ExportReport)."""
+               combine: str | None = None, sign_key: str | None = None):
+    """Export RUN_DIR to `out`, signed with the Ed25519 private key file `sign_key` if given;
+    returns (written path, ExportReport)."""
     import torch
 
     from training.runs import load_run
@@ -65,6 +67,7 @@ def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float |
 
     tpr = check_open_unit(DEFAULT_TPR if tpr is None else tpr, "--tpr")
     check_provider(provider)  # before the slow part: a wrong --provider fails at once
+    private_key = load_private_key(sign_key) if sign_key else None  # likewise a wrong --sign-key
     if score is not None and score not in SCORES and score not in COMBINED_SCORES:
         raise ConfigError(f"unknown score {score!r}; choose one of: {', '.join(sorted({*SCORES, *COMBINED_SCORES}))}")
     if score != FUSED and (components is not None or combine is not None):
@@ -93,8 +96,11 @@ def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float |
         extra={"head": config.get("settings", {}).get("head"), "data": config.get("data", {}).get("spec")},
         **fused,
     )
+    if private_key is not None:
+        proto = sign_model(proto, private_key)
     path = save_model(proto, out)
-    load_model(path)  # what every consumer will do: refuse to report success on a file that does not load
+    # what every consumer will do: refuse to report success on a file that does not load (or verify)
+    load_model(path, verify_key=private_key.public_key() if private_key is not None else None)
     return path, report
 
 
@@ -109,6 +115,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: every conv block with mahalanobis, plus detection:etf)")
     p.add_argument("--combine", default=None, choices=COMBINES, help="with --score fused: how the standardized components combine (default sum)")
     p.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES, help="ONNX Runtime provider for the parity check")
+    p.add_argument("--sign-key", default=None, metavar="FILE",
+                   help="Ed25519 private key (PREFIX.key of `ncguard keygen`): sign the model, so consumers given the public key can verify it")
     p.add_argument("--bentoml", nargs="?", const="ncguard-model", default=None, metavar="NAME",
                    help="also save the model into BentoML's model store under NAME (default ncguard-model)")
 
@@ -129,8 +137,11 @@ def run_export(args: argparse.Namespace) -> int:
         provider=getattr(args, "provider", None),
         components=getattr(args, "components", None),
         combine=getattr(args, "combine", None),
+        sign_key=getattr(args, "sign_key", None),
     )
     print(f"exported {args.run_dir} -> {path}")
+    if getattr(args, "sign_key", None):
+        print(f"signed with key {fingerprint(load_private_key(args.sign_key))}")
     print(f"score {report.score} on layer {report.layer or 'logits'}, threshold {report.threshold:.6g}; "
           f"checked on ONNX Runtime provider {report.providers[0]}")
     for line in report.describe():

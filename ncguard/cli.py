@@ -42,6 +42,7 @@ COMMANDS: list[Command] = [
     Command("inspect", "list an ONNX classifier's inputs, outputs and candidate feature tensors", "ncguard.inspect_cli"),
     Command("data", "read a data SPEC and describe it (shape, classes, counts)", "ncguard.data_cli"),
     Command("audit", "OOD and drift audit of whole datasets: per-row Parquet, aggregates, report (local or Ray)", "ncguard.audit_cli"),
+    Command("keygen", "make an Ed25519 key pair for signing models (--sign-key) and verifying them (--verify-key)", "ncguard.keygen_cli"),
 ]
 
 

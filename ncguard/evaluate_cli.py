@@ -29,6 +29,7 @@ from .ood_data import fit_to_shape, load_ood_dataset
 from .ood_metrics import ood_report
 from .plots import plot_roc_curves, plot_score_histograms
 from .runtime import PROVIDER_CHOICES, Predictor
+from .signing import verify_key_path
 
 DEFAULT_BATCH_SIZE = 256
 REPORT_FILE = "evaluation.json"
@@ -132,11 +133,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default=None, help="where the JSON report and PNGs go (default: MODEL-evaluation/ beside the model)")
     p.add_argument("--all-scores", metavar="RUN_DIR", default=None, help="also evaluate every score on the run's features (needs torch)")
     p.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES, help="ONNX Runtime execution provider")
+    p.add_argument("--verify-key", default=None, metavar="FILE",
+                   help="Ed25519 public key (PREFIX.pub of `ncguard keygen`; default $NCGUARD_VERIFY_KEY): refuse a model it did not sign")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="inputs per ONNX Runtime call")
 
 
 def run(args: argparse.Namespace) -> int:
-    predictor = Predictor(args.model, provider=getattr(args, "provider", None))
+    predictor = Predictor(args.model, provider=getattr(args, "provider", None), verify_key=verify_key_path(getattr(args, "verify_key", None)))
     meta = predictor.metadata
     batch_size = int(getattr(args, "batch_size", None) or DEFAULT_BATCH_SIZE)
     id_data, ood_inputs = load_sets(args.id, list(args.ood), tuple(meta.input_shape))

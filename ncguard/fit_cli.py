@@ -22,7 +22,8 @@ from pathlib import Path
 from .calibration import DEFAULT_TPR
 from .data import load_dataset
 from .errors import ConfigError
-from .model_file import load_model, save_model
+from .model_file import load_model, save_model, sign_model
+from .signing import fingerprint, load_private_key
 from .runtime import PROVIDER_CHOICES
 from .scores import SCORES
 
@@ -57,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="share of the data held out to calibrate the threshold")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration split and the feature bank")
     p.add_argument("--name", default=None, help="model name in the metadata (default: the --out file's name)")
+    p.add_argument("--sign-key", default=None, metavar="FILE",
+                   help="Ed25519 private key (PREFIX.key of `ncguard keygen`): sign the model, so consumers given the public key can verify it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".onnx":
         raise ConfigError(f"--out {args.out!r} should end in .onnx")
     check_provider(args.provider)  # before the slow part
+    private_key = load_private_key(args.sign_key) if getattr(args, "sign_key", None) else None  # likewise
     transform = InputTransform(args.input_scale, _floats(args.input_mean, "--input-mean"), _floats(args.input_std, "--input-std"))
     source = load_onnx(args.model)
     data = load_dataset(args.data)
@@ -87,8 +91,13 @@ def run(args: argparse.Namespace) -> int:
         name=args.name or out.stem,
         source_label=Path(args.model).name,
     )
+    if private_key is not None:
+        proto = sign_model(proto, private_key)
     path = save_model(proto, out)
-    load_model(path)  # what every consumer will do: refuse to report success on a file that does not load
+    # what every consumer will do: refuse to report success on a file that does not load (or verify)
+    load_model(path, verify_key=private_key.public_key() if private_key is not None else None)
+    if private_key is not None:
+        print(f"signed with key {fingerprint(private_key)}")
     for note in report.notes:
         print(f"note: {note}", file=sys.stderr)
     for warning in report.warnings:

@@ -2,7 +2,17 @@
 
 Every exported or wrapped model carries its contract in `metadata_props` (JSON values under
 `ncguard.*` keys) and a checksum over the graph and that metadata, so a loader can refuse a
-tampered or foreign file before running it (DESIGN.md section 3, "Model artifact").
+damaged or foreign file before running it (DESIGN.md section 3, "Model artifact").
+
+What the checksum protects against: accidents (a truncated copy, a flipped bit, a hand edit that
+did not recompute it). Not deliberate edits: it is an unkeyed sha256 that anyone can recompute
+with `model_checksum`. Against those, a model can carry an Ed25519 signature (`ncguard.signature`,
+ncguard.signing) over the same bytes, which a loader given the public key verifies.
+
+Loading order: the file is checked as a file, then as ONNX, then its checksum (and signature when
+a key is given), and only then is its metadata parsed, so a file that was edited is reported as
+edited rather than failing somewhere inside the metadata parser; and the parser checks every
+value's type, naming the key, so no metadata makes a consumer crash with a traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +32,9 @@ from .errors import ModelError
 
 PREFIX = "ncguard."
 CHECKSUM_KEY = PREFIX + "checksum"
+SIGNATURE_KEY = PREFIX + "signature"
+UNSEALED_KEYS = (CHECKSUM_KEY, SIGNATURE_KEY)  # the seals themselves are not part of what they seal
+SIGNATURE_DOMAIN = b"ncguard model signature v1\0"  # a signature over a model can never be mistaken for one over other bytes
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "probabilities", "ood_score", "features")
 
@@ -83,21 +96,117 @@ class ModelMetadata:
                 "not an ncguard model: metadata is missing " + ", ".join(PREFIX + k for k in missing)
                 + " (export it with `ncguard export` or wrap it with `ncguard fit`)"
             )
+        values = {}
+        for k in cls.__dataclass_fields__:
+            if PREFIX + k in props:
+                try:
+                    values[k] = json.loads(props[PREFIX + k])
+                except (ValueError, RecursionError) as exc:
+                    raise ModelError(f"model metadata {PREFIX + k} is not valid JSON: {exc}") from None
+        for k, value in values.items():
+            check = _METADATA_TYPES[k]
+            if not check[0](value):
+                raise ModelError(f"model metadata {PREFIX + k} must be {check[1]}, got {_shown(value)}")
+        reference = values["drift_reference"]
+        wrong = sorted(set(reference) ^ set(DriftReference.__dataclass_fields__))
+        if wrong:
+            raise ModelError(f"model metadata {PREFIX}drift_reference must have exactly the fields "
+                             f"{', '.join(DriftReference.__dataclass_fields__)}; it differs in {', '.join(map(repr, wrong))}")
+        for field_name, field_value in reference.items():
+            if not _finite_numbers(field_value):
+                raise ModelError(f"model metadata {PREFIX}drift_reference.{field_name} must be a list of finite numbers, got {_shown(field_value)}")
         try:
-            values = {k: json.loads(props[PREFIX + k]) for k in cls.__dataclass_fields__ if PREFIX + k in props}
-            values["drift_reference"] = DriftReference(**values["drift_reference"])
+            values["drift_reference"] = DriftReference(**reference)
             return cls(**values)
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise ModelError(f"model metadata is malformed: {exc}") from exc
+        except ModelError as exc:
+            raise ModelError(f"model metadata is inconsistent: {exc}") from None
+
+
+def _shown(value, limit: int = 80) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _finite_numbers(v) -> bool:
+    return isinstance(v, list) and all(_number(x) for x in v)
+
+
+def _strings(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, str) for x in v)
+
+
+def _shape(v) -> bool:
+    return (isinstance(v, list) and 1 <= len(v) <= 32
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31 for d in v))
+
+
+# (check, what it must be): the JSON type of every metadata value, checked before any is used
+_METADATA_TYPES = {
+    "name": (lambda v: isinstance(v, str), "a string"),
+    "classes": (_strings, "a non-empty list of class names (strings)"),
+    "input_shape": (_shape, "a list of 1 to 32 positive whole numbers (the input shape without the batch axis)"),
+    "input_scale": (lambda v: _number(v) and v > 0, "a positive number"),
+    "score": (lambda v: isinstance(v, str), "a string"),
+    "threshold": (_number, "a finite number"),
+    "tpr": (_number, "a number in (0, 1)"),
+    "drift_reference": (lambda v: isinstance(v, dict), "an object"),
+    "statistics_checksum": (lambda v: isinstance(v, str), "a string"),
+    "run_id": (lambda v: isinstance(v, str), "a string"),
+    "version": (lambda v: isinstance(v, str), "a string"),
+    "extra": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def _sealed_parts(model: onnx.ModelProto):
+    """What the checksum and the signature cover: the graph (nodes and weights) and every ncguard
+    metadata value but the seals, in key order."""
+    yield model.graph.SerializeToString(deterministic=True)
+    for prop in sorted(model.metadata_props, key=lambda p: p.key):
+        if prop.key.startswith(PREFIX) and prop.key not in UNSEALED_KEYS:
+            yield f"\0{prop.key}\0{prop.value}".encode()
 
 
 def model_checksum(model: onnx.ModelProto) -> str:
-    """sha256 over the graph (nodes and weights) and every ncguard metadata value but the checksum."""
-    digest = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
-    for prop in sorted(model.metadata_props, key=lambda p: p.key):
-        if prop.key.startswith(PREFIX) and prop.key != CHECKSUM_KEY:
-            digest.update(f"\0{prop.key}\0{prop.value}".encode())
+    """sha256 over the graph (nodes and weights) and every ncguard metadata value but the seals.
+
+    Unkeyed: it detects accidental damage, not deliberate edits (anyone can recompute it); see
+    `sign_model` for that.
+    """
+    digest = hashlib.sha256()
+    for part in _sealed_parts(model):
+        digest.update(part)
     return digest.hexdigest()
+
+
+def signed_message(model: onnx.ModelProto) -> bytes:
+    """The bytes a model signature covers: a domain tag, the checksum's bytes, and the two
+    model-level fields outside the graph that change what the graph computes (the operator set
+    versions, and model-local functions, which ncguard never writes but a loader would run)."""
+    parts = [SIGNATURE_DOMAIN, *_sealed_parts(model), b"\0opsets\0"]
+    parts += [f"{o.domain}\0{o.version}\0".encode() for o in sorted(model.opset_import, key=lambda o: o.domain)]
+    parts.append(b"\0functions\0")
+    parts += [f.SerializeToString(deterministic=True) for f in model.functions]
+    return b"".join(parts)
+
+
+def sign_model(model: onnx.ModelProto, key) -> onnx.ModelProto:
+    """Add an Ed25519 signature (`ncguard.signature`) to a stamped model; `key` is an
+    Ed25519PrivateKey or the path of its PEM file. The checksum stays valid: it excludes the seals."""
+    from .signing import load_private_key, sign
+
+    if isinstance(key, (str, os.PathLike)):
+        key = load_private_key(key)
+    props = {p.key: p.value for p in model.metadata_props if p.key != SIGNATURE_KEY}
+    if CHECKSUM_KEY not in props:
+        raise ModelError("sign_model needs a stamped model (ncguard metadata and checksum); stamp it first")
+    onnx.helper.set_model_props(model, props)
+    props[SIGNATURE_KEY] = sign(key, signed_message(model))
+    onnx.helper.set_model_props(model, props)
+    return model
 
 
 def stamp(model: onnx.ModelProto, metadata: ModelMetadata) -> onnx.ModelProto:
@@ -126,12 +235,22 @@ class LoadedModel:
     serialized: bytes  # what ONNX Runtime is given, so the file is read once
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Read an ncguard model and refuse anything foreign, tampered with or not self-contained."""
+def load_model(path: str | os.PathLike, *, verify_key=None) -> LoadedModel:
+    """Read an ncguard model and refuse anything foreign, damaged, not self-contained or, when
+    `verify_key` is given (an Ed25519PublicKey or the path of its PEM file), not signed with it."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"{path} is a directory, not a model file (give the .onnx file that `ncguard export` wrote)")
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
-    data = path.read_bytes()
+    if verify_key is not None and isinstance(verify_key, (str, os.PathLike)):
+        from .signing import load_public_key
+
+        verify_key = load_public_key(verify_key)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{path} cannot be read: {exc.strerror or exc}") from None
     try:
         proto = onnx.load_from_string(data)
     except Exception as exc:  # onnx raises DecodeError or RuntimeError depending on the corruption
@@ -139,12 +258,20 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if not proto.graph.node:
         raise ModelError(f"{path} is not a readable ONNX file: the graph is empty")
     props = {p.key: p.value for p in proto.metadata_props}
-    metadata = ModelMetadata.from_props(props)
+    if not any(key.startswith(PREFIX) for key in props):
+        raise ModelError(f"{path} is not an ncguard model: it has no ncguard metadata "
+                         "(export it with `ncguard export` or wrap it with `ncguard fit`)")
+    # seals first: an edited file is reported as edited, whatever its metadata now says
     stored = props.get(CHECKSUM_KEY)
     if stored is None:
         raise ModelError(f"{path} carries no ncguard checksum; re-export it")
     if stored != model_checksum(proto):
         raise ModelError(f"{path} failed its checksum: the file was modified after export; re-export it")
+    if verify_key is not None:
+        from .signing import verify
+
+        verify(verify_key, props.get(SIGNATURE_KEY), signed_message(proto), str(path))
+    metadata = ModelMetadata.from_props(props)
     for tensor in proto.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise ModelError(f"{path} refers to external weight files; ncguard models are self-contained")

@@ -18,6 +18,7 @@ import numpy as np
 from .errors import DataError
 from .images import IMAGE_SUFFIXES, decode_image
 from .runtime import PROVIDER_CHOICES, Predictor
+from .signing import verify_key_path
 
 
 @dataclass(frozen=True)
@@ -133,10 +134,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("files", nargs="+", help="PNG/JPEG images, .npy (one input or a batch) or .npz (array x, optional kind)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES, help="ONNX Runtime execution provider")
+    p.add_argument("--verify-key", default=None, metavar="FILE",
+                   help="Ed25519 public key (PREFIX.pub of `ncguard keygen`; default $NCGUARD_VERIFY_KEY): refuse a model it did not sign")
 
 
 def run(args: argparse.Namespace) -> int:
-    predictor = Predictor(args.model, provider=getattr(args, "provider", None))
+    predictor = Predictor(args.model, provider=getattr(args, "provider", None), verify_key=verify_key_path(getattr(args, "verify_key", None)))
     meta = predictor.metadata
     inputs = gather_inputs(list(args.files), tuple(meta.input_shape))
     rows = prediction_rows(predictor, inputs)

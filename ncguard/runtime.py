@@ -108,8 +108,11 @@ def run_batched(session, x: np.ndarray, names: list[str] | tuple[str, ...], batc
 class Predictor:
     """An ONNX Runtime session over one verified ncguard model."""
 
-    def __init__(self, model: str | os.PathLike | LoadedModel, *, provider: str | None = None, threads: int | None = None):
-        self.model = model if isinstance(model, LoadedModel) else load_model(model)
+    def __init__(self, model: str | os.PathLike | LoadedModel, *, provider: str | None = None, threads: int | None = None,
+                 verify_key=None):
+        """`verify_key` (an Ed25519 public key or its PEM path) makes loading refuse a model not signed
+        with it (model_file.load_model); a LoadedModel is taken as already verified by its loader."""
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, verify_key=verify_key)
         self.metadata = self.model.metadata
         self.session = open_session(self.model.serialized, provider=provider, threads=threads)
         self.providers_ = self.session.get_providers()

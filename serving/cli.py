@@ -16,6 +16,7 @@ from pathlib import Path
 from ncguard.errors import ConfigError
 from ncguard.model_file import load_model
 from ncguard.runtime import PROVIDER_CHOICES
+from ncguard.signing import verify_key_path
 
 from . import settings as s
 
@@ -33,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per worker (default: CPU cores / workers)")
     p.add_argument("--max-batch-inputs", type=int, default=None, help=f"inputs allowed per request (default {s.DEFAULT_MAX_BATCH_INPUTS})")
     p.add_argument("--max-body-bytes", type=int, default=None, help=f"request body size limit (default {s.DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--verify-key", default=None, metavar="FILE",
+                   help="Ed25519 public key (PREFIX.pub of `ncguard keygen`; default $NCGUARD_VERIFY_KEY): refuse a model it did not sign, here and in every worker")
 
 
 def _check_port(host: str, port: int) -> None:
@@ -71,8 +74,12 @@ def serve_environment(args: argparse.Namespace) -> dict[str, str]:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    loaded = load_model(args.model)  # ModelError for a missing, foreign or tampered file
+    verify_key = verify_key_path(getattr(args, "verify_key", None))
+    # ModelError for a missing, foreign, damaged or (with a verify key) unsigned or wrongly signed file
+    loaded = load_model(args.model, verify_key=verify_key)
     env = serve_environment(args)
+    if verify_key:  # each worker verifies again when it loads the model (serving.settings.VERIFY_KEY_ENV)
+        env[s.VERIFY_KEY_ENV] = str(Path(verify_key).resolve())
     _check_port(args.host, args.port)
     os.environ.update(env)
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage reporting: the server may have no network
