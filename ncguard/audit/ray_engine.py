@@ -117,7 +117,7 @@ class RayEngine:
             batch_size=1,
             batch_format="pyarrow",
             zero_copy_batch=True,
-            concurrency=self.workers,
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
             num_cpus=1,
             fn_constructor_kwargs={"model_ref": [model_ref], "options": vars(self.options).copy()},
         )
