@@ -185,8 +185,9 @@ def test_nci_matches_direct_formula(fitted):
     bank = stats.bank_
     bank_logits = bank @ weight.T + bias
     alpha = proximity(bank, bank_logits).std() / np.abs(bank).sum(axis=1).std()
-    auto = make_detector("nci").fit(stats, weight, bias)
-    np.testing.assert_allclose(auto.alpha_, alpha, rtol=1e-9)
+    matched = make_detector("nci", alpha="scale-matched").fit(stats, weight, bias)
+    np.testing.assert_allclose(matched.alpha_, alpha, rtol=1e-9)
+    assert make_detector("nci").fit(stats, weight, bias).alpha_ == 0.0  # the default (NCI docstring)
 
 
 # ---------------------------------------------------------------------- separation
