@@ -53,3 +53,31 @@ def split_for_calibration(n: int, fraction: float = 0.1, seed: int = 0) -> tuple
     calibration_index = np.sort(permutation[:n_calibration])
     fit_index = np.sort(permutation[n_calibration:])
     return fit_index, calibration_index
+
+
+ECE_BINS = 15  # Guo et al. (2017) report ECE with 15 equal-width confidence bins
+
+
+def expected_calibration_error(probabilities, labels, n_bins: int = ECE_BINS) -> float:
+    """ECE = sum_m |B_m| / n * |accuracy(B_m) - mean confidence(B_m)| (Guo et al., ICML 2017).
+
+    Confidence is the largest probability of a row and the prediction its argmax; B_m holds the
+    rows whose confidence falls in ((m - 1) / M, m / M] (a confidence of exactly 0 goes to the first
+    bin). 0 for a perfectly calibrated classifier; at most 1.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels)
+    if probabilities.ndim != 2 or probabilities.shape[0] == 0:
+        raise DataError(f"probabilities must be a non-empty [N, C] array, got shape {probabilities.shape}")
+    if labels.shape != (probabilities.shape[0],):
+        raise DataError(f"labels must be [N={probabilities.shape[0]}], got shape {labels.shape}")
+    if not np.all(np.isfinite(probabilities)):
+        raise DataError("probabilities contain NaN or infinite values")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 1:
+        raise ConfigError(f"n_bins must be a positive integer, got {n_bins!r}")
+    confidence = probabilities.max(axis=1)
+    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
+    bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins)
+    gap = np.bincount(bins, weights=correct - confidence, minlength=n_bins)  # sum of (acc - conf) per bin
+    return float(np.abs(gap[counts > 0]).sum() / len(labels))

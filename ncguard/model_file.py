@@ -71,6 +71,9 @@ class ModelMetadata:
     run_id: str = ""
     version: str = __version__
     extra: dict = field(default_factory=dict)
+    # softmax temperature folded into `probabilities` (ncguard.temperature); files written before it
+    # existed have none and load as 1.0, what their graphs compute
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.classes:
@@ -83,6 +86,8 @@ class ModelMetadata:
             raise ModelError(f"model metadata tpr {self.tpr} is not in (0, 1)")
         if len(self.drift_reference.class_priors) != len(self.classes):
             raise ModelError("drift reference class priors do not match the number of classes")
+        if not (_number(self.temperature) and self.temperature > 0):
+            raise ModelError(f"model metadata temperature {self.temperature!r} is not a positive number")
 
     def to_props(self) -> dict[str, str]:
         values = asdict(self)
@@ -90,7 +95,7 @@ class ModelMetadata:
 
     @classmethod
     def from_props(cls, props: dict[str, str]) -> "ModelMetadata":
-        missing = [k for k in cls.__dataclass_fields__ if PREFIX + k not in props and k not in ("run_id", "extra")]
+        missing = [k for k in cls.__dataclass_fields__ if PREFIX + k not in props and k not in ("run_id", "extra", "temperature")]
         if missing:
             raise ModelError(
                 "not an ncguard model: metadata is missing " + ", ".join(PREFIX + k for k in missing)
@@ -158,6 +163,7 @@ _METADATA_TYPES = {
     "run_id": (lambda v: isinstance(v, str), "a string"),
     "version": (lambda v: isinstance(v, str), "a string"),
     "extra": (lambda v: isinstance(v, dict), "an object"),
+    "temperature": (lambda v: _number(v) and v > 0, "a positive number"),
 }
 
 
