@@ -41,6 +41,7 @@ REJECTION_REASONS = (
     "malformed_multipart",
     "bad_image",
     "image_too_large",
+    "unsupported_media_type",
 )
 
 WINDOW_GAUGE_MODE = "livemax"  # see the module docstring
@@ -138,3 +139,68 @@ def model_metrics(score_buckets: Sequence[float]) -> ModelMetrics:
         if _model_metrics is None:
             _model_metrics = ModelMetrics(score_buckets)
         return _model_metrics
+
+
+# ----------------------------------------------------------------------------- the HTTP layer
+# BentoML's own request metrics are switched off in the service (serving.service): they label
+# every unmatched path with the raw path (1,000 distinct 404s grew /metrics by 4.5 MB) and cost a
+# share of every request. These replace them with the same label names, so dashboards read alike,
+# and with an `endpoint` drawn from a fixed set: the public routes, or "other".
+PUBLIC_ENDPOINTS = ("/predict", "/predict_image", "/model", "/metrics", "/livez", "/readyz", "/healthz", "/docs.json", "/schema.json")
+OTHER_ENDPOINT = "other"
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def endpoint_label(path: str) -> str:
+    """The `endpoint` label of a request path: a public route, or "other" (bounded cardinality)."""
+    path = path.rstrip("/") or "/"
+    return path if path in PUBLIC_ENDPOINTS else OTHER_ENDPOINT
+
+
+class ServiceMetrics:
+    """Requests, their latency, shed requests and batch sizes of one worker's HTTP service."""
+
+    def __init__(self, registry=None):
+        import prometheus_client
+
+        if registry is None:
+            registry = prometheus_client.REGISTRY
+        self.requests = prometheus_client.Counter(
+            "ncguard_http_requests",
+            "HTTP requests answered, by endpoint (a public route or 'other') and status code",
+            labelnames=("model", "endpoint", "http_response_code"),
+            registry=registry,
+        )
+        self.duration = prometheus_client.Histogram(
+            "ncguard_http_request_duration_seconds",
+            "Time from the request's arrival to its answer, by endpoint",
+            labelnames=("model", "endpoint"),
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.shed = prometheus_client.Counter(
+            "ncguard_shed_requests",
+            "Requests answered 503 because the batching queue was full or they waited past their latency budget",
+            labelnames=("model",),
+            registry=registry,
+        )
+        self.batch_rows = prometheus_client.Histogram(
+            "ncguard_batch_rows",
+            "Rows per ONNX Runtime call: how many inputs concurrent requests merged into",
+            labelnames=("model",),
+            buckets=BATCH_ROW_BUCKETS,
+            registry=registry,
+        )
+
+
+_service_metrics: ServiceMetrics | None = None
+
+
+def service_metrics() -> ServiceMetrics:
+    """This process's ServiceMetrics, created on first use."""
+    global _service_metrics
+    with _lock:
+        if _service_metrics is None:
+            _service_metrics = ServiceMetrics()
+        return _service_metrics

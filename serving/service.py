@@ -10,24 +10,19 @@ Both answer the same JSON. A .npy body is never unpickled and its header must ma
 (serving.validation); a malformed one is a 400 counted as `malformed_npy`. NcguardClient sends .npy.
 POST /predict_image takes PNG/JPEG files.
 
-Request flow. The public routes are a small Starlette app mounted into the service, so that every
-refusal (malformed JSON, a missing field, an oversized body, a broken image) becomes a 4xx with
-`{"error": ...}` that we word and count; BentoML's own request parsing answers some of these with
-its generic validation text or a 500. Validated arrays then go through the service's batchable
-method `infer_batch` via the service's self-proxy (`self.to_async.infer_batch`), which is how
-BentoML 1.4 lets one endpoint reach a batchable one in the same process: the call enters BentoML's
-adaptive-batching dispatcher, which merges rows from concurrent requests into one ONNX Runtime call.
-(`bentoml.depends` on a second service would batch too, but costs a process hop and pickles.)
-The hop costs: the proxy re-encodes the rows as JSON, BentoML parses and validates them again, and
-the answer makes the same trip back (measured on 2 shared cores: about 5 ms of a 1-row request and
-14 ms of a 16-row one, several times ONNX Runtime's own time). So a request skips it, and is scored
-directly in a worker thread (`score`, the same code `infer_batch` runs), when there is nothing to
-merge it with: when it is already a full batch (at least max_batch_size rows), or when no other
-request is being scored or queued in this worker (a lone caller; the batching queue would run it
-alone anyway). Concurrent requests still meet in the queue and are merged.
+Request flow. BentoML is the server (its worker processes, lifecycle, health probes, Bento
+packaging); the public routes are a small Starlette app mounted in the service, so that every
+refusal becomes a 4xx with `{"error": ...}` that we word and count, and so that a request does
+not pay BentoML's typed API layer (about 2 ms of CPU per request, measured; see serving.api_docs
+for how the routes still reach BentoML's OpenAPI document and client). Validated float32 rows go
+to the worker's batching queue (serving.batcher), which merges concurrent requests into one ONNX
+Runtime call in its scoring thread, with no re-encoding between validation and the session. A
+full queue or a request past its latency budget is answered 503 with Retry-After.
 
-`infer_batch` is also reachable at POST /infer_batch (BentoML exposes every api); it re-checks its
-input with the same `Predictor.check_input`, so direct callers get a 400, never a 5xx.
+BentoML's own request metrics and access log are switched off: the metrics labelled unknown
+paths with the raw path (unbounded /metrics), and both cost every request. serving.access counts
+requests by a fixed set of endpoints instead, and /metrics is served here (serving.exposition:
+this server's own metrics directory, live workers' gauges only).
 
 Every scored batch also goes to the worker's drift monitor (serving.monitor), which keeps the
 Prometheus counters and drift gauges that /metrics exports; the gauges are recomputed by the
@@ -41,26 +36,27 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
-from typing import Annotated, Awaitable, Callable
+import time
 
 import bentoml
-from bentoml.validators import ContentType
 import numpy as np
-import pydantic
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ncguard.runtime import Predictor, overflow_message
 
+from .access import ApiKeys, RequestMetrics
+from .api_docs import PublishedApi
+from .batcher import MicroBatcher, Overloaded
+from .exposition import exposition, metrics_directory, use_metrics_directory
 from .limits import BodySizeLimit
-from .metrics import count_rejection, model_metrics, start_rejection_counts
+from .metrics import count_rejection, endpoint_label, model_metrics, service_metrics, start_rejection_counts
 from .model_source import resolve_model_path
 from .monitor import DriftMonitor, score_buckets
 from .settings import ServeSettings
@@ -69,17 +65,15 @@ from .validation import NPY_CONTENT_TYPE, Rejected, decode_images, parse_json_in
 log = logging.getLogger("ncguard.serving")
 
 settings = ServeSettings.from_env()
+METRICS_DIR = metrics_directory()
+use_metrics_directory(METRICS_DIR)  # before any metric of this process is created
 
-INFER_ROUTE = "/infer_batch"
 IMAGE_TYPES = ("image/png", "image/jpeg")
-# The self-proxy re-encodes validated float32 rows as JSON, which can take several times the bytes
-# of the client's own JSON ("0.1" comes back as 0.10000000149011612), so the internal route gets room.
-INFER_BODY_FACTOR = 8
-
-
-# Declaring the media type spares BentoML from deriving it from the output's JSON schema on every
-# response (measured: about half of /infer_batch's time for a one-row request).
-JSON_OUTPUT = ContentType("application/json")
+# Bodies this small are parsed on the event loop: a thread hop (~0.1 ms of the loop's time under
+# load, profiled) costs more than reading a .npy header and viewing its bytes, or a short JSON list.
+INLINE_NPY_BYTES = 1024 * 1024
+INLINE_JSON_BYTES = 8 * 1024
+SHED_LOG_INTERVAL_S = 10.0  # at most one WARNING line about shed requests per interval
 
 
 def _current() -> "NcguardService | None":
@@ -94,25 +88,17 @@ def _model_label() -> str:
     return service.model_name if service is not None else "unknown"
 
 
-def _check_infer_rows(x: np.ndarray) -> np.ndarray:
-    """Validation of /infer_batch input: the same check as /predict, so direct callers get a 400."""
-    service = _current()
-    if service is None:
-        return x
-    if x.ndim >= 1 and len(x) > settings.max_batch_inputs:
-        raise ValueError(f"the batch has {len(x)} inputs, more than the {settings.max_batch_inputs} allowed per request")
-    return service.predictor.check_input(x)
-
-
-def _json_errors(route: Callable[[Request], Awaitable[JSONResponse]]) -> Callable[[Request], Awaitable[JSONResponse]]:
-    """Refusals become their 4xx; anything else is our bug: logged, and a JSON 500 without internals."""
+def _json_errors(route):
+    """Refusals become their 4xx, overload a 503; anything else is our bug: logged, and a JSON 500 without internals."""
 
     @functools.wraps(route)
-    async def wrapped(request: Request) -> JSONResponse:
+    async def wrapped(request: Request) -> Response:
         try:
             return await route(request)
         except Rejected as exc:
             return _current().refuse(exc)
+        except Overloaded as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
         except Exception:
             log.exception("unexpected error on %s", request.url.path)
             return JSONResponse({"error": "internal error in the ncguard service; see its log"}, status_code=500)
@@ -120,24 +106,30 @@ def _json_errors(route: Callable[[Request], Awaitable[JSONResponse]]) -> Callabl
     return wrapped
 
 
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 @_json_errors
-async def _predict_route(request: Request) -> JSONResponse:
+async def _predict_route(request: Request) -> Response:
     service = _current()
     body = await request.body()
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    parse = parse_npy_inputs if content_type == NPY_CONTENT_TYPE else parse_json_inputs
-    # parsing and checking run off the event loop, which also runs BentoML's batching dispatcher
-    x = await run_in_threadpool(parse, body, service.predictor, settings.max_batch_inputs)
+    npy = _content_type(request) == NPY_CONTENT_TYPE
+    parse = parse_npy_inputs if npy else parse_json_inputs
+    if len(body) <= (INLINE_NPY_BYTES if npy else INLINE_JSON_BYTES):
+        x = parse(body, service.predictor, settings.max_batch_inputs)
+    else:  # larger bodies are parsed off the event loop, which also runs the batching queue
+        x = await run_in_threadpool(parse, body, service.predictor, settings.max_batch_inputs)
     return await service.answer(x)
 
 
 async def _read_image_files(request: Request) -> list[tuple[str, bytes]]:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = _content_type(request)
     if content_type in IMAGE_TYPES:
         return [("body", await request.body())]
     if content_type != "multipart/form-data":
         raise Rejected(
-            "missing_field",
+            "unsupported_media_type",
             f"send images as multipart/form-data (curl -F image=@photo.png) or one image as the body with "
             f"Content-Type {' or '.join(IMAGE_TYPES)}; got Content-Type {content_type or 'none'!r}",
             415,
@@ -154,18 +146,30 @@ async def _read_image_files(request: Request) -> list[tuple[str, bytes]]:
 
 
 @_json_errors
-async def _predict_image_route(request: Request) -> JSONResponse:
+async def _predict_image_route(request: Request) -> Response:
     service = _current()
     files = await _read_image_files(request)
     x = await run_in_threadpool(
-        functools.partial(decode_images, files, service.predictor, max_inputs=settings.max_batch_inputs, max_pixels=settings.max_image_pixels)
+        functools.partial(
+            decode_images,
+            files,
+            service.predictor,
+            max_inputs=settings.max_batch_inputs,
+            max_pixels=settings.max_image_pixels,
+            max_request_pixels=settings.max_request_pixels,
+        )
     )
     return await service.answer(x)
 
 
 @_json_errors
-async def _model_route(request: Request) -> JSONResponse:
+async def _model_route(request: Request) -> Response:
     return JSONResponse(_current().model_description())
+
+
+async def _metrics_route(request: Request) -> Response:
+    text, content_type = await run_in_threadpool(exposition, METRICS_DIR)
+    return Response(text, media_type=content_type)
 
 
 routes = Starlette(
@@ -173,11 +177,22 @@ routes = Starlette(
         Route("/predict", _predict_route, methods=["POST"]),
         Route("/predict_image", _predict_image_route, methods=["POST"]),
         Route("/model", _model_route, methods=["GET"]),
+        Route("/metrics", _metrics_route, methods=["GET"]),
     ]
 )
 
 
-@bentoml.service(name="ncguard", workers=settings.workers, traffic={"timeout": 60})
+@bentoml.service(
+    name="ncguard",
+    workers=settings.workers,
+    traffic={"timeout": 60},
+    metrics={"enabled": False, "namespace": "bentoml_service"},
+    logging={"access": {"enabled": settings.access_log}},
+    # BentoML always wraps requests in OpenTelemetry's ASGI middleware; with no tracing exporter
+    # configured its spans go nowhere but still cost about a quarter of a small request's CPU
+    # (profiled under 32 clients). NCGUARD_TRACING=1 keeps them for a deployment that exports traces.
+    tracing={} if settings.tracing else {"excluded_urls": [".*"]},
+)
 @bentoml.asgi_app(routes, path="/")
 class NcguardService:
     """Loads the model once per worker; every public route ends in `answer`."""
@@ -191,26 +206,26 @@ class NcguardService:
         metrics = model_metrics(score_buckets(reference.score_quantiles, self.metadata.threshold))
         self.monitor = DriftMonitor(self.metadata, metrics, window=settings.drift_window, min_samples=settings.drift_min_samples, background=True).start()
         start_rejection_counts(self.model_name)
-        self._in_flight = 0  # requests in `answer` now; changed on the event loop only, so no lock
+        counters = service_metrics()
+        self._shed_counter = counters.shed.labels(model=self.model_name)
+        self._batch_rows = counters.batch_rows.labels(model=self.model_name)
+        self._shed_since_log = 0
+        self._shed_logged_at = float("-inf")
+        self.batcher = MicroBatcher(
+            self.score,
+            max_batch_rows=settings.batch_size,
+            max_queue_rows=settings.max_queue_rows,
+            latency_budget_s=settings.batch_latency_ms / 1000,
+            on_batch=self._batch_rows.observe,
+            on_shed=self._count_shed,
+        )
         log.info("serving %s (%s, score %s, threshold %.6g) from %s", self.model_name, self.metadata.version, self.metadata.score, self.metadata.threshold, path)
 
-    @bentoml.api(
-        route=INFER_ROUTE,
-        batchable=True,
-        batch_dim=(0, 0),
-        max_batch_size=settings.batch_size,
-        max_latency_ms=settings.batch_latency_ms,
-    )
-    def infer_batch(self, inputs: Annotated[np.ndarray, pydantic.AfterValidator(_check_infer_rows)]) -> Annotated[np.ndarray, JSON_OUTPUT]:
-        """Score float32 rows [N, *input_shape] -> float64 [N, 5]: class index, confidence, OOD score, is-OOD, finite.
-
-        Internal: /predict and /predict_image call this. A plain array (not a list of models) because
-        BentoML rebuilds the output's JSON schema on every call, which costs milliseconds for nested models.
-        """
-        return self.score(inputs)
-
     def score(self, inputs: np.ndarray) -> np.ndarray:
-        """float32 rows -> the [N, 5] table of `infer_batch`; every scored row also goes to the monitor."""
+        """float32 rows -> float64 [N, 5]: class index, confidence, OOD score, is-OOD, finite.
+
+        Runs in the batcher's scoring thread; every scored row also goes to the monitor.
+        """
         # not strict: rows merged from other requests must not fail with one overflowing row
         result = self.predictor.predict(inputs, batch_size=max(len(inputs), 1), strict=False)
         ok = result.finite
@@ -222,57 +237,28 @@ class NcguardService:
         except Exception:  # monitoring must never cost a client its prediction
             log.exception("the drift monitor failed on a batch of %d; the predictions are still returned", len(inputs))
         rows = np.stack([result.class_index, result.confidence, result.ood_score, result.is_ood, ok], axis=1).astype(np.float64)
-        rows[~ok, :4] = 0.0  # JSON has no NaN or infinity; `answer` refuses these rows
+        rows[~ok, :4] = 0.0  # JSON has no NaN or infinity; `_respond` refuses these rows
         return rows
 
-    def _self_client(self):
-        """The service's own async client (BentoML's self-proxy), with session recycling turned off.
+    def _count_shed(self, count: int) -> None:
+        """Count shed requests; log them as one WARNING line per interval at most, never one per request."""
+        self._shed_counter.inc(count)
+        self._shed_since_log += count
+        now = time.monotonic()
+        if now - self._shed_logged_at >= SHED_LOG_INTERVAL_S:
+            log.warning(
+                "overloaded: shed %d request(s) with 503 in the last %.0f s (queue limit %d rows, latency budget %d ms)",
+                self._shed_since_log, min(now - self._shed_logged_at, 1e9), settings.max_queue_rows, settings.batch_latency_ms,
+            )
+            self._shed_since_log = 0
+            self._shed_logged_at = now
 
-        BentoML 1.4.30+ recycles the proxy's aiohttp session every 100 requests or 5 minutes and
-        closes the old one with requests still in flight, which fails them under concurrent load
-        ("Server disconnected"; bentoml/BentoML#5544, #5698). The self-proxy talks to this process
-        in memory, so there is nothing to gain from recycling: keep one session for the worker's life.
-        """
-        client = self.to_async
-        manager = getattr(client, "_session_manager", None)
-        if manager is not None and getattr(manager, "max_requests", None) != sys.maxsize:
-            manager.max_requests = sys.maxsize
-            manager.max_age = float("inf")
-        return client
+    async def answer(self, x: np.ndarray) -> Response:
+        """Score validated rows through the batching queue and build the JSON answer (or a refusal)."""
+        return self._respond(await self.batcher.submit(x))
 
-    async def answer(self, x: np.ndarray) -> JSONResponse:
-        """Score validated rows and build the JSON answer (or a refusal)."""
-        alone = self._in_flight == 0
-        self._in_flight += 1
-        try:
-            if alone or len(x) >= settings.batch_size:  # nothing to merge with: no hop
-                return self._respond(await run_in_threadpool(self.score, x))
-            return await self._answer_batched(x)
-        finally:
-            self._in_flight -= 1
-
-    async def _answer_batched(self, x: np.ndarray) -> JSONResponse:
-        """Score `x` through BentoML's batching queue (the self-proxy), merged with concurrent requests."""
-        import aiohttp
-        from bentoml.exceptions import BentoMLException
-
-        for attempt in (1, 2):
-            try:
-                predictions = await self._self_client().infer_batch(inputs=x)
-                break
-            except BentoMLException as exc:  # e.g. 503 when the batching queue is over its latency budget
-                status = int(exc.error_code)
-                log.warning("inference failed with HTTP %d: %s", status, exc)
-                return JSONResponse({"error": f"the model could not answer: {exc}"}, status_code=status)
-            except aiohttp.ClientConnectionError:  # the in-memory hop dropped; scoring is pure, so retry once
-                if attempt == 2:
-                    log.exception("inference failed twice on the in-process connection")
-                    return JSONResponse({"error": "the model could not answer (internal connection failed); retry"}, status_code=503)
-        return self._respond(predictions)
-
-    def _respond(self, predictions) -> JSONResponse:
+    def _respond(self, table: np.ndarray) -> Response:
         """The [N, 5] table -> the JSON answer, or a refusal naming the rows that overflowed."""
-        table = np.asarray(predictions, dtype=np.float64).reshape(-1, 5)
         overflowed = np.flatnonzero(table[:, 4] == 0)
         if len(overflowed):
             return self.refuse(Rejected("overflow", overflow_message(overflowed)))
@@ -300,14 +286,18 @@ class NcguardService:
             "threshold": meta.threshold,
         }
 
+    @bentoml.on_shutdown
+    def _stop_batcher(self) -> None:
+        self.batcher.close()
 
-def _body_limit(path: str) -> int:
-    factor = INFER_BODY_FACTOR if path.rstrip("/") == INFER_ROUTE else 1
-    return settings.max_body_bytes * factor
 
-
+# Middlewares, outermost first: every answer is counted (401s and 413s too), then the key is
+# checked, then the body is capped, then BentoML's documents get the public API added.
+NcguardService.add_asgi_middleware(RequestMetrics, metrics=service_metrics, model=_model_label, endpoint=endpoint_label)
+NcguardService.add_asgi_middleware(ApiKeys, keys=settings.api_keys)
 NcguardService.add_asgi_middleware(
     BodySizeLimit,
-    limit_for_path=_body_limit,
+    limit_for_path=lambda path: settings.max_body_bytes,
     on_reject=lambda: count_rejection(_model_label(), "body_too_large"),
 )
+NcguardService.add_asgi_middleware(PublishedApi)

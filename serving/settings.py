@@ -14,6 +14,8 @@ from typing import Mapping
 from ncguard.errors import ConfigError
 from ncguard.runtime import PROVIDER_CHOICES
 
+from .access import configured_keys
+
 MODEL_ENV = "NCGUARD_MODEL"  # path of an exported .onnx file
 MODEL_TAG_ENV = "NCGUARD_MODEL_TAG"  # a tag in BentoML's model store (used when MODEL_ENV is unset)
 DEFAULT_MODEL_TAG = "ncguard-model:latest"  # what bentofile.yaml packs into the Bento
@@ -27,18 +29,21 @@ MAX_REQUEST_PIXELS_ENV = "NCGUARD_MAX_REQUEST_PIXELS"
 VERIFY_KEY_ENV = "NCGUARD_VERIFY_KEY"  # public key PEM: workers refuse a model not signed with it
 BATCH_SIZE_ENV = "NCGUARD_BATCH_SIZE"
 BATCH_LATENCY_MS_ENV = "NCGUARD_BATCH_LATENCY_MS"
+MAX_QUEUE_ROWS_ENV = "NCGUARD_MAX_QUEUE_ROWS"
+ACCESS_LOG_ENV = "NCGUARD_ACCESS_LOG"
+TRACING_ENV = "NCGUARD_TRACING"
 DRIFT_WINDOW_ENV = "NCGUARD_DRIFT_WINDOW"
 DRIFT_MIN_SAMPLES_ENV = "NCGUARD_DRIFT_MIN_SAMPLES"
 
-# Adaptive batching defaults, from the batching grid that benchmarks/serving/bench_serving.py ran up
-# to commit 0f7dd44 (its benchmarks/results/serving.md, digits CNN on 2 shared cores): ONNX Runtime's cost per row falls from ~620 us at batch 1 to ~95 us
-# at 64 and rises again at 256, hence 64. Under 8 concurrent clients a latency ceiling of 10 ms made
-# BentoML shed 40-65% of requests with 503 and 100 ms still shed some in one run, while 1000 ms shed
-# none and still answered a lone request at once (the ceiling bounds waiting; it is not a fixed wait).
-# Requests of at least DEFAULT_BATCH_SIZE rows, and requests that arrive while no other is in
-# flight, skip the batching queue (serving.service).
+# Batching (serving.batcher). ONNX Runtime's cost per row falls from ~620 us at batch 1 to ~95 us
+# at 64 and rises again at 256 (digits CNN, 2 shared cores; benchmarks/serving), hence batches of
+# at most 64 rows. The latency budget is how long a request may wait in the queue before it is
+# shed with 503 + Retry-After; the queue takes at most MAX_QUEUE_ROWS rows (about 1 s of scoring
+# at batch 64 on these machines), and a request that would overfill it is refused at once. Neither
+# is a fixed wait: a lone request is scored at once.
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_BATCH_LATENCY_MS = 1000
+DEFAULT_MAX_QUEUE_ROWS = 4096
 DEFAULT_MAX_BATCH_INPUTS = 256
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
@@ -74,6 +79,15 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}={raw!r}: use 1 or 0")
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     model_path: str | None
@@ -85,10 +99,14 @@ class ServeSettings:
     max_body_bytes: int
     max_image_pixels: int
     batch_size: int  # adaptive batching: most rows in one ONNX Runtime call
-    batch_latency_ms: int  # adaptive batching: latency ceiling before BentoML sheds load
+    batch_latency_ms: int  # the longest a request may wait in the batching queue before it is shed (503)
     drift_window: int = DEFAULT_DRIFT_WINDOW  # most recent predictions each worker's drift gauges cover
     drift_min_samples: int = DEFAULT_DRIFT_MIN_SAMPLES  # predictions a worker needs before it publishes them
     max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS  # pixels of all images of one /predict_image request
+    max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS  # rows waiting in a worker's batching queue before requests are refused (503)
+    access_log: bool = False  # one log line per request (BentoML's access log); off: it costs every request
+    tracing: bool = False  # OpenTelemetry spans for every request (only useful with a tracing exporter configured in BentoML)
+    api_keys: tuple[str, ...] = ()  # when set, requests need one of them (serving.access)
     verify_key: str | None = None  # public key PEM path: load only models signed with its private key
 
     @classmethod
@@ -125,5 +143,9 @@ class ServeSettings:
                 environ, MAX_REQUEST_PIXELS_ENV,
                 max(DEFAULT_MAX_REQUEST_PIXELS, _positive_int(environ, MAX_IMAGE_PIXELS_ENV, DEFAULT_MAX_IMAGE_PIXELS)),
             ),
+            max_queue_rows=_positive_int(environ, MAX_QUEUE_ROWS_ENV, DEFAULT_MAX_QUEUE_ROWS),
+            access_log=_flag(environ, ACCESS_LOG_ENV),
+            tracing=_flag(environ, TRACING_ENV),
+            api_keys=configured_keys(environ),
             verify_key=environ.get(VERIFY_KEY_ENV, "").strip() or None,
         )

@@ -229,7 +229,7 @@ def test_counters_add_up_over_both_workers(scenario):
     assert prometheus.value(f'sum(ncguard_ood_total{{model="{model}"}})') == sent_id["ood"] + sent_shifted["ood"]
     assert prometheus.value(f'sum(ncguard_ood_score_count{{model="{model}"}})') == inputs
     requests = sent_id["requests"] + sent_shifted["requests"]
-    assert prometheus.value(f'sum({generate.BENTOML_REQUESTS}{{endpoint="/predict",http_response_code="200"}})') == requests
+    assert prometheus.value(f'sum({generate.HTTP_REQUESTS}{{endpoint="/predict",http_response_code="200"}})') == requests
     # both workers served: each publishes its own window fill, and each window is full
     fills = prometheus.query(f'ncguard_drift_window_samples{{model="{model}"}}')
     assert len({series["metric"]["pid"] for series in fills}) == WORKERS, fills

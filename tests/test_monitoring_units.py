@@ -302,8 +302,9 @@ def test_dashboard_has_a_panel_for_every_monitored_quantity():
     board = json.loads(generate.DASHBOARD_PATH.read_text())
     queries = "\n".join(generate.dashboard_queries(board))
     for metric in (
-        "bentoml_service_request_total",
-        "bentoml_service_request_duration_seconds_bucket",
+        "ncguard_http_requests_total",
+        "ncguard_http_request_duration_seconds_bucket",
+        "ncguard_shed_requests_total",
         "ncguard_ood_rate{",
         "ncguard_ood_score_bucket",
         "ncguard_predictions_total",

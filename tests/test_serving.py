@@ -119,7 +119,7 @@ def test_bentoml_health_and_metrics_endpoints(server):
     assert httpx.get(f"{server.url}/livez").status_code == 200
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     text = server.metrics()
-    assert "bentoml_service_request_total" in text
+    assert 'ncguard_http_requests_total{endpoint="/readyz",http_response_code="200"' in text
 
 
 def _json(payload) -> dict:
@@ -171,7 +171,7 @@ def _bad_image_requests(shape):
         ("GIF", {"files": [("image", ("a.gif", gif.getvalue()))]}, 422, "bad_image", "not a PNG or JPEG"),
         ("oversized image", {"files": [("image", ("big.png", png_bytes(np.zeros((side, side), dtype=np.uint8))))]}, 413, "image_too_large", f"more than the {MAX_PIXELS}"),
         ("no files", {"data": {"note": "no image here"}, "files": [("other", ("", b""))]}, 400, "missing_field", "no image files"),
-        ("JSON instead of images", _json({"inputs": [_grid()]}), 415, "missing_field", "multipart/form-data"),
+        ("JSON instead of images", _json({"inputs": [_grid()]}), 415, "unsupported_media_type", "multipart/form-data"),
         ("too many images", {"files": [("image", (f"{i}.png", one)) for i in range(MAX_INPUTS + 1)]}, 413, "batch_too_large", f"more than the {MAX_INPUTS}"),
         ("multipart without boundary", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}, 400, "malformed_multipart", "multipart body"),
         ("empty raw image", {"content": b"", "headers": {"content-type": "image/png"}}, 422, "bad_image", "not a PNG or JPEG"),
@@ -198,10 +198,22 @@ def test_bad_input_gets_a_4xx_that_names_it_and_is_counted(server, predictor, in
     assert len(server.predict(np.full((1, *predictor.input_shape), 0.5, dtype=np.float32)).labels) == 1
 
 
-def test_the_internal_batch_route_refuses_bad_input_with_a_4xx(server):
-    response = httpx.post(f"{server.url}/infer_batch", json={"inputs": [[1.0, 2.0]]})
-    assert response.status_code == 400
-    assert "error" in response.json()
+def test_there_is_no_internal_route_to_call_from_outside(server):
+    for path in ("/infer_batch", "/score", "/batch"):
+        response = httpx.post(f"{server.url}{path}", json={"inputs": [[1.0, 2.0]]})
+        assert response.status_code in (404, 405), (path, response.status_code)
+
+
+def test_unknown_paths_share_one_metrics_label_and_are_not_echoed(server):
+    before = len(server.metrics())
+    for i in range(200):
+        response = httpx.get(f"{server.url}/nope-{i}-<script>")
+        assert response.status_code == 404
+        assert f"nope-{i}" not in response.text
+    text = server.metrics()
+    assert "nope-" not in text
+    assert 'endpoint="other",http_response_code="404"' in text
+    assert len(text) - before < 2_000  # the series already exist after the first unknown path
 
 
 def test_client_turns_refusals_into_data_errors(server, predictor):

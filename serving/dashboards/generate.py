@@ -43,10 +43,12 @@ FEATURE_SHIFT_LIMIT = 0.25  # in reference standard deviations, averaged over fe
 ERROR_RATIO_LIMIT = 0.05  # 5xx answers among prediction requests
 REJECTED_RATIO_LIMIT = 0.25  # 4xx refusals among prediction requests
 
-# BentoML's own HTTP metrics (bentoml/_internal/server/http/instruments.py); they carry no model
-# label, so panels and rules on them select the service by the Prometheus `instance`.
-BENTOML_REQUESTS = "bentoml_service_request_total"
-BENTOML_DURATION = "bentoml_service_request_duration_seconds_bucket"
+# The service's HTTP metrics (serving.metrics.ServiceMetrics; BentoML's own are switched off because
+# they label unknown paths with the raw path). Same label names as BentoML's; panels and rules
+# select the service by the Prometheus `instance`.
+HTTP_REQUESTS = "ncguard_http_requests_total"
+HTTP_DURATION = "ncguard_http_request_duration_seconds_bucket"
+SHED_REQUESTS = "ncguard_shed_requests_total"
 PREDICT_ENDPOINTS = 'endpoint=~"/predict|/predict_image"'
 
 # Grafana template variables; tests put real values in their place before running a query.
@@ -97,8 +99,8 @@ class Alert:
 
 def _ratio_of_requests(codes: str, window: str, selector: str = "") -> str:
     """Share of prediction requests answered with `codes` (a regex); 0, not absent, when there are none."""
-    base = f"{BENTOML_REQUESTS}{{{PREDICT_ENDPOINTS}{selector}}}"
-    matching = f'{BENTOML_REQUESTS}{{{PREDICT_ENDPOINTS},http_response_code=~"{codes}"{selector}}}'
+    base = f"{HTTP_REQUESTS}{{{PREDICT_ENDPOINTS}{selector}}}"
+    matching = f'{HTTP_REQUESTS}{{{PREDICT_ENDPOINTS},http_response_code=~"{codes}"{selector}}}'
     total = f"sum by (job, instance) (rate({base}[{window}]))"
     return f"(sum by (job, instance) (rate({matching}[{window}])) or {total} * 0)\n/ {total}"
 
@@ -109,14 +111,14 @@ def _drift_panel(title: str, metric: str, description: str, limit: float, unit: 
 
 ROWS = (
     Row(
-        "Traffic (BentoML)",
+        "Traffic",
         (
             Panel(
                 "Request rate",
                 "Prediction requests per second, by endpoint and HTTP status.",
                 (
                     Query(
-                        f"sum by (endpoint, http_response_code) (rate({BENTOML_REQUESTS}{{{PREDICT_ENDPOINTS},{INSTANCE}}}[{RATE}]))",
+                        f"sum by (endpoint, http_response_code) (rate({HTTP_REQUESTS}{{{PREDICT_ENDPOINTS},{INSTANCE}}}[{RATE}]))",
                         "{{endpoint}} {{http_response_code}}",
                     ),
                 ),
@@ -125,10 +127,10 @@ ROWS = (
             ),
             Panel(
                 "Latency",
-                "Prediction request latency quantiles, from BentoML's duration histogram.",
+                "Prediction request latency quantiles, from the service's duration histogram.",
                 tuple(
                     Query(
-                        f"histogram_quantile({q}, sum by (le) (rate({BENTOML_DURATION}{{{PREDICT_ENDPOINTS},{INSTANCE}}}[{RATE}])))",
+                        f"histogram_quantile({q}, sum by (le) (rate({HTTP_DURATION}{{{PREDICT_ENDPOINTS},{INSTANCE}}}[{RATE}])))",
                         f"p{round(q * 100)}",
                     )
                     for q in (0.5, 0.95, 0.99)
@@ -143,6 +145,7 @@ ROWS = (
                     Query(_ratio_of_requests("5..", RATE, f",{INSTANCE}"), "5xx share"),
                     Query(_ratio_of_requests("4..", RATE, f",{INSTANCE}"), "4xx share"),
                     Query(f"sum by (reason) (rate(ncguard_rejected_inputs_total{{{MODEL}}}[{RATE}]))", "refused/s: {{reason}}"),
+                    Query(f"sum (rate({SHED_REQUESTS}{{{MODEL}}}[{RATE}]))", "shed/s (503, overloaded)"),
                 ),
                 unit="short",
                 width=8,
