@@ -246,11 +246,16 @@ def _prepare_run_dir(options: TrainOptions, settings: dict, data: dict, files: R
             listed = ", ".join(f"{key} {old!r} (now {new!r})" for key, (old, new) in sorted(changed.items()))
             raise ConfigError(f"--resume: {files.root} was started with different settings: {listed}")
         return config
-    if files.root.exists() and (not files.root.is_dir() or any(files.root.iterdir())):
-        raise ConfigError(
-            f"--out {files.root} already exists and is not an empty directory: choose a new run directory, "
-            f"or add --resume to continue the run in it"
-        )
+    if files.root.exists() and not files.root.is_dir():
+        raise ConfigError(f"--out {files.root} is a file, not a directory: choose a new run directory")
+    if files.root.exists() and any(not _is_write_leftover(p) for p in files.root.iterdir()):
+        if files.config.is_file():
+            raise ConfigError(
+                f"--out {files.root} already exists and is not an empty directory: it holds a run; add --resume to "
+                f"continue it (also when it was stopped before its first checkpoint), or choose a new run directory"
+            )
+        raise ConfigError(f"--out {files.root} already exists and is not an empty directory, and holds no run "
+                          f"(no {CONFIG_FILE}): choose a new run directory")
     config = {
         "format": RUN_FORMAT,
         "run_id": uuid.uuid4().hex,
@@ -261,6 +266,12 @@ def _prepare_run_dir(options: TrainOptions, settings: dict, data: dict, files: R
     }
     atomic_write_json(files.config, config)
     return config
+
+
+def _is_write_leftover(path: Path) -> bool:
+    """A temporary file that ncguard.atomic.atomic_write left behind when killed mid-write
+    (`.NAME.XXXX.tmp`): not part of any run, so it does not make a directory "not empty"."""
+    return path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def _available_layers(model: DualHeadModel) -> tuple[str, ...]:
@@ -359,7 +370,13 @@ def _train(options: TrainOptions) -> dict | None:
         progress=not options.quiet,
     )
     config = _shared_outcome(rank, world_size, lambda: _prepare_run_dir(options, settings, data, files))
-    trainer.fit(fit_data.x, fit_data.y, calibration_data.x, calibration_data.y, resume=options.resume)
+    # A run stopped before its first checkpoint has its config.json and no checkpoint.pt: it
+    # finished zero epochs, so resuming it is training from epoch 0 with that config (same run id,
+    # seed and settings, which _prepare_run_dir has checked), not an error.
+    resume = options.resume and _shared_outcome(rank, world_size, files.checkpoint.is_file)
+    if options.resume and not resume and rank == 0 and not options.quiet:
+        print(f"--resume: {files.root} has no checkpoint yet (stopped before its first epoch ended); training from epoch 1")
+    trainer.fit(fit_data.x, fit_data.y, calibration_data.x, calibration_data.y, resume=resume)
     replicas = _replica_report(model, world_size)
     if rank != 0:
         return None
