@@ -103,8 +103,10 @@ def score_shard(shard: Shard, predictor: Predictor, binning: Binning, options: S
         "correct": pa.array(labels == class_index, mask=(labels < 0) | ~ok),
         "error": pa.array(errors, pa.string()),
     }
-    if chunk.timestamps is not None:
-        columns["timestamp"] = pa.array(chunk.timestamps.astype("datetime64[s]"), pa.timestamp("s", tz="UTC"))
+    # always present (null without a time column), so every shard of an audit has one schema and
+    # the rows folder reads as one table: pyarrow.parquet.read_table(DIR / "rows")
+    stamps = chunk.timestamps if chunk.timestamps is not None else np.zeros(n, np.int64)
+    columns["timestamp"] = pa.array(stamps.astype("datetime64[s]").astype("datetime64[ms]"), pa.timestamp("ms", tz="UTC"), mask=np.full(n, chunk.timestamps is None))
     if features is not None:
         width = binning.feature_dim
         flat = pa.array(features.reshape(-1))
