@@ -8,7 +8,9 @@ a model with the same contract as `ncguard export` (DESIGN.md section 3):
    streaming on the fit split, and a calibration split is held out;
 3. the detector is fitted from those statistics (export.detectors, as `ncguard export` does), the
    score and softmax are appended (export.finish), the graph's scores are checked against the
-   NumPy reference, and the threshold is calibrated on the held-out ID split only.
+   NumPy reference, and the threshold is calibrated on the held-out ID split only; the softmax
+   temperature of `probabilities` is fitted on the same split (Guo et al. 2017, ncguard.temperature),
+   so the wrapped model's confidence is calibrated even when the original's was not.
 
 The features are stored as the bundle's `transfer` layer: they are the model's transfer features
 (the `features` output the drift gauges watch) and the layer the score reads.
@@ -260,7 +262,7 @@ def fit_existing_model(
             "classes are labelled in the model's output order and that --input-scale/--input-mean/--input-std match "
             "what the model expects"
         )
-    proto, threshold = calibrate_and_stamp(
+    proto, threshold, temperature, calibration_error = calibrate_and_stamp(
         graph,
         final,
         bundle,
@@ -285,9 +287,10 @@ def fit_existing_model(
             "classifier_recovered": bool(linear),
             "parity": [r.describe() for r in parity],
         },
+        calibration_y=data.y[calibration_index],
     )
     report = FitReport(
-        score, layer, threshold, providers, parity,
+        score, layer, threshold, providers, parity, temperature, calibration_error,
         n_classes=int(n_classes), width=int(width), n_fit=int(len(fit_index)), n_calibration=int(len(calibration_index)),
         fit_accuracy=float(accuracy), classifier_recovered=bool(linear), notes=notes, warnings=warnings,
     )

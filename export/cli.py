@@ -28,8 +28,9 @@ from ncguard.signing import fingerprint, load_private_key
 
 
 
-def calibration_inputs(config: dict) -> tuple[np.ndarray, float]:
-    """(held-out ID inputs, input scale): the split training held out, redrawn from config.json."""
+def calibration_inputs(config: dict, *, with_labels: bool = False):
+    """(held-out ID inputs, input scale): the split training held out, redrawn from config.json;
+    with_labels: (inputs, their labels, input scale), the labels fitting the softmax temperature."""
     from training.runs import calibration_split
 
     data = config["data"]
@@ -43,6 +44,8 @@ def calibration_inputs(config: dict) -> tuple[np.ndarray, float]:
         _, calibration_index = calibration_split(config)
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"the run's config.json does not say how the calibration split was drawn ({exc})") from None
+    if with_labels:
+        return dataset.x[calibration_index], dataset.y[calibration_index], float(dataset.input_scale)
     return dataset.x[calibration_index], float(dataset.input_scale)
 
 
@@ -81,7 +84,7 @@ def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float |
             raise ConfigError("--layer does not apply to --score fused: name the layers in --components")
         combine = combine or "sum"
         fused = {"components": fused_components(bundle, components, combine), "combine": combine}  # fail before the data pass
-    calibration_x, input_scale = calibration_inputs(config)
+    calibration_x, calibration_y, input_scale = calibration_inputs(config, with_labels=True)
     proto, report = export_model(
         model,
         bundle,
@@ -94,6 +97,7 @@ def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float |
         run_id=str(config.get("run_id", "")),
         input_scale=input_scale,
         extra={"head": config.get("settings", {}).get("head"), "data": config.get("data", {}).get("spec")},
+        calibration_y=calibration_y,
         **fused,
     )
     if private_key is not None:
@@ -146,6 +150,10 @@ def run_export(args: argparse.Namespace) -> int:
           f"checked on ONNX Runtime provider {report.providers[0]}")
     for line in report.describe():
         print(f"  parity: {line}")
+    if report.calibration_error:
+        error = report.calibration_error
+        print(f"probabilities: temperature {report.temperature:.4g} fitted on {error['inputs']} held-out inputs; "
+              f"held-out ECE (15 bins) {error['ece_before']:.4f} -> {error['ece_after']:.4f}")
     bentoml_name = getattr(args, "bentoml", None)
     if bentoml_name:
         from serving.model_source import import_to_store  # the service's own store layout

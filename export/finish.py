@@ -4,8 +4,10 @@
 ONNX classifier, export.byom) both hand over a network graph with input `input` and outputs
 `logits` and `features`; from there the model is finished the same way: softmax and the OOD
 score appended with the outputs in the contract's order (`finish_contract`), the threshold
-calibrated on held-out ID data with the graph's own scores, and the metadata of DESIGN.md
-section 3 (drift reference included) stamped (`calibrate_and_stamp`).
+calibrated on held-out ID data with the graph's own scores, the softmax temperature fitted on the
+same held-out data when its labels are given (ncguard.temperature, Guo et al. 2017), and the
+metadata of DESIGN.md section 3 (drift reference and temperature included) stamped
+(`calibrate_and_stamp`).
 """
 
 from __future__ import annotations
@@ -14,21 +16,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from export.detectors import TRANSFER_LAYER
 from export.parity import ParityResult
 from export.score_graph import append_ood_head
-from ncguard.calibration import calibrate_threshold
+from ncguard.calibration import calibrate_threshold, expected_calibration_error
 from ncguard.drift import reference_quantiles
 from ncguard.errors import DataError
 from ncguard.model_file import OUTPUT_NAMES, DriftReference, ModelMetadata, stamp
 from ncguard.runtime import run_batched
 from ncguard.stats import StatisticsBundle
+from ncguard.temperature import fit_temperature, softmax
 
 DRIFT_QUANTILES = 100
 PARITY_MAX_ROWS = 2048  # ID rows checked against the reference (plus as many noise rows, at most 256)
 PARITY_NOISE_ROWS = 256
+TEMPERATURE_TENSOR = "ncguard/temperature"  # the scalar T in probabilities = softmax(logits / T)
 
 
 @dataclass
@@ -38,20 +42,27 @@ class ExportReport:
     threshold: float
     providers: list[str]
     parity: list[ParityResult] = field(default_factory=list)
+    # softmax temperature and the held-out ECE (15 bins) before/after it (None: no labels, not fitted)
+    temperature: float = 1.0
+    calibration_error: dict | None = None
 
     def describe(self) -> list[str]:
         return [result.describe() for result in self.parity]
 
 
 def finish_contract(network: onnx.ModelProto, detector, score_features: str | None) -> onnx.ModelProto:
-    """Append softmax and the OOD score to a network with outputs `logits` and `features`.
+    """Append softmax(logits / T) and the OOD score to a network with outputs `logits` and `features`.
 
     `score_features` names the tensor the score reads (None for logit-only scores). The result
-    has exactly the contract's outputs, in their order. `network` gains the softmax node (it is
-    not copied first: models can be large, and append_ood_head copies it anyway).
+    has exactly the contract's outputs, in their order. `network` gains the softmax nodes (it is
+    not copied first: models can be large, and append_ood_head copies it anyway). T is the
+    initializer TEMPERATURE_TENSOR, 1 until `calibrate_and_stamp` fits it (`set_temperature`);
+    `logits`, and so the labels and every OOD score, do not depend on it.
     """
     graph = network.graph
-    graph.node.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1, name="ncguard/softmax"))
+    graph.initializer.append(numpy_helper.from_array(np.array(1.0, dtype=np.float32), TEMPERATURE_TENSOR))
+    graph.node.append(helper.make_node("Div", ["logits", TEMPERATURE_TENSOR], ["ncguard/scaled_logits"], name="ncguard/temperature_scaling"))
+    graph.node.append(helper.make_node("Softmax", ["ncguard/scaled_logits"], ["probabilities"], axis=1, name="ncguard/softmax"))
     logits_info = next(o for o in graph.output if o.name == "logits")
     probabilities = onnx.ValueInfoProto()
     probabilities.CopyFrom(logits_info)
@@ -63,6 +74,27 @@ def finish_contract(network: onnx.ModelProto, detector, score_features: str | No
     del model.graph.output[:]
     model.graph.output.extend(ordered)
     return model
+
+
+def set_temperature(model: onnx.ModelProto, temperature: float) -> onnx.ModelProto:
+    """Set the T of a graph finished by `finish_contract` (in place; returns the model)."""
+    for index, tensor in enumerate(model.graph.initializer):
+        if tensor.name == TEMPERATURE_TENSOR:
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(np.array(temperature, dtype=np.float32), TEMPERATURE_TENSOR))
+            return model
+    raise DataError(f"the graph has no {TEMPERATURE_TENSOR!r} initializer: it was not finished by finish_contract")
+
+
+def fit_calibration(logits: np.ndarray, labels: np.ndarray) -> tuple[float, dict]:
+    """(T, report): the temperature minimizing the held-out NLL, and the held-out expected calibration
+    error (15 bins) of softmax(logits) before and softmax(logits / T) after (Guo et al. 2017)."""
+    temperature = fit_temperature(logits, labels)
+    report = {
+        "inputs": int(len(labels)),
+        "ece_before": expected_calibration_error(softmax(logits), labels),
+        "ece_after": expected_calibration_error(softmax(logits, temperature), labels),
+    }
+    return temperature, report
 
 
 def parity_inputs(calibration_x: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -103,15 +135,30 @@ def calibrate_and_stamp(
     name: str,
     run_id: str = "",
     extra: dict | None = None,
-) -> tuple[onnx.ModelProto, float]:
-    """(the stamped model, its threshold): the threshold keeps `tpr` of the held-out ID inputs
-    `calibration_x` under the finished graph's own scores (run on `session`), which also give the
-    drift reference's score quantiles. Never fed OOD data."""
+    calibration_y: np.ndarray | None = None,
+) -> tuple[onnx.ModelProto, float, float, dict | None]:
+    """(the stamped model, its threshold, its temperature, the held-out ECE before/after or None).
+
+    The threshold keeps `tpr` of the held-out ID inputs `calibration_x` under the finished graph's
+    own scores (run on `session`), which also give the drift reference's score quantiles. With the
+    inputs' labels `calibration_y`, the softmax temperature is fitted on the graph's held-out logits
+    and set in the graph (`fit_calibration`, `set_temperature`); without them T stays 1. Never fed
+    OOD data."""
     if len(calibration_x) < 2:
         raise DataError(f"the calibration split holds {len(calibration_x)} inputs; at least 2 are needed for a threshold")
-    id_scores, id_features = run_batched(session, calibration_x.astype(np.float32, copy=False), ["ood_score", "features"])
+    id_scores, id_features, id_logits = run_batched(
+        session, calibration_x.astype(np.float32, copy=False), ["ood_score", "features", "logits"]
+    )
     id_scores = id_scores.astype(np.float64)
     threshold = calibrate_threshold(id_scores, tpr)
+    temperature, calibration_error = 1.0, None
+    if calibration_y is not None:
+        if len(calibration_y) != len(calibration_x):
+            raise DataError(f"got {len(calibration_x)} calibration inputs but {len(calibration_y)} labels")
+        temperature, calibration_error = fit_calibration(id_logits.astype(np.float64), np.asarray(calibration_y))
+        # float32, as the graph stores it, so the metadata says exactly what the graph divides by
+        temperature = float(np.float32(temperature))
+        set_temperature(graph, temperature)
     metadata = ModelMetadata(
         name=name,
         classes=list(classes),
@@ -123,6 +170,11 @@ def calibrate_and_stamp(
         drift_reference=drift_reference(bundle, id_scores, id_features),
         statistics_checksum=bundle.checksum(),
         run_id=run_id,
-        extra={"calibration_inputs": int(len(calibration_x)), **(extra or {})},
+        extra={
+            "calibration_inputs": int(len(calibration_x)),
+            "calibration_error": calibration_error or "temperature not fitted: the calibration inputs came without labels",
+            **(extra or {}),
+        },
+        temperature=temperature,
     )
-    return stamp(graph, metadata), threshold
+    return stamp(graph, metadata), threshold, temperature, calibration_error

@@ -10,8 +10,9 @@ the model, so it is inside the graph.
 
 Then the chosen score (export.score_graph) and a softmax are appended, the graph is checked
 against torch and the NumPy reference (export.parity; a mismatch raises ModelError), the
-threshold is calibrated on held-out ID data with the graph's own scores, and the metadata of
-DESIGN.md section 3 is stamped before `save_model` writes the file atomically. Those finishing
+threshold is calibrated on held-out ID data with the graph's own scores, the softmax temperature
+is fitted on the same held-out data when its labels are given (`calibration_y`; Guo et al. 2017,
+ncguard.temperature), and the metadata of DESIGN.md section 3 is stamped before `save_model` writes the file atomically. Those finishing
 steps are torch-free and shared with `ncguard fit` (export.finish).
 
 The fused score (ncguard.scores.fused) reads several layers: the network then outputs their
@@ -157,12 +158,15 @@ def export_model(
     extra: dict | None = None,
     components=None,
     combine: str = "sum",
+    calibration_y: np.ndarray | None = None,
 ) -> tuple[onnx.ModelProto, ExportReport]:
     """The stamped ONNX model (not yet written) and what the export checked.
 
     `calibration_x` is held-out ID data (never OOD data): the threshold keeps `tpr` of it, and the
     drift reference's score quantiles come from it; for score "fused" its layer features also give
     each component's mu and sigma (`components`/`combine` as export.detectors.fused_components).
+    `calibration_y`, its labels, fits the temperature of `probabilities`; without them T = 1 (the
+    raw softmax, which for the ETF head is far from calibrated).
     """
     if len(calibration_x) < 2:
         raise DataError(f"the calibration split holds {len(calibration_x)} inputs; at least 2 are needed for a threshold")
@@ -189,7 +193,9 @@ def export_model(
     log.info("parity and calibration run on ONNX Runtime providers %s", ", ".join(providers))
     parity = check_parity(session, model, detector, layer, parity_inputs(calibration_x))
 
-    proto, threshold = calibrate_and_stamp(
+    if calibration_y is None:
+        log.warning("no labels for the calibration inputs: the probabilities keep temperature 1 (not calibrated)")
+    proto, threshold, temperature, calibration_error = calibrate_and_stamp(
         graph,
         session,
         bundle,
@@ -208,8 +214,10 @@ def export_model(
             "parity": [r.describe() for r in parity],
             **(extra or {}),
         },
+        calibration_y=calibration_y,
     )
-    return proto, ExportReport(score, _layer_text(layer) if layer else None, threshold, providers, parity)
+    report = ExportReport(score, _layer_text(layer) if layer else None, threshold, providers, parity, temperature, calibration_error)
+    return proto, report
 
 
 def _layer_text(layer: str | tuple[str, ...] | None) -> str:

@@ -1,8 +1,10 @@
 """`ncguard evaluate MODEL.onnx --id SPEC --ood SPEC [...]`: how well the exported model flags OOD inputs.
 
 Prints AUROC, FPR at the model's target TPR (FPR95 by default), AUPR-in/out and the fraction of
-each OOD set the deployed threshold flags, plus ID accuracy; writes the same as JSON and two PNGs
-(score histograms ID vs each OOD set, ROC curves) to --out-dir.
+each OOD set the deployed threshold flags, plus ID accuracy and how well the model's confidence is
+calibrated on the ID set: expected calibration error (ECE, 15 bins; Guo et al. 2017) of the raw
+softmax(logits) and of the model's temperature-scaled `probabilities`; writes the same as JSON and
+two PNGs (score histograms ID vs each OOD set, ROC curves) to --out-dir.
 
 Scoring an exported model is torch-free (ONNX Runtime through `ncguard.runtime.Predictor`).
 `--all-scores RUN_DIR` also scores the same inputs with every score of `ncguard.scores`, using the
@@ -23,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .atomic import atomic_write
+from .calibration import ECE_BINS, expected_calibration_error
 from .data import Dataset, iter_batches, load_dataset
 from .errors import DataError
 from .ood_data import fit_to_shape, load_ood_dataset
@@ -30,6 +33,7 @@ from .ood_metrics import ood_report
 from .plots import plot_roc_curves, plot_score_histograms
 from .runtime import PROVIDER_CHOICES, Predictor
 from .signing import verify_key_path
+from .temperature import softmax
 
 DEFAULT_BATCH_SIZE = 256
 REPORT_FILE = "evaluation.json"
@@ -52,6 +56,36 @@ def score_inputs(predictor: Predictor, x: np.ndarray, name: str, batch_size: int
         scores.append(result.ood_score)
         labels.append(result.class_index)
     return np.concatenate(scores).astype(np.float64), np.concatenate(labels)
+
+
+def id_outputs(predictor: Predictor, x: np.ndarray, batch_size: int = DEFAULT_BATCH_SIZE):
+    """(ood_score, predicted class, logits, probabilities) over the ID inputs, in batches."""
+    parts = []
+    batches = iter_batches(len(x), batch_size)
+    for rows in tqdm(batches, total=math.ceil(len(x) / batch_size), desc="scoring ID", unit="batch", leave=False):
+        result = predictor.predict(x[rows], batch_size=batch_size)
+        parts.append((result.ood_score, result.class_index, result.logits, result.probabilities))
+    scores, predicted, logits, probabilities = (np.concatenate(column) for column in zip(*parts))
+    return scores.astype(np.float64), predicted, logits.astype(np.float64), probabilities.astype(np.float64)
+
+
+def confidence_calibration(labels: np.ndarray, logits: np.ndarray, probabilities: np.ndarray, temperature: float) -> dict:
+    """ECE (15 bins) and mean confidence of the raw softmax(logits) and of the model's probabilities."""
+
+    def row(probs: np.ndarray) -> dict:
+        return {"ece": expected_calibration_error(probs, labels, ECE_BINS), "mean_confidence": float(probs.max(axis=1).mean())}
+
+    return {"n_bins": ECE_BINS, "temperature": float(temperature), "softmax": row(softmax(logits)), "probabilities": row(probabilities)}
+
+
+def calibration_table(calibration: dict, accuracy: float) -> str:
+    """The two rows of `confidence_calibration` as an aligned text table."""
+    rows = [["confidence", "temperature", f"ECE ({calibration['n_bins']} bins)", "mean confidence", "accuracy"]]
+    for name, temperature in (("softmax", 1.0), ("probabilities", calibration["temperature"])):
+        values = calibration[name]
+        rows.append([name, f"{temperature:.4g}", f"{values['ece']:.4f}", f"{values['mean_confidence']:.4f}", f"{accuracy:.2%}"])
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths))) for r in rows)
 
 
 def id_accuracy(data: Dataset, classes: list[str], predicted: np.ndarray) -> float | None:
@@ -98,8 +132,10 @@ def evaluate_model(
 ) -> tuple[dict, np.ndarray, dict[str, np.ndarray]]:
     """(JSON-ready ID and per-OOD-set metrics, ID scores, OOD scores per set) from the exported graph."""
     meta = predictor.metadata
-    id_scores, id_predicted = score_inputs(predictor, id_data.x, "ID", batch_size)
+    id_scores, id_predicted, id_logits, id_probabilities = id_outputs(predictor, id_data.x, batch_size)
     ood_scores = {name: score_inputs(predictor, x, name, batch_size)[0] for name, x in ood_inputs.items()}
+    accuracy = id_accuracy(id_data, meta.classes, id_predicted)
+    calibration = None if accuracy is None else confidence_calibration(id_data.y, id_logits, id_probabilities, meta.temperature)
     reports = {}
     for name, scores in ood_scores.items():
         report = ood_report(id_scores, scores, meta.tpr)
@@ -109,8 +145,9 @@ def evaluate_model(
         "id": {
             "spec": id_data.name,
             "n": len(id_data),
-            "accuracy": id_accuracy(id_data, meta.classes, id_predicted),
+            "accuracy": accuracy,
             "flagged": float(np.mean(id_scores > meta.threshold)),
+            "calibration": calibration,
         },
         "ood": reports,
     }, id_scores, ood_scores
@@ -165,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
     accuracy_text = "n/a (its classes are not the model's)" if accuracy is None else f"{accuracy:.2%}"
     print(f"model {meta.name}: score {meta.score}, threshold {meta.threshold:.5g} (target TPR {meta.tpr:.0%}); provider {predictor.providers_[0]}")
     print(f"ID {id_data.name}: {len(id_data)} inputs, accuracy {accuracy_text}, flagged {result['id']['flagged']:.1%}")
+    if result["id"]["calibration"] is not None:
+        print(f"confidence calibration on {id_data.name}:")
+        print(calibration_table(result["id"]["calibration"], accuracy))
     print(metrics_table(result["ood"], meta.tpr))
     if all_scores_dir:
         print(f"\nevery score on the run's features ({all_scores_dir}):")

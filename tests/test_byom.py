@@ -317,6 +317,9 @@ def test_contract_names_already_in_the_model_are_renamed_not_clobbered(digits_we
 
 
 def test_softmax_output_gives_its_input_as_logits_and_the_same_probabilities(digits_weight, digits):
+    """The same probabilities up to the fitted temperature: softmax(logits / T) (ncguard.temperature)."""
+    from ncguard.temperature import softmax
+
     train, test = digits
     source = linear_graph(digits_weight, softmax=True)
     proto, report = fit_graph(source, train, features="flat", score="energy")
@@ -324,7 +327,9 @@ def test_softmax_output_gives_its_input_as_logits_and_the_same_probabilities(dig
     assert report.layer is None  # energy reads the logits only
     (original,) = run_graph(source, test.x, "pixels", ["scores"])
     probabilities, logits = run_graph(proto, test.x, INPUT_NAME, ["probabilities", "logits"])
-    np.testing.assert_allclose(probabilities, original, rtol=1e-5, atol=1e-6)
+    original_logits = np.log(np.maximum(original.astype(np.float64), 1e-30))  # up to a constant per row
+    np.testing.assert_allclose(probabilities, softmax(original_logits, report.temperature), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(probabilities.argmax(axis=1), original.argmax(axis=1))
     assert not np.allclose(logits.sum(axis=1), 1.0)  # real logits, not probabilities
     assert "final_softmax" not in {n.name for n in proto.graph.node}  # the original softmax is pruned away
 
