@@ -73,14 +73,24 @@ class ServicePredictions:
         )
 
 
+MAX_RETRY_WAIT_S = 5
+
+
 class NcguardClient:
     """A synchronous client for one service; reuse it (it keeps connections open)."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 60.0):
+    def __init__(self, url: str = DEFAULT_URL, *, timeout: float = 60.0, api_key: str | None = None, overload_retries: int = 3):
+        """`api_key`: sent as `Authorization: Bearer KEY` to a server started with API keys.
+
+        `overload_retries`: how often a request answered 503 with Retry-After (the server's queue was
+        full) is sent again after waiting as told (at most MAX_RETRY_WAIT_S each time).
+        """
         import httpx
 
         self.url = url.rstrip("/")
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        self.overload_retries = overload_retries
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers)
 
     def close(self) -> None:
         self._http.close()
@@ -94,10 +104,15 @@ class NcguardClient:
     def _request(self, method: str, path: str, **kwargs):
         import httpx
 
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise ServiceError(f"cannot reach the ncguard service at {self.url}: {exc}") from None
+        for attempt in range(self.overload_retries + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.HTTPError as exc:
+                raise ServiceError(f"cannot reach the ncguard service at {self.url}: {exc}") from None
+            retry_after = response.headers.get("retry-after", "")
+            if response.status_code != 503 or not retry_after.isdigit() or attempt == self.overload_retries:
+                break
+            time.sleep(min(int(retry_after), MAX_RETRY_WAIT_S))
         if response.status_code < 400:
             return response
         try:
@@ -130,7 +145,7 @@ class NcguardClient:
         return self._request("GET", "/model").json()
 
     def metrics(self) -> str:
-        """The Prometheus exposition text of /metrics (BentoML's metrics and ncguard's)."""
+        """The Prometheus exposition text of /metrics."""
         return self._request("GET", "/metrics").text
 
     def predict(self, x: np.ndarray, *, batch_size: int = DEFAULT_BATCH_SIZE, wire: str = "npy") -> ServicePredictions:
@@ -211,6 +226,7 @@ def local_server(
     env: dict[str, str] | None = None,
     ready_timeout: float = 120.0,
     log_path: str | os.PathLike | None = None,
+    api_key: str | None = None,
 ) -> Iterator[NcguardClient]:
     """Run `ncguard serve MODEL` on a free port until the block ends; yields a ready client.
 
@@ -227,7 +243,7 @@ def local_server(
     log_path = Path(log_path)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment, start_new_session=True)
-    client = NcguardClient(f"http://{host}:{port}")
+    client = NcguardClient(f"http://{host}:{port}", api_key=api_key)
     try:
         try:
             client.wait_until_ready(ready_timeout, process=process)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 from ncguard.errors import ConfigError
@@ -19,6 +22,8 @@ from ncguard.runtime import PROVIDER_CHOICES
 from ncguard.signing import verify_key_path
 
 from . import settings as s
+from .access import API_KEYS_FILE_ENV
+from .exposition import METRICS_DIR_ENV
 
 SERVICE_IMPORT = "serving.service:NcguardService"
 ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the `serving` package
@@ -34,6 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per worker (default: CPU cores / workers)")
     p.add_argument("--max-batch-inputs", type=int, default=None, help=f"inputs allowed per request (default {s.DEFAULT_MAX_BATCH_INPUTS})")
     p.add_argument("--max-body-bytes", type=int, default=None, help=f"request body size limit (default {s.DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--api-keys", default=None, metavar="FILE",
+                   help="require an API key (one per line in FILE; or set NCGUARD_API_KEYS=KEY1,KEY2): "
+                   "'Authorization: Bearer KEY' or 'X-API-Key: KEY' on every route but /livez, /readyz, /healthz")
+    p.add_argument("--max-queue-rows", type=int, default=None,
+                   help=f"rows a worker's batching queue holds before it answers 503 + Retry-After (default {s.DEFAULT_MAX_QUEUE_ROWS})")
     p.add_argument("--verify-key", default=None, metavar="FILE",
                    help="Ed25519 public key (PREFIX.pub of `ncguard keygen`; default $NCGUARD_VERIFY_KEY): refuse a model it did not sign, here and in every worker")
 
@@ -67,6 +77,8 @@ def serve_environment(args: argparse.Namespace) -> dict[str, str]:
         s.THREADS_ENV: threads,
         s.MAX_BATCH_INPUTS_ENV: getattr(args, "max_batch_inputs", None),
         s.MAX_BODY_BYTES_ENV: getattr(args, "max_body_bytes", None),
+        s.MAX_QUEUE_ROWS_ENV: getattr(args, "max_queue_rows", None),
+        API_KEYS_FILE_ENV: Path(args.api_keys).resolve() if getattr(args, "api_keys", None) else None,
     }
     env.update({name: str(value) for name, value in optional.items() if value is not None})
     s.ServeSettings.from_env({**os.environ, **env})  # ConfigError now rather than in every worker
@@ -93,7 +105,15 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     import bentoml
 
-    bentoml.serve(SERVICE_IMPORT, working_dir=str(ROOT), host=args.host, port=args.port, blocking=True)
+    # This server's own Prometheus directory (serving.exposition): BentoML's is shared by every
+    # server under one $BENTOML_HOME and emptied when another one starts.
+    metrics_dir = tempfile.mkdtemp(prefix=f"ncguard-metrics-{args.port}-")
+    os.environ[METRICS_DIR_ENV] = metrics_dir
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))  # so that `finally` removes it
+    try:
+        bentoml.serve(SERVICE_IMPORT, working_dir=str(ROOT), host=args.host, port=args.port, blocking=True)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
