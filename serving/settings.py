@@ -27,6 +27,7 @@ MAX_BODY_BYTES_ENV = "NCGUARD_MAX_BODY_BYTES"
 MAX_IMAGE_PIXELS_ENV = "NCGUARD_MAX_IMAGE_PIXELS"
 MAX_REQUEST_PIXELS_ENV = "NCGUARD_MAX_REQUEST_PIXELS"
 VERIFY_KEY_ENV = "NCGUARD_VERIFY_KEY"  # public key PEM: workers refuse a model not signed with it
+HEADER_TIMEOUT_ENV = "NCGUARD_HEADER_TIMEOUT_S"  # seconds a connection may take to send a request head (serving.header_timeout)
 BATCH_SIZE_ENV = "NCGUARD_BATCH_SIZE"
 BATCH_LATENCY_MS_ENV = "NCGUARD_BATCH_LATENCY_MS"
 MAX_QUEUE_ROWS_ENV = "NCGUARD_MAX_QUEUE_ROWS"
@@ -56,6 +57,10 @@ DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 # 8x8 to 28x28 inputs, so larger sources only add decoding work. When unset it is never below
 # NCGUARD_MAX_IMAGE_PIXELS, so raising the per-image cap alone still admits one such image.
 DEFAULT_MAX_REQUEST_PIXELS = 4096 * 4096
+# A legitimate client sends its request head in one packet, within milliseconds; 10 s leaves room
+# for a slow link or a stalled proxy, and is the most one idle or trickling connection can hold a
+# worker's connection slot (uvicorn itself never times a request head out: serving.header_timeout).
+DEFAULT_HEADER_TIMEOUT_S = 10
 
 # Drift windows (per worker). Sampling noise alone gives a same-distribution window of n scores a
 # decile PSI of about 9/n and a KS distance of about 0.9/sqrt(n): 1000 keeps both an order of
@@ -108,6 +113,7 @@ class ServeSettings:
     tracing: bool = False  # OpenTelemetry spans for every request (only useful with a tracing exporter configured in BentoML)
     api_keys: tuple[str, ...] = ()  # when set, requests need one of them (serving.access)
     verify_key: str | None = None  # public key PEM path: load only models signed with its private key
+    header_timeout_s: int = DEFAULT_HEADER_TIMEOUT_S  # close connections whose request head takes longer
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "ServeSettings":
@@ -148,4 +154,5 @@ class ServeSettings:
             tracing=_flag(environ, TRACING_ENV),
             api_keys=configured_keys(environ),
             verify_key=environ.get(VERIFY_KEY_ENV, "").strip() or None,
+            header_timeout_s=_positive_int(environ, HEADER_TIMEOUT_ENV, DEFAULT_HEADER_TIMEOUT_S),
         )
