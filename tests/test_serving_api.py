@@ -73,7 +73,8 @@ def test_openapi_fuzz_finds_no_server_error_and_answers_match_the_schema(server)
 
         fuzz()
     assert set(statuses) == set(PUBLIC)
-    assert all(len(codes) >= 10 for codes in statuses.values()), {path: len(codes) for path, codes in statuses.items()}
+    # GET /model takes nothing, so one request covers it; the POST routes got a few dozen each
+    assert all(len(statuses[path]) >= 10 for path in ("/predict", "/predict_image")), {path: len(codes) for path, codes in statuses.items()}
     assert all(code < 500 for codes in statuses.values() for code in codes), statuses
 
 
