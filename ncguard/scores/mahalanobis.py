@@ -34,11 +34,14 @@ class Mahalanobis(Detector):
     (`ClassStatistics.precision_`), which ignores every direction without within-class variance.
 
     Why the floor (issue 15): with the pseudo-inverse a direction the ID data never varies in (a
-    pixel never lit in training, a dead channel, the sum of an ETF head's coordinates) contributes
+    pixel never lit in training, a channel that is constant on every training input) contributes
     nothing, so an input that differs from ID data *only* there scores exactly like its ID twin. With
     the floor, such a direction counts with variance 1e-6 x the largest (a spread of 1e-3 of the
     largest spread: far above float32 round-off, so ONNX Runtime and torch still agree, and far
-    below any real class spread, so real directions keep their weight). Measured:
+    below any real class spread, so real directions keep their weight). It also bounds the
+    whitening at 1e3 / sqrt(largest variance), where the pseudo-inverse kept directions down to
+    width x eps of the largest (whitening up to ~1e7 / sqrt(largest)), so a nearly flat direction
+    no longer amplifies float32 round-off into score. Measured:
     - synthetic (tests/test_score_numerics.py): Mahalanobis on the raw 8x8 digits pixels, some of
       which are never lit in the training digits: lighting one of them in the test digits left the
       pseudo-inverse score unchanged (AUROC 0.500 against the unchanged digits); with the floor every
@@ -47,7 +50,8 @@ class Mahalanobis(Detector):
       `--head plain`): AUROC and FPR95 of ID digits:test against noise:uniform, noise:gaussian,
       inverted:digits:test and fashion-mnist:test are the same to 4 decimals with and without the
       floor on every layer (block1, block2, block3, transfer, detection) and for the default fused
-      score (ETF head: mean AUROC 0.9986 / 0.9806 / 0.9920 / 0.9845 / 0.9698, fused 0.9951; plain
+      score (ETF head: mean AUROC over the four sets 0.9986 / 0.9806 / 0.9920 / 0.9845 / 0.9698 in
+      that layer order, fused 0.9951; plain
       head: fused 0.9972 both ways, Fashion-MNIST 0.9887 vs 0.9888). Their tied covariances have at
       most one eigenvalue below the floor (block3: a channel dead for every input), so real data
       loses nothing, and an input that lights a dead direction is no longer invisible.
