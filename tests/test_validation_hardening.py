@@ -28,6 +28,7 @@ from serving.validation import (
     parse_json_inputs,
     parse_npy_inputs,
 )
+from tests.conftest import SERVER_LIMITS
 from tests.image_bytes import png_bytes
 from tests.tiny_models import write_tiny_model
 
@@ -268,3 +269,23 @@ def test_request_pixel_setting_defaults_and_env():
     assert raised.max_request_pixels == 8192 * 8192
     with pytest.raises(Exception, match=s.MAX_REQUEST_PIXELS_ENV):
         s.ServeSettings.from_env({s.MAX_REQUEST_PIXELS_ENV: "0"})
+
+
+# ---------------------------------------------------------------------- the real service
+
+
+def test_the_real_service_answers_crafted_bodies_with_4xx(server):
+    """The issue's fuzz findings through `ncguard serve`: every crafted .npy header and a body of
+    empty lists within the body limit get a 4xx with an error message, and the server keeps serving."""
+    import httpx
+
+    assert tuple(server.model_info()["input_shape"]) == SHAPE, "the headers above are written for 8x8 digits"
+    for what, text, payload, _ in ISSUE_NPY_HEADERS:
+        answer = httpx.post(f"{server.url}/predict", content=npy_with_header(text, payload),
+                            headers={"content-type": "application/x-npy"}, timeout=60)
+        assert 400 <= answer.status_code < 500 and answer.json()["error"], (what, answer.status_code, answer.text)
+    limit = int(SERVER_LIMITS["NCGUARD_MAX_BODY_BYTES"])
+    body = b'{"inputs": [' + b"[]," * ((limit - 20) // 3) + b"[]]}"
+    answer = httpx.post(f"{server.url}/predict", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert answer.status_code == 413 and "JSON values" in answer.json()["error"], answer.text
+    assert server.predict(np.zeros((2, *SHAPE), np.float32)).class_index.shape == (2,)
