@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -58,12 +59,15 @@ def node_ports() -> list[str]:
     ]
 
 
-def alive_nodes(address: str) -> int:
+def alive_nodes(address: str, env: dict) -> int:
     code = (
         "import ray; ray.init(address=%r, logging_level='error', log_to_driver=False); "
         "print(sum(1 for n in ray.nodes() if n['Alive']))" % address
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    try:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    except subprocess.TimeoutExpired:
+        return 0
     try:
         return int(result.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -90,20 +94,24 @@ def ray_cluster():
     if not RAY.exists():
         pytest.skip(f"the ray command is not installed next to {sys.executable}: pip install 'ncguard[scale]'")
     temp = tempfile.mkdtemp(prefix="ncr", dir="/tmp")  # short: Ray's socket paths must stay under 108 characters
-    port, client = free_ports(2)
+    (port,) = free_ports(1)
     address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Ray 2.60 authenticates clients with a token; this cluster gets its own, given to its nodes
+    # and to the audit's driver through the environment (RAY_AUTH_TOKEN_PATH), as a real one would.
+    token = Path(temp) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     common = ["--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--object-store-memory", str(80 * 1024 * 1024), "--disable-usage-stats"]
     logs = open(Path(temp) / "nodes.log", "w")
     processes = []
     try:
         processes.append(subprocess.Popen(
-            [str(RAY), "start", "--head", "--port", str(port), "--ray-client-server-port", str(client), "--include-dashboard", "false",
+            [str(RAY), "start", "--head", "--port", str(port), "--include-dashboard", "false",
              "--temp-dir", temp, *common, *node_ports()],
             stdout=logs, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         ))
         deadline = time.monotonic() + 120
-        while alive_nodes(address) < 1:
+        while alive_nodes(address, env) < 1:
             if time.monotonic() > deadline or processes[0].poll() is not None:
                 pytest.fail(f"the Ray head did not start: {(Path(temp) / 'nodes.log').read_text()[-3000:]}")
             time.sleep(1)
@@ -111,11 +119,11 @@ def ray_cluster():
             [str(RAY), "start", "--address", address, *common, *node_ports()],
             stdout=logs, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         ))
-        while alive_nodes(address) < 2:
+        while alive_nodes(address, env) < 2:
             if time.monotonic() > deadline or processes[1].poll() is not None:
                 pytest.fail(f"the second Ray node did not join: {(Path(temp) / 'nodes.log').read_text()[-3000:]}")
             time.sleep(1)
-        yield address
+        yield address, env
     finally:
         for process in reversed(processes):
             stop(process)
@@ -136,12 +144,12 @@ def audit_sources(tmp_path_factory):
 
 def test_ray_cluster_audit_equals_the_local_engine_and_one_pass(ray_cluster, audit_sources, digits_model_path, tmp_path):
     specs, shard_rows_x = audit_sources
+    address, env = ray_cluster
     local_out, ray_out = tmp_path / "local", tmp_path / "ray"
     local = run_audit(digits_model_path, specs, local_out, AuditOptions(shard_rows=100, features=True, quiet=True, report=False))
 
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     args = [digits_model_path, *sum((["--data", s] for s in specs), []), "--out", ray_out, "--engine", "ray",
-            "--address", ray_cluster, "--workers", "2", "--shard-rows", "100", "--features"]
+            "--address", address, "--workers", "2", "--shard-rows", "100", "--features"]
     result = subprocess.run([sys.executable, "-m", "ncguard", "audit", *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((ray_out / "summary.json").read_text())
