@@ -123,6 +123,10 @@ def make_engine(model: LoadedModel, options: AuditOptions):
 def run_audit(model_path, sources: list[str], out, options: AuditOptions = AuditOptions()) -> AuditResult:
     """Score every row of `sources` with the model, write per-row shards, aggregates and a report."""
     options = options.validated()
+    try:
+        import pyarrow.parquet  # noqa: F401  (per-row results are Parquet, whatever the engine)
+    except ImportError:
+        raise ConfigError("ncguard audit writes Parquet and needs pyarrow: pip install 'ncguard[scale]'") from None
     if not sources:
         raise ConfigError("give at least one --data SOURCE")
     out = Path(out)
