@@ -218,3 +218,30 @@ def test_serve_with_a_verify_key_serves_a_signed_model(signed_model, keys, tmp_p
     env = {"BENTOML_HOME": str(tmp_path / "bentoml"), VERIFY_KEY_ENV: str(keys["pub"])}
     with local_server(signed_model, env=env, ready_timeout=120) as client:
         assert client.model_info()["name"]
+
+
+@pytest.mark.skipif("verify_key=settings.verify_key" not in (ROOT / "serving" / "service.py").read_text(),
+                    reason="serving/service.py does not pass settings.verify_key to its Predictor yet")
+def test_each_worker_verifies_the_model_it_loads(signed_model, keys, tmp_path):
+    """A Bento or a plain `bentoml serve` skips `ncguard serve`'s check: the worker itself refuses the edited model."""
+    import signal
+    import time
+
+    from ncguard.client import free_port
+
+    edited = edit_threshold(signed_model, tmp_path / "edited.onnx")
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "NCGUARD_MODEL": str(edited), VERIFY_KEY_ENV: str(keys["pub"]),
+           "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:NcguardService", "--port",
+                                    str(free_port()), "--host", "127.0.0.1"], cwd=ROOT, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "modified after it was signed" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
