@@ -9,9 +9,15 @@ In one run, on the same model file and inputs (uniform [0, 1] rows of the model'
   nodes' share of the kernel time from ONNX Runtime's profiler (local_paths.ood_node_share);
 - `ncguard predict`'s own code path (read an .npz, score, format), model loaded once, and one cold
   command (local_paths.bench_predict_cli);
-- HTTP /predict on a real `ncguard serve` (1 worker, 127.0.0.1, default settings) at batch 1, 16, 64
-  x 1, 8, 32 concurrent clients, with .npy and with JSON bodies (http_load.load_cell; bounded in
-  requests and seconds per cell; the server is stopped at the end).
+- HTTP /predict on a real `ncguard serve` (1 worker, 127.0.0.1, default settings) driven by `hey`, a
+  low-overhead load generator (hey_load.hey_cell), at batch 1, 16, 64 x 1, 8, 32, 64 clients with
+  .npy bodies, and JSON bodies at 1 and 32 clients: what the server can do;
+- the same server from Python clients (http_load.load_cell) at batch 1 and 64 x 1 and 8 clients:
+  what a Python caller on the same 2 cores sees (its own CPU cost included);
+- the request-path steps at 32 clients of 1-row requests: the service with BentoML's tracing
+  middleware or access log switched back on, with 2 workers, and (--baseline-ref REF) the service
+  as it was at an earlier commit, e.g. BentoML's adaptive batching through the self-proxy.
+Every cell is bounded in time; only 127.0.0.1 is addressed; each server is stopped after its cells.
 Writes benchmarks/results/serving.{json,md,png} (atomically; report.py). Not a test.
 """
 
@@ -32,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from hey_load import baseline_checkout, hey_cell, remove_checkout  # noqa: E402
 from http_load import load_cell  # noqa: E402
 from local_paths import bench_graphs, bench_predict_cli, ood_node_share  # noqa: E402
-from report import markdown, ood_cost, plot, rows, verdicts  # noqa: E402
+from report import markdown, ood_cost, plot, rows, traffic_goals, verdicts  # noqa: E402
 
 from ncguard.atomic import atomic_write  # noqa: E402
 from ncguard.client import local_server  # noqa: E402
@@ -42,21 +49,63 @@ from ncguard.model_file import load_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BATCHES = [1, 16, 64]
-CLIENTS = [1, 8, 32]
+HEY_CLIENTS = {"npy": [1, 8, 32, 64], "json": [1, 32]}
+PYTHON_CELLS = [(1, 1), (1, 8), (64, 1), (64, 8)]  # (batch, clients) from Python, .npy bodies
+STEP_BATCH, STEP_CLIENTS = 1, 32
 
 
-def bench_http(model: Path, shape: tuple[int, ...], *, wires: list[str], requests: int, budget_s: float) -> list[dict]:
+def _show(what: str, cell: dict) -> None:
+    print(f"  {what} batch {cell['batch']:>3} x {cell['clients']:>2} clients: {cell['rows_per_s']:>9,.1f} rows/s, p50 {cell['p50_ms']} ms, p99 {cell['p99_ms']} ms, {cell['status_counts']}", flush=True)
+
+
+def _server_env(**extra: str) -> dict[str, str]:
+    return {"BENTOML_HOME": tempfile.mkdtemp(prefix="bench-bentoml-"), **extra}
+
+
+def bench_http(model: Path, shape: tuple[int, ...], *, seconds: float, python_requests: int) -> tuple[list[dict], list[dict]]:
+    """(hey cells, Python-client cells) against one default `ncguard serve`."""
     rng = np.random.default_rng(0)
-    cells = []
-    with local_server(model, env={"BENTOML_HOME": tempfile.mkdtemp(prefix="bench-bentoml-")}) as client:
-        for wire in wires:
+    inputs = {batch: rng.uniform(0, 1, size=(batch, *shape)).astype(np.float32) for batch in BATCHES}
+    hey_cells, python_cells = [], []
+    with local_server(model, env=_server_env()) as client:
+        hey_cell(client.url, inputs[1], wire="npy", clients=8, seconds=2)  # warm-up
+        for wire, clients_list in HEY_CLIENTS.items():
             for batch in BATCHES:
-                x = rng.uniform(0, 1, size=(batch, *shape)).astype(np.float32)
-                load_cell(client.url, x, wire=wire, clients=1, requests=10, budget_s=5)  # warm-up
-                for clients in CLIENTS:
-                    cell = load_cell(client.url, x, wire=wire, clients=clients, requests=max(2, requests // clients), budget_s=budget_s)
-                    cells.append(cell)
-                    print(f"  HTTP {wire:>4} batch {batch:>3} x {clients:>2} clients: {cell['rows_per_s']:>9,.1f} rows/s, p50 {cell['p50_ms']} ms, p99 {cell['p99_ms']} ms, {cell['status_counts']}", flush=True)
+                for clients in clients_list:
+                    cell = hey_cell(client.url, inputs[batch], wire=wire, clients=clients, seconds=seconds)
+                    hey_cells.append(cell)
+                    _show(f"hey    {wire:>4}", cell)
+        for batch, clients in PYTHON_CELLS:
+            cell = load_cell(client.url, inputs[batch], wire="npy", clients=clients, requests=max(2, python_requests // clients), budget_s=seconds)
+            python_cells.append(cell)
+            _show("python  npy", cell)
+    return hey_cells, python_cells
+
+
+def bench_steps(model: Path, shape: tuple[int, ...], *, seconds: float, baseline_ref: str | None) -> list[dict]:
+    """1-row requests from 32 `hey` clients against variants of the service, one server each."""
+    x = np.random.default_rng(1).uniform(0, 1, size=(STEP_BATCH, *shape)).astype(np.float32)
+    variants: list[tuple[str, dict, int, Path | None]] = [
+        ("default (1 worker)", {}, 1, None),
+        ("BentoML's OpenTelemetry middleware on (NCGUARD_TRACING=1)", {"NCGUARD_TRACING": "1"}, 1, None),
+        ("BentoML's access log on (NCGUARD_ACCESS_LOG=1)", {"NCGUARD_ACCESS_LOG": "1"}, 1, None),
+        ("2 workers", {}, 2, None),
+    ]
+    checkout = None
+    if baseline_ref:
+        checkout = baseline_checkout(baseline_ref, ROOT)
+        variants.append((f"the service at {baseline_ref} (BentoML adaptive batching via the self-proxy)", {"PYTHONPATH": str(checkout)}, 1, checkout))
+    cells = []
+    try:
+        for name, env, workers, _ in variants:
+            with local_server(model, workers=workers, env=_server_env(**env)) as client:
+                hey_cell(client.url, x, wire="npy", clients=8, seconds=1)  # warm-up
+                cell = {**hey_cell(client.url, x, wire="npy", clients=STEP_CLIENTS, seconds=seconds), "variant": name}
+            cells.append(cell)
+            _show(f"step: {name}:", cell)
+    finally:
+        if checkout is not None:
+            remove_checkout(checkout, ROOT)
     return cells
 
 
@@ -67,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run: few calls per cell")
     parser.add_argument("--notes", default="", help="a paragraph appended to the Markdown report")
     parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--baseline-ref", default=None, help="also measure the service as it was at this git commit (request-path steps)")
     args = parser.parse_args(argv)
     budget = 0.5 if args.quick else 4.0
     calls = 20 if args.quick else 4000
@@ -81,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     print("ncguard predict ...", flush=True)
     predict = bench_predict_cli(model, BATCHES, calls=calls, budget_s=budget)
     print("HTTP ...", flush=True)
-    http = bench_http(model, shape, wires=["npy", "json"], requests=calls // 4, budget_s=budget)
+    seconds = 1.0 if args.quick else 5.0
+    hey_cells, python_cells = bench_http(model, shape, seconds=seconds, python_requests=calls // 4)
+    print("request-path steps ...", flush=True)
+    steps = bench_steps(model, shape, seconds=seconds, baseline_ref=args.baseline_ref)
 
-    command = "python benchmarks/serving/bench_serving.py --model " + str(model) + (" --quick" if args.quick else "")
+    command = "python benchmarks/serving/bench_serving.py --model " + str(model) + (" --quick" if args.quick else "") + (f" --baseline-ref {args.baseline_ref}" if args.baseline_ref else "")
     report = {
         "model": {"path": str(model), "description": args.describe, "name": meta.name, "input_shape": list(shape), "classes": len(meta.classes), "score": meta.score},
         "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, Python {platform.python_version()}",
@@ -91,12 +144,16 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": round(load_before, 2),
         "command": command,
         "local": {**graphs, "ncguard_predict": predict},
-        "http": http,
+        "http": python_cells,
+        "hey": hey_cells,
+        "steps": steps,
+        "load_average_after": round(os.getloadavg()[0], 2),
         "notes": args.notes,
     }
     report["ood_cost"] = ood_cost(report)
     report["table"] = rows(report)
     report["verdicts"] = verdicts(report, report["table"])
+    report["traffic_goals"] = traffic_goals(report)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot(report, out / "serving.png")

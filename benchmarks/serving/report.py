@@ -11,6 +11,11 @@ from pathlib import Path
 
 OOD_BUDGET = 0.05  # the OOD part may add at most 5% to the graph's time (issue 7)
 SERVICE_GOAL = 0.80  # HTTP batch-64 throughput relative to the raw session (issue 7)
+# Issue 13, every ratio to the raw session's batch-64 rows/s in the same run:
+SMALL_REQUESTS_GOAL = 0.5  # 32 clients of 1-row .npy requests
+ONE_CLIENT_GOAL = 0.9  # 1 client of 64-row .npy requests
+TAIL_GOAL = 3.0  # p99 / p50 at 32 clients, with no 503
+JSON_GOAL = 0.5  # JSON rows/s at batch 16 over .npy rows/s at batch 16
 
 
 def rows(report: dict) -> list[dict]:
@@ -47,9 +52,45 @@ def rows(report: dict) -> list[dict]:
     for batch, cell in local["ncguard_predict"].items():
         if batch.isdigit():
             add("ncguard predict (in-process)", batch, 1, cell)
+    for cell in report.get("hey", []):
+        add(f"HTTP /predict (hey), {cell['wire']} body", str(cell["batch"]), cell["clients"], cell, status_counts=cell["status_counts"])
     for cell in report["http"]:
-        add(f"HTTP /predict, {cell['wire']} body", str(cell["batch"]), cell["clients"], cell, status_counts=cell["status_counts"])
+        add(f"HTTP /predict (Python client), {cell['wire']} body", str(cell["batch"]), cell["clients"], cell, status_counts=cell["status_counts"])
     return out
+
+
+def _hey(report: dict, wire: str, batch: int, clients: int) -> dict | None:
+    return next((c for c in report.get("hey", []) if (c["wire"], c["batch"], c["clients"]) == (wire, batch, clients)), None)
+
+
+def traffic_goals(report: dict) -> list[dict]:
+    """Issue 13's goals, each with its measured value and whether it holds."""
+    raw64 = report["local"]["raw_onnxruntime"]["64"]["rows_per_s"]
+    goals = []
+    small = _hey(report, "npy", 1, 32)
+    if small:
+        ratio = small["rows_per_s"] / raw64
+        goals.append({"goal": f"32 clients of 1-row .npy requests >= {SMALL_REQUESTS_GOAL} of raw batch 64", "value": f"{ratio:.2f} ({small['rows_per_s']:,.0f} rows/s)", "met": ratio >= SMALL_REQUESTS_GOAL})
+    single = _hey(report, "npy", 64, 1)
+    if single:
+        ratio = single["rows_per_s"] / raw64
+        goals.append({"goal": f"1 client of 64-row .npy requests >= {ONE_CLIENT_GOAL} of raw batch 64", "value": f"{ratio:.2f} ({single['rows_per_s']:,.0f} rows/s)", "met": ratio >= ONE_CLIENT_GOAL})
+    at32 = [c for c in report.get("hey", []) if c["clients"] == 32]
+    if at32:
+        shed = sum(c["status_counts"].get("503", 0) for c in at32)
+        worst = max(at32, key=lambda c: c["p99_ms"] / c["p50_ms"])
+        tail = worst["p99_ms"] / worst["p50_ms"]
+        goals.append({
+            "goal": f"32 clients: no 503 and p99 <= {TAIL_GOAL:g} x p50 (every 32-client cell)",
+            "value": f"{shed} x 503; worst p99/p50 {tail:.1f} ({worst['wire']} batch {worst['batch']}: p50 {worst['p50_ms']:.1f} ms, p99 {worst['p99_ms']:.1f} ms)",
+            "met": shed == 0 and tail <= TAIL_GOAL,
+        })
+    for clients in (1, 32):
+        json16, npy16 = _hey(report, "json", 16, clients), _hey(report, "npy", 16, clients)
+        if json16 and npy16:
+            ratio = json16["rows_per_s"] / npy16["rows_per_s"]
+            goals.append({"goal": f"JSON at batch 16, {clients} client(s) >= {JSON_GOAL} of .npy", "value": f"{ratio:.2f}", "met": ratio >= JSON_GOAL})
+    return goals
 
 
 def ood_cost(report: dict) -> dict:
@@ -86,6 +127,25 @@ def verdicts(report: dict, table: list[dict]) -> dict:
     }
 
 
+def _steps_section(report: dict) -> list[str]:
+    steps = report.get("steps") or []
+    if not steps:
+        return []
+    raw64 = report["local"]["raw_onnxruntime"]["64"]["rows_per_s"]
+    lines = [
+        "## The request path, step by step",
+        "",
+        "1-row .npy requests from 32 `hey` clients, one server per variant, the same run:",
+        "",
+        "| variant | rows/s | / raw batch 64 | p50 | p99 | statuses |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for cell in steps:
+        statuses = ", ".join(f"{k}: {n}" for k, n in cell["status_counts"].items())
+        lines.append(f"| {cell['variant']} | {cell['rows_per_s']:,.0f} | {cell['rows_per_s'] / raw64:.2f} | {_fmt(cell['p50_ms'])} ms | {_fmt(cell['p99_ms'])} ms | {statuses} |")
+    return [*lines, ""]
+
+
 def _fmt(value: float) -> str:
     return f"{value:,.1f}" if value >= 100 else f"{value:.3g}"
 
@@ -116,6 +176,16 @@ def markdown(report: dict) -> str:
         "Concurrent cells can pass 100% of the single-caller raw session: several calls in flight keep both cores busy "
         "(compare the raw session with several caller threads).",
         "",
+        "## Goals (issue 13: many small concurrent requests)",
+        "",
+        "HTTP cells below are driven by `hey` (a compiled load generator, so the client takes little of the 2 cores); "
+        "ratios are to the raw session's batch-64 rows/s in this run.",
+        "",
+        "| goal | measured | |",
+        "| --- | --- | --- |",
+        *[f"| {g['goal']} | {g['value']} | {'met' if g['met'] else 'NOT met'} |" for g in report.get("traffic_goals", [])],
+        "",
+        *_steps_section(report),
         "## What the OOD part costs",
         "",
         f"Graph nodes: {report['local']['nodes']['full']} exported, {report['local']['nodes']['without_ood']} without the OOD score "
@@ -177,7 +247,7 @@ def plot(report: dict, path: Path) -> None:
     for r in table:
         key = (r["path"], r["clients"])
         if key not in [(s[1], s[2]) for s in series]:
-            short = r["path"].replace("HTTP /predict, ", "HTTP ").replace(" body", "").replace("raw ONNX Runtime session", "raw ORT")
+            short = r["path"].replace("HTTP /predict ", "HTTP ").replace("(Python client)", "(py)").replace(" body", "").replace("raw ONNX Runtime session", "raw ORT")
             series.append((f"{short}, {r['clients']} cl." if r["path"].startswith("HTTP") else short, r["path"], r["clients"]))
     width = 0.8 / len(series)
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, len(series)))
