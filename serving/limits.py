@@ -1,13 +1,20 @@
-"""A cap on request body size, enforced before any route reads the body.
+"""A cap on request body size, and on how many large bodies a worker holds at once.
 
 Starlette, uvicorn and BentoML read a body whole with no upper bound, so one huge request could
 exhaust a worker's memory. This ASGI middleware reads at most `limit` bytes (refusing at once when
 Content-Length already says more), answers 413 with `{"error": ...}` past it, and otherwise hands
 the buffered body on unchanged. Hand-written because neither Starlette nor BentoML offers one.
+
+The cap bounds one request; many large requests at once still multiply it (8 bodies of 16 MiB and
+their parsing held over 1 GB). So a request whose body is larger than `large_body_bytes` (declared,
+or found while reading) waits for one of `large_body_slots` slots before its body is read and keeps
+it until its answer is sent: memory then grows with the number of slots, not with the number of
+large requests in flight; small requests never wait for a slot.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Awaitable, Callable
 
@@ -17,10 +24,20 @@ Send = Callable[[dict], Awaitable[None]]
 
 
 class BodySizeLimit:
-    def __init__(self, app, *, limit_for_path: Callable[[str], int], on_reject: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        app,
+        *,
+        limit_for_path: Callable[[str], int],
+        on_reject: Callable[[], None] | None = None,
+        large_body_bytes: int = 1024 * 1024,
+        large_body_slots: int = 2,
+    ):
         self.app = app
         self.limit_for_path = limit_for_path
         self.on_reject = on_reject
+        self.large_body_bytes = large_body_bytes
+        self._slots = asyncio.Semaphore(large_body_slots)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
@@ -31,7 +48,15 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._refuse(send, limit)
             return
-        chunks, size = [], 0
+        if declared is not None and declared.isdigit() and int(declared) > self.large_body_bytes:
+            async with self._slots:
+                await self._read_and_forward(scope, receive, send, limit, large_at=None)
+            return
+        await self._read_and_forward(scope, receive, send, limit, large_at=self.large_body_bytes)
+
+    async def _read_and_forward(self, scope: Scope, receive: Receive, send: Send, limit: int, *, large_at: int | None, chunks: list[bytes] | None = None, size: int = 0) -> None:
+        """Read the body (at most `limit` bytes) and pass it on; past `large_at` bytes, wait for a slot first."""
+        chunks = [] if chunks is None else chunks
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -42,9 +67,19 @@ class BodySizeLimit:
                 await self._refuse(send, limit)
                 return
             chunks.append(chunk)
-            if not message.get("more_body", False):
+            more = message.get("more_body", False)
+            if large_at is not None and size > large_at:  # no Content-Length said so: take a slot now
+                async with self._slots:
+                    if more:
+                        await self._read_and_forward(scope, receive, send, limit, large_at=None, chunks=chunks, size=size)
+                    else:
+                        await self._forward(scope, receive, send, b"".join(chunks))
+                return
+            if not more:
                 break
-        body = b"".join(chunks)
+        await self._forward(scope, receive, send, b"".join(chunks))
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         delivered = False
 
         async def replay() -> dict:

@@ -60,7 +60,7 @@ from .limits import BodySizeLimit
 from .metrics import count_rejection, endpoint_label, model_metrics, service_metrics, start_rejection_counts
 from .model_source import resolve_model_path
 from .monitor import DriftMonitor, score_buckets
-from .settings import ServeSettings
+from .settings import LARGE_BODY_BYTES, ServeSettings
 from .validation import NPY_CONTENT_TYPE, Rejected, decode_images, parse_json_inputs, parse_npy_inputs
 
 log = logging.getLogger("ncguard.serving")
@@ -309,5 +309,7 @@ NcguardService.add_asgi_middleware(
     BodySizeLimit,
     limit_for_path=lambda path: settings.max_body_bytes,
     on_reject=lambda: count_rejection(_model_label(), "body_too_large"),
+    large_body_bytes=LARGE_BODY_BYTES,
+    large_body_slots=settings.large_body_slots,
 )
 NcguardService.add_asgi_middleware(PublishedApi)

@@ -31,6 +31,7 @@ HEADER_TIMEOUT_ENV = "NCGUARD_HEADER_TIMEOUT_S"  # seconds a connection may take
 BATCH_SIZE_ENV = "NCGUARD_BATCH_SIZE"
 BATCH_LATENCY_MS_ENV = "NCGUARD_BATCH_LATENCY_MS"
 MAX_QUEUE_ROWS_ENV = "NCGUARD_MAX_QUEUE_ROWS"
+LARGE_BODY_SLOTS_ENV = "NCGUARD_LARGE_BODY_SLOTS"
 ACCESS_LOG_ENV = "NCGUARD_ACCESS_LOG"
 TRACING_ENV = "NCGUARD_TRACING"
 DRIFT_WINDOW_ENV = "NCGUARD_DRIFT_WINDOW"
@@ -45,6 +46,10 @@ DRIFT_MIN_SAMPLES_ENV = "NCGUARD_DRIFT_MIN_SAMPLES"
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_BATCH_LATENCY_MS = 1000
 DEFAULT_MAX_QUEUE_ROWS = 4096
+# Bodies over LARGE_BODY_BYTES are read and parsed at most LARGE_BODY_SLOTS at a time per worker
+# (serving.limits): memory then grows with the slots, not with the number of large requests.
+LARGE_BODY_BYTES = 1024 * 1024
+DEFAULT_LARGE_BODY_SLOTS = 2
 DEFAULT_MAX_BATCH_INPUTS = 256
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
@@ -109,6 +114,7 @@ class ServeSettings:
     drift_min_samples: int = DEFAULT_DRIFT_MIN_SAMPLES  # predictions a worker needs before it publishes them
     max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS  # pixels of all images of one /predict_image request
     max_queue_rows: int = DEFAULT_MAX_QUEUE_ROWS  # rows waiting in a worker's batching queue before requests are refused (503)
+    large_body_slots: int = DEFAULT_LARGE_BODY_SLOTS  # large bodies (> LARGE_BODY_BYTES) a worker reads and parses at once
     access_log: bool = False  # one log line per request (BentoML's access log); off: it costs every request
     tracing: bool = False  # OpenTelemetry spans for every request (only useful with a tracing exporter configured in BentoML)
     api_keys: tuple[str, ...] = ()  # when set, requests need one of them (serving.access)
@@ -150,6 +156,7 @@ class ServeSettings:
                 max(DEFAULT_MAX_REQUEST_PIXELS, _positive_int(environ, MAX_IMAGE_PIXELS_ENV, DEFAULT_MAX_IMAGE_PIXELS)),
             ),
             max_queue_rows=_positive_int(environ, MAX_QUEUE_ROWS_ENV, DEFAULT_MAX_QUEUE_ROWS),
+            large_body_slots=_positive_int(environ, LARGE_BODY_SLOTS_ENV, DEFAULT_LARGE_BODY_SLOTS),
             access_log=_flag(environ, ACCESS_LOG_ENV),
             tracing=_flag(environ, TRACING_ENV),
             api_keys=configured_keys(environ),

@@ -137,6 +137,44 @@ def test_body_limit_refuses_larger_bodies_with_413_json():
     assert len(rejections) == 2
 
 
+def test_large_bodies_wait_for_a_slot_small_ones_do_not():
+    """With 1 slot for bodies over 50 bytes, large requests are handled one at a time, small ones alongside."""
+    active = {"large": 0, "most_large": 0, "small_during_large": 0}
+
+    async def slow_echo(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > 50:
+            active["large"] += 1
+            active["most_large"] = max(active["most_large"], active["large"])
+            await asyncio.sleep(0.05)
+            active["large"] -= 1
+        elif active["large"]:
+            active["small_during_large"] += 1
+        return Response(body)
+
+    app = BodySizeLimit(Starlette(routes=[Route("/echo", slow_echo, methods=["POST"])]), limit_for_path=lambda path: 1000, large_body_bytes=50, large_body_slots=1)
+
+    async def chunked():
+        for _ in range(3):
+            yield b"z" * 30
+
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            large = [client.post("/echo", content=b"x" * 80) for _ in range(3)] + [client.post("/echo", content=chunked())]
+            small = [client.post("/echo", content=b"s" * 10) for _ in range(3)]
+
+            async def later(coroutine):
+                await asyncio.sleep(0.01)
+                return await coroutine
+
+            return await asyncio.gather(*large, *(later(c) for c in small))
+
+    responses = asyncio.run(main())
+    assert [len(r.content) for r in responses] == [80, 80, 80, 90, 10, 10, 10]
+    assert active["most_large"] == 1
+    assert active["small_during_large"] == 3
+
+
 def test_sessions_do_not_spin_between_runs(tmp_path):
     """Every path's session (service, ncguard predict, the benchmark's raw session) gets the option:
     spinning pool threads took the shared cores from the thread with the work (ncguard.runtime)."""
