@@ -120,9 +120,14 @@ def parse_json_inputs(body: bytes, predictor: Predictor, max_inputs: int) -> np.
         # refuse before building a large array (a list as long as the first input axis may be one
         # unbatched input; check_array decides that case exactly)
         raise Rejected("batch_too_large", _too_many(len(inputs), max_inputs), 413)
+    found = _non_number(inputs)
+    if found is not None:
+        # refused before np.asarray: with strings it builds a '<U{longest}' array of n_values x
+        # longest x 4 bytes (a 0.1 MB body of one 100k-character string and 1000 short ones: +380 MB)
+        raise Rejected("wrong_dtype", f"'inputs' must be nested lists of numbers ({expected}); it holds {found}, not a number dtype")
     try:
         x = np.asarray(inputs)
-    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
         raise Rejected("wrong_shape", f"'inputs' is not a regular array ({expected}): {exc}") from None
     return check_array(x, predictor, max_inputs)
 
@@ -146,6 +151,33 @@ def _read_literal(text: str):
         return ast.literal_eval(text)
     value = _cached_literal(text)
     return dict(value) if isinstance(value, dict) else value  # callers get their own dict
+
+
+_NUMBER_TYPES = frozenset((int, float))
+_JSON_KINDS = {str: "strings", bool: "booleans", type(None): "nulls", dict: "objects"}
+
+
+def _non_number(value) -> str | None:
+    """What `value` holds besides numbers and lists ("strings", "booleans", ...), or None.
+
+    Iterative (no recursion limit) and mostly at C speed: the innermost lists, which hold nearly
+    all values, are checked with one set(map(type, row)); bounded by the JSON value bound.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is list:
+            types = set(map(type, item))
+            if types <= _NUMBER_TYPES:
+                continue
+            stray = types - _NUMBER_TYPES - {list}
+            if stray:
+                return _JSON_KINDS.get(next(iter(stray)), "values that are not numbers")
+            stack.extend(item)
+        elif kind not in _NUMBER_TYPES:
+            return _JSON_KINDS.get(kind, "values that are not numbers")
+    return None
 
 
 def _npy_header(body: bytes) -> tuple[dict, int]:

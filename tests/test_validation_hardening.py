@@ -241,6 +241,45 @@ def test_a_16mb_json_body_of_tiny_values_costs_little_memory(predictor, filler, 
     assert result["seconds"] < 1.0, result
 
 
+@pytest.mark.parametrize("inputs, kind", [
+    ([["a"] * 64], "strings"), ([[True] * 64], "booleans"), ([[None]], "nulls"), ([[{"a": 1}]], "objects"), ("a" * 1000, "strings"),
+])
+def test_non_numbers_are_refused_before_numpy_sees_them(predictor, inputs, kind):
+    exc = refused(parse_json_inputs, json.dumps({"inputs": inputs}).encode(), predictor)
+    assert (exc.reason, exc.status) == ("wrong_dtype", 422) and kind in str(exc) and "dtype" in str(exc)
+
+
+STRINGS = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    from ncguard.runtime import Predictor
+    from serving.validation import Rejected, parse_json_inputs
+
+    def rss_mb(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+
+    predictor = Predictor(sys.argv[2], provider="cpu")
+    body = json.dumps({"inputs": [["x" * 100000] + ["a"] * 1000]}).encode()
+    before = rss_mb("VmHWM")
+    try:
+        parse_json_inputs(body, predictor, 256)
+    except Rejected as exc:
+        print(json.dumps({"status": exc.status, "peak_growth_mb": rss_mb("VmHWM") - before}))
+    """
+)
+
+
+def test_one_long_string_among_short_ones_costs_no_memory(tmp_path):
+    """np.asarray would make it a '<U100000' array of 1001 elements: +380 MB from a 0.1 MB body."""
+    model = write_tiny_model(tmp_path / "m.onnx", SHAPE)
+    out = subprocess.run([sys.executable, "-c", STRINGS, str(ROOT), str(model)], capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["status"] == 422 and result["peak_growth_mb"] < 20, result
+
+
 # ---------------------------------------------------------------------- the per-request pixel budget
 
 
