@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures as futures
 import os
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -47,9 +48,10 @@ class LocalEngine:
         """Score every shard, write its file, then call on_done(shard, partial, info) on this thread."""
 
         def work(shard: Shard):
+            started = time.time()
             table, partial = score_shard(shard, self.predictor, self.binning, self.options)
             write_table(path_of(shard), table)
-            return shard, partial, {}
+            return shard, partial, {"started": started}
 
         pool = futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="ncguard-audit")
         pending: collections.deque = collections.deque()

@@ -204,20 +204,22 @@ class PartialStats:
         k = min(TOP_K, scores.size)
         order = np.argsort(-scores, kind="stable")[:k]
         floor = self.top_[-1]["ood_score"] if len(self.top_) >= TOP_K else -np.inf
-        fresh = []
+        fresh = {}
         for i in order.tolist():
             if scores[i] < floor:
                 break
-            entry = {
+            fresh[str(row_ids[i])] = i
+            self.top_.append({
                 "row_id": str(row_ids[i]),
                 "ood_score": float(scores[i]),
                 "predicted": str(classes[class_index[i]]) if len(classes) else int(class_index[i]),
                 "label": (str(classes[labels[i]]) if len(classes) else int(labels[i])) if labels[i] >= 0 else None,
-            }
-            if inputs is not None and self.binning.image_input:
-                entry["thumbnail"] = thumbnail_png(inputs[i])
-            fresh.append(entry)
-        self.top_ = _best(self.top_ + fresh)
+            })
+        self.top_ = _best(self.top_)
+        if inputs is not None and self.binning.image_input:  # only for the rows that made it into the top
+            for entry in self.top_:
+                if entry["row_id"] in fresh and "thumbnail" not in entry:
+                    entry["thumbnail"] = thumbnail_png(inputs[fresh[entry["row_id"]]])
 
     # ------------------------------------------------------------------------------ merging
     def merge(self, other: "PartialStats") -> "PartialStats":

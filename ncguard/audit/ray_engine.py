@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -52,8 +53,9 @@ class ShardScorer:
     def __call__(self, batch):
         import pyarrow as pa
 
-        out = {"shard": [], "parquet": [], "partial": [], "rows": [], "node": [], "pid": [], "peak_rss": []}
+        out = {"shard": [], "parquet": [], "partial": [], "rows": [], "node": [], "pid": [], "peak_rss": [], "started": []}
         for text in batch.column("shard").to_pylist():
+            out["started"].append(time.time())
             shard = Shard.from_json(text)
             table, partial = score_shard(shard, self.predictor, self.binning, self.options)
             out["shard"].append(text)
@@ -71,6 +73,7 @@ class ShardScorer:
             "node": pa.array(out["node"], pa.string()),
             "pid": pa.array(out["pid"], pa.int64()),
             "peak_rss": pa.array(out["peak_rss"], pa.int64()),
+            "started": pa.array(out["started"], pa.float64()),
         })
 
 
@@ -126,7 +129,7 @@ class RayEngine:
                 shard = Shard.from_json(row["shard"])
                 atomic_write(path_of(shard), row["parquet"])
                 partial = PartialStats.from_json(row["partial"], self.binning, self.options.time_bucket)
-                on_done(shard, partial, {"node": row["node"], "pid": row["pid"], "peak_rss": row["peak_rss"]})
+                on_done(shard, partial, {"node": row["node"], "pid": row["pid"], "peak_rss": row["peak_rss"], "started": row["started"]})
 
     def close(self) -> None:
         if self.ray.is_initialized():

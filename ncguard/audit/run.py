@@ -140,6 +140,7 @@ def run_audit(model_path, sources: list[str], out, options: AuditOptions = Audit
     total = PartialStats(binning, options.time_bucket)
     per_source = [PartialStats(binning, options.time_bucket) for _ in sources]
     counters = {"scored": 0, "resumed": 0, "nodes": {}, "worker_peak_rss": 0, "workers": set()}
+    finished: list[tuple[float, float, int]] = []  # (started, written, rows) per scored shard, wall-clock seconds
 
     def path_of(shard: Shard) -> Path:
         return out / ROWS_DIR / f"{shard.name}.parquet"
@@ -161,6 +162,7 @@ def run_audit(model_path, sources: list[str], out, options: AuditOptions = Audit
     def on_done(shard: Shard, partial: PartialStats, info: dict) -> None:
         add(shard, partial)
         counters["scored"] += 1
+        finished.append((info.get("started", time.time()), time.time(), partial.rows_ + sum(partial.rejected_.values())))
         if "node" in info:
             counters["nodes"][info["node"]] = counters["nodes"].get(info["node"], 0) + 1
             counters["workers"].add((info["node"], info["pid"]))
@@ -187,7 +189,8 @@ def run_audit(model_path, sources: list[str], out, options: AuditOptions = Audit
         "seconds": round(elapsed, 3),
         "shards_scored": counters["scored"],
         "shards_resumed": counters["resumed"],
-        "rows_per_second": round(sum(p.rows_ + sum(p.rejected_.values()) for p in [total]) / elapsed, 1) if elapsed > 0 and not counters["resumed"] else None,
+        "rows_per_second": round(sum(rows for _, _, rows in finished) / elapsed, 1) if elapsed > 0 else None,
+        "steady_rows_per_second": _steady_rate(finished),
         "driver_peak_rss_bytes": driver_rss,
         "worker_peak_rss_bytes": counters["worker_peak_rss"] or driver_rss,
         "shards_per_node": counters["nodes"],
@@ -203,6 +206,16 @@ def run_audit(model_path, sources: list[str], out, options: AuditOptions = Audit
         write_report(out / REPORT, summary, total, meta)
     progress.stage(f"wrote {out / SUMMARY}" + (f" and {out / REPORT}" if options.report else ""))
     return AuditResult(summary, out, counters["scored"], counters["resumed"])
+
+
+def _steady_rate(finished: list[tuple[float, float, int]]) -> float | None:
+    """Rows per second from the moment the first shard started scoring (in any worker) to the moment
+    the last one was written: the rate without the start-up (loading the model, starting Ray and its
+    actors), which a long audit amortizes. Wall-clock times; across machines, as good as their clocks."""
+    if not finished:
+        return None
+    seconds = max(end for _, end, _ in finished) - min(start for start, _, _ in finished)
+    return round(sum(rows for _, _, rows in finished) / seconds, 1) if seconds > 0 else None
 
 
 def options_dict(options: AuditOptions) -> dict:

@@ -1,0 +1,208 @@
+"""Audit benchmark: rows/s of the engines against a bare ONNX Runtime loop, and peak memory vs dataset size.
+
+    python -m benchmarks.audit [--model MODEL.onnx] [--rows 1000000] [--memory-rows 100000,1000000] [--smoke]
+
+In one run, on the same synthetic .npy shards (digits rows plus uniform noise, 50,000 rows a file):
+- throughput at --rows: a bare ONNX Runtime loop (the ceiling: read the same files, run the session,
+  discard the outputs), the local engine with 2 threads, Ray with 1 and 2 workers (a local Ray
+  started for the run), then the bare loop again; ratios are against the mean of the two bare runs,
+  so drift of the shared machine's load during the run shows in the bare pair. Engines are timed end
+  to end (start-up included) and in the steady state (after every worker finished its first shard);
+- memory at each --memory-rows size: peak RSS of the driver and of the workers (the driver itself
+  for the local engine; the largest Ray actor for Ray), each cell in a fresh process.
+Without --model, a digits model is trained (15 epochs) and exported first, as the tests do.
+Writes benchmarks/results/audit.{md,json}. Not a test. Heavy: run it with `nice` on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+FILE_ROWS = 50_000
+
+
+def make_shards(folder: Path, rows: int, input_shape: tuple[int, ...], seed: int = 0) -> None:
+    """rows synthetic inputs in .npy files of FILE_ROWS, generated file by file (bounded memory)."""
+    from ncguard.data import load_dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base = load_dataset("digits:train").x
+    if base.shape[1:] != tuple(input_shape):
+        base = np.random.default_rng(seed).random((1000, *input_shape), dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    for index, start in enumerate(range(0, rows, FILE_ROWS)):
+        n = min(FILE_ROWS, rows - start)
+        x = base[rng.integers(0, len(base), n)]
+        noise = rng.random(x.shape, dtype=np.float32) * rng.choice([0.0, 0.3, 1.0], size=(n,) + (1,) * (x.ndim - 1)).astype(np.float32)
+        np.save(folder / f"shard-{index:05d}.npy", np.clip(x + noise, 0, 1).astype(np.float32))
+
+
+def train_digits_model(folder: Path) -> Path:
+    from export.cli import export_run
+    from training.cli import TrainOptions, train
+
+    run_dir = folder / "run"
+    train(TrainOptions(data="digits", out=str(run_dir), epochs=15, quiet=True).validated())
+    path, _ = export_run(str(run_dir), str(folder / "digits.onnx"))
+    return Path(path)
+
+
+def cell(kind: str, model: Path, shards: Path, scratch: Path, workers: int) -> dict:
+    out = scratch / f"out-{kind}-{workers}-{os.urandom(4).hex()}"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_WAIT_POLICY": "PASSIVE"}
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.audit.one", kind, str(model), str(shards), str(out), str(workers)],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600,
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{kind} x{workers} failed:\n{result.stderr[-4000:]}")
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"  {kind:>5} x{workers}: {line['rows']} rows, {line['rows_per_s']:,.0f} rows/s end to end, "
+          f"{(line['steady_rows_per_s'] or 0):,.0f} steady; driver {line['driver_peak_rss'] / 2**20:.0f} MiB, "
+          f"worker {line['worker_peak_rss'] / 2**20:.0f} MiB", flush=True)
+    return line
+
+
+def mib(value) -> str:
+    return f"{value / 2**20:.0f}" if value else "-"
+
+
+def markdown(results: dict) -> str:
+    t = results["throughput"]
+    bare = results["bare_rows_per_s"]
+    lines = [
+        "# Audit benchmark",
+        "",
+        f"`python -m benchmarks.audit {results['args']}` on {results['machine']}, {results['date']}. "
+        f"Model: {results['model']}. Rows: synthetic digits inputs (digits rows plus uniform noise) in .npy files of {FILE_ROWS:,} rows; "
+        "shards of 8,192 rows, ONNX Runtime calls of 1,024 rows. The machine's 2 cores are shared with other work, so "
+        "absolute figures move from run to run; the ratios come from one run, with the bare loop measured before and after the engines.",
+        "",
+        f"## Throughput ({t[0]['rows']:,} rows)",
+        "",
+        "| path | workers | rows/s end to end | ratio to bare | rows/s steady state | ratio to bare |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in t:
+        steady = row["steady_rows_per_s"]
+        lines.append(
+            f"| {row['label']} | {row['workers']} | {row['rows_per_s']:,.0f} | {row['rows_per_s'] / bare:.2f} | "
+            f"{(steady or 0):,.0f} | {(steady or 0) / bare:.2f} |"
+        )
+    lines += [
+        "",
+        f"Bare loop: the mean of the two bare runs, {bare:,.0f} rows/s. End to end includes start-up (loading the model; for Ray, "
+        "starting a local Ray and its actors: several seconds); steady state is measured once every worker has finished its first shard.",
+        "",
+        "## Peak memory",
+        "",
+        "| rows | engine | driver peak RSS (MiB) | worker peak RSS (MiB) |",
+        "| ---: | --- | ---: | ---: |",
+    ]
+    for row in results["memory"]:
+        lines.append(f"| {row['rows']:,} | {row['label']} | {mib(row['driver_peak_rss'])} | {mib(row['worker_peak_rss'])} |")
+    lines += ["", "## Goals", ""]
+    for goal in results["goals"]:
+        lines.append(f"- {goal}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def goals(results: dict) -> list[str]:
+    bare = results["bare_rows_per_s"]
+    by = {(r["kind"], r["workers"]): r for r in results["throughput"]}
+    out = []
+    for (kind, workers), target, name in ((("ray", 2), 0.8, "Ray, 2 workers"), (("local", 2), 0.9, "local engine")):
+        row = by[(kind, workers)]
+        steady = (row["steady_rows_per_s"] or 0) / bare
+        end = row["rows_per_s"] / bare
+        verdict = "met" if steady >= target else "missed"
+        out.append(f"{name} >= {target} of the bare loop: {verdict} in the steady state ({steady:.2f}); end to end {end:.2f}.")
+    memory = results["memory"]
+    for label in sorted({m["label"] for m in memory}):
+        cells = sorted((m for m in memory if m["label"] == label), key=lambda m: m["rows"])
+        if len(cells) >= 2:
+            small, large = cells[0], cells[-1]
+            growth_driver = large["driver_peak_rss"] / small["driver_peak_rss"]
+            growth_worker = large["worker_peak_rss"] / small["worker_peak_rss"]
+            flat = max(growth_driver, growth_worker) < 1.25
+            out.append(
+                f"Memory flat from {small['rows']:,} to {large['rows']:,} rows ({label}): {'met' if flat else 'missed'} "
+                f"(driver x{growth_driver:.2f}, worker x{growth_worker:.2f})."
+            )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="an exported ncguard model; default: train and export a digits model first")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the throughput cells (default 1,000,000)")
+    parser.add_argument("--memory-rows", default="100000,1000000", help="dataset sizes of the memory cells (default 100000,1000000)")
+    parser.add_argument("--smoke", action="store_true", help="a quick check: 20,000 throughput rows, memory at 10,000 and 40,000")
+    parser.add_argument("--out-dir", default=str(RESULTS))
+    args = parser.parse_args()
+    if args.smoke:
+        args.rows, args.memory_rows = 20_000, "10000,40000"
+    sizes = sorted({int(v) for v in args.memory_rows.split(",") if v})
+    scratch = Path(tempfile.mkdtemp(prefix="ncguard-audit-bench-"))
+    try:
+        model = Path(args.model) if args.model else train_digits_model(scratch / "model")
+        from ncguard.model_file import load_model
+
+        meta = load_model(model).metadata
+        shape = tuple(meta.input_shape)
+        datasets = {}
+        for rows in sorted({args.rows, *sizes}):
+            datasets[rows] = scratch / f"rows-{rows}"
+            print(f"writing {rows:,} synthetic rows", flush=True)
+            make_shards(datasets[rows], rows, shape)
+        print(f"throughput at {args.rows:,} rows", flush=True)
+        plan = [("bare", 1, "bare ONNX Runtime loop"), ("local", 2, "local engine"), ("ray", 1, "Ray, 1 worker"),
+                ("ray", 2, "Ray, 2 workers"), ("bare", 1, "bare ONNX Runtime loop (again)")]
+        throughput = []
+        for kind, workers, label in plan:
+            throughput.append({**cell(kind, model, datasets[args.rows], scratch, workers), "label": label})
+        bare_runs = [r["rows_per_s"] for r in throughput if r["kind"] == "bare"]
+        memory = []
+        for rows in sizes:
+            print(f"memory at {rows:,} rows", flush=True)
+            for kind, workers, label in (("local", 2, "local engine, 2 threads"), ("ray", 2, "Ray, 2 workers")):
+                reuse = next((r for r in throughput if r["kind"] == kind and r["workers"] == workers and r["rows"] == rows), None)
+                result = reuse or cell(kind, model, datasets[rows], scratch, workers)
+                memory.append({**result, "label": label})
+        results = {
+            "args": " ".join(sys.argv[1:]) or "(defaults)",
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+            "model": f"{meta.name} ({meta.score} score, input {list(shape)})" + ("" if args.model else ", digits, 15 epochs, trained for the run"),
+            "throughput": throughput,
+            "bare_rows_per_s": float(np.mean(bare_runs)),
+            "memory": memory,
+        }
+        results["goals"] = goals(results)
+        from ncguard.atomic import atomic_write
+
+        out_dir = Path(args.out_dir)
+        atomic_write(out_dir / "audit.json", json.dumps(results, indent=2) + "\n")
+        atomic_write(out_dir / "audit.md", markdown(results))
+        print(markdown(results))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
