@@ -103,12 +103,18 @@ def parse_json_inputs(body: bytes, predictor: Predictor, max_inputs: int) -> np.
             f"[{', '.join(map(str, predictor.input_shape))}] can (at most {bound}); split it, or send .npy",
             413,
         )
+    problem = None
     try:
         payload = json.loads(body)
     except RecursionError:
-        raise Rejected("malformed_json", "the body is JSON nested too deeply to read", 400) from None
+        problem = "the body is JSON nested too deeply to read"
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise Rejected("malformed_json", f"the body is not valid JSON: {exc}", 400) from None
+        problem = f"the body is not valid JSON: {exc}"
+    if problem is not None:
+        # Raised outside the except clause so that it chains nothing: `from None` only hides the
+        # context, and a JSONDecodeError keeps the whole decoded body (`.doc`, a second copy of up
+        # to 16 MB) alive for as long as the refusal or a reference cycle through it lives.
+        raise Rejected("malformed_json", problem, 400)
     if not isinstance(payload, dict):
         raise Rejected("missing_field", f"the body must be a JSON object with a field {INPUTS_FIELD!r} ({expected})", 400)
     if INPUTS_FIELD not in payload:
