@@ -244,6 +244,7 @@ def local_server(
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment, start_new_session=True)
     client = NcguardClient(f"http://{host}:{port}", api_key=api_key)
+    client.server_process = process  # for callers that watch or signal the server (fault tests)
     try:
         try:
             client.wait_until_ready(ready_timeout, process=process)

@@ -15,12 +15,37 @@ large requests in flight; small requests never wait for a slot.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import json
 from typing import Awaitable, Callable
 
 Scope = dict
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the memory a large request used back to the system.
+
+    glibc keeps freed memory in its arenas for reuse, and a large body arrives as many chunks of
+    tens of KB, so after bursts of large requests a worker stayed larger than it needs to be.
+    malloc_trim returns the free pages (a few ms, paid by large requests only). The bodies
+    themselves are freed as soon as their answer is sent (see serving.service._json_errors for
+    the reference cycle that once held refused ones).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class BodySizeLimit:
@@ -51,6 +76,7 @@ class BodySizeLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.large_body_bytes:
             async with self._slots:
                 await self._read_and_forward(scope, receive, send, limit, large_at=None)
+            release_freed_memory()
             return
         await self._read_and_forward(scope, receive, send, limit, large_at=self.large_body_bytes)
 
@@ -74,6 +100,7 @@ class BodySizeLimit:
                         await self._read_and_forward(scope, receive, send, limit, large_at=None, chunks=chunks, size=size)
                     else:
                         await self._forward(scope, receive, send, b"".join(chunks))
+                release_freed_memory()
                 return
             if not more:
                 break

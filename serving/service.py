@@ -55,6 +55,7 @@ from ncguard.runtime import Predictor, overflow_message
 from .access import ApiKeys, RequestMetrics
 from .api_docs import PublishedApi
 from .batcher import MicroBatcher, Overloaded
+from .header_timeout import install as install_header_timeout
 from .exposition import exposition, metrics_directory, use_metrics_directory
 from .limits import BodySizeLimit
 from .metrics import count_rejection, endpoint_label, model_metrics, service_metrics, start_rejection_counts
@@ -66,8 +67,7 @@ from .validation import NPY_CONTENT_TYPE, Rejected, decode_images, parse_json_in
 log = logging.getLogger("ncguard.serving")
 
 settings = ServeSettings.from_env()
-METRICS_DIR = metrics_directory()
-use_metrics_directory(METRICS_DIR)  # before any metric of this process is created
+install_header_timeout(settings.header_timeout_s)  # uvicorn never times out a request head: serving.header_timeout
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
 # Bodies this small are parsed on the event loop: a thread hop (~0.1 ms of the loop's time under
@@ -98,8 +98,13 @@ def _json_errors(route):
         try:
             return await route(request)
         except Rejected as exc:
+            # A refusal raised in the thread pool is carried by a future that its own traceback's
+            # frames refer to: a reference cycle holding the request body until a full garbage
+            # collection, which the service makes rare. Dropping the traceback breaks the cycle.
+            exc.__traceback__ = None
             return _current().refuse(exc)
         except Overloaded as exc:
+            exc.__traceback__ = None
             return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
         except Exception:
             log.exception("unexpected error on %s", request.url.path)
@@ -170,7 +175,7 @@ async def _model_route(request: Request) -> Response:
 
 
 async def _metrics_route(request: Request) -> Response:
-    text, content_type = await run_in_threadpool(exposition, METRICS_DIR)
+    text, content_type = await run_in_threadpool(exposition, _current().metrics_dir)
     return Response(text, media_type=content_type)
 
 
@@ -200,8 +205,10 @@ class NcguardService:
     """Loads the model once per worker; every public route ends in `answer`."""
 
     def __init__(self) -> None:
+        self.metrics_dir = metrics_directory()
+        use_metrics_directory(self.metrics_dir)  # before any metric of this process is created
         path = resolve_model_path(settings)
-        self.predictor = Predictor(path, provider=settings.provider, threads=settings.threads)
+        self.predictor = Predictor(path, provider=settings.provider, threads=settings.threads, verify_key=settings.verify_key)
         self.metadata = self.predictor.metadata
         self.model_name = self.metadata.name
         reference = self.metadata.drift_reference
