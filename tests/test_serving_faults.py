@@ -3,16 +3,15 @@ a SIGKILLed worker, a second server beside the first, many large bodies at once.
 
 from __future__ import annotations
 
-import io
-import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-import psutil
 import pytest
+
+from benchmarks.reliability import probes
 
 from ncguard.client import local_server
 from ncguard.data import load_dataset
@@ -22,26 +21,8 @@ pytestmark = pytest.mark.slow
 WINDOW = {"NCGUARD_DRIFT_WINDOW": "100", "NCGUARD_DRIFT_MIN_SAMPLES": "20"}
 
 
-def workers_of(client) -> list[psutil.Process]:
-    server = psutil.Process(client.server_process.pid)
-    return [p for p in server.children(recursive=True) if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
-
-
-def gauge(text: str, name: str) -> list[tuple[str, float]]:
-    return [(line.split(" ")[0], float(line.rsplit(" ", 1)[1])) for line in text.splitlines() if line.startswith(name + "{") or line.startswith(name + " ")]
-
-
-def counter_total(text: str, name: str) -> float:
-    return sum(value for _, value in gauge(text, name))
-
-
 def post_rows(url: str, x: np.ndarray, rows_per_request: int) -> None:
-    """New connection per request, so the kernel spreads requests over the workers."""
-    for start in range(0, len(x), rows_per_request):
-        buffer = io.BytesIO()
-        np.save(buffer, x[start : start + rows_per_request])
-        response = httpx.post(f"{url}/predict", content=buffer.getvalue(), headers={"content-type": "application/x-npy"}, timeout=30)
-        assert response.status_code == 200, response.text
+    assert set(probes.post_rows(url, x, rows_per_request)) == {200}
 
 
 def test_a_killed_workers_gauges_leave_with_it(served_model_path, tmp_path):
@@ -51,21 +32,21 @@ def test_a_killed_workers_gauges_leave_with_it(served_model_path, tmp_path):
     with local_server(served_model_path, workers=2, env=env, ready_timeout=120) as client:
         post_rows(client.url, noise, 5)  # both workers' windows fill with OOD inputs
         text = client.metrics()
-        assert max(v for _, v in gauge(text, "ncguard_ood_rate")) > 0.8
-        victim = workers_of(client)[0]
+        assert max(v for _, v in probes.metric_values(text, "ncguard_ood_rate")) > 0.8
+        victim = probes.worker_processes(client)[0]
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=30)
         deadline = time.monotonic() + 60
-        while len(workers_of(client)) < 2 and time.monotonic() < deadline:  # BentoML starts a new one
+        while len(probes.worker_processes(client)) < 2 and time.monotonic() < deadline:  # BentoML starts a new one
             time.sleep(0.5)
         post_rows(client.url, np.concatenate([digits] * 2)[:800], 4)  # in-distribution traffic only
         text = client.metrics()
         assert f'pid="{victim.pid}"' not in text, "the dead worker's per-worker gauge is still exported"
         # every live window now holds in-distribution traffic: the dead worker's OOD rate of ~1 is gone
-        assert max(v for _, v in gauge(text, "ncguard_ood_rate")) < 0.5, gauge(text, "ncguard_ood_rate")
-        assert max(v for _, v in gauge(text, "ncguard_drift_score_psi")) < 2.0
+        assert max(v for _, v in probes.metric_values(text, "ncguard_ood_rate")) < 0.5, probes.metric_values(text, "ncguard_ood_rate")
+        assert max(v for _, v in probes.metric_values(text, "ncguard_drift_score_psi")) < 2.0
         # counters keep what the dead worker counted: they never go backwards
-        assert counter_total(text, "ncguard_predictions_total") >= 400 + 800
+        assert probes.metric_total(text, "ncguard_predictions_total") >= 400 + 800
 
 
 def test_two_servers_on_one_bentoml_home_keep_their_own_metrics(served_model_path, tmp_path):
@@ -73,12 +54,12 @@ def test_two_servers_on_one_bentoml_home_keep_their_own_metrics(served_model_pat
     x = load_dataset("digits:test").x.astype(np.float32)[:30]
     with local_server(served_model_path, env=env, ready_timeout=120) as first:
         post_rows(first.url, x, 10)
-        assert counter_total(first.metrics(), "ncguard_predictions_total") == 30
+        assert probes.metric_total(first.metrics(), "ncguard_predictions_total") == 30
         with local_server(served_model_path, env=env, ready_timeout=120) as second:
             post_rows(second.url, x[:12], 4)
-            assert counter_total(first.metrics(), "ncguard_predictions_total") == 30
-            assert counter_total(second.metrics(), "ncguard_predictions_total") == 12
-        assert counter_total(first.metrics(), "ncguard_predictions_total") == 30
+            assert probes.metric_total(first.metrics(), "ncguard_predictions_total") == 30
+            assert probes.metric_total(second.metrics(), "ncguard_predictions_total") == 12
+        assert probes.metric_total(first.metrics(), "ncguard_predictions_total") == 30
 
 
 def test_many_large_bodies_at_once_keep_the_servers_memory_bounded(served_model_path, tmp_path):
@@ -89,7 +70,7 @@ def test_many_large_bodies_at_once_keep_the_servers_memory_bounded(served_model_
     lists = b'{"inputs": [' + b",".join([b"[]"] * ((limit - 40) // 3)) + b"]}"
     assert len(numbers) <= limit and len(lists) <= limit
     with local_server(served_model_path, env=env, ready_timeout=120) as client:
-        worker = workers_of(client)[0]
+        worker = probes.worker_processes(client)[0]
         before = worker.memory_info().rss
         peak = before
 
