@@ -272,7 +272,7 @@ class Trainer:
         totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
         bar = tqdm(
             range(steps), desc=f"epoch {epoch + 1}/{self.settings.epochs}", unit="batch", leave=False,
-            disable=not self.progress or self.rank != 0, mininterval=0.5, file=sys.stderr,
+            disable=not self.progress or self.rank != 0 or not sys.stderr.isatty(), mininterval=0.5, file=sys.stderr,  # off a terminal: the epoch lines only
         )
         for step in bar:
             index = order[step * batch_size:(step + 1) * batch_size]
