@@ -123,3 +123,16 @@ def test_the_service_buckets_and_alert_limits_are_the_same_as_the_audit_s():
         "score_psi": generate.PSI_LIMIT, "score_ks": generate.KS_LIMIT,
         "class_js": generate.JS_LIMIT, "feature_mean_shift": generate.FEATURE_SHIFT_LIMIT,
     }
+
+
+def test_the_audit_imports_neither_ray_nor_torch():
+    """Ray is imported by the ray engine only, torch never: the core stays light (ncguard[scale] is optional)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ncguard.audit, ncguard.audit_cli, ncguard.audit.local, ncguard.audit.report; "
+        "bad = sorted(m for m in ('ray', 'torch') if m in sys.modules); print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -3,11 +3,13 @@
     python -m benchmarks.audit [--model MODEL.onnx] [--rows 1000000] [--memory-rows 100000,1000000] [--smoke]
 
 In one run, on the same synthetic .npy shards (digits rows plus uniform noise, 50,000 rows a file):
-- throughput at --rows: a bare ONNX Runtime loop (the ceiling: read the same files, run the session,
-  discard the outputs), the local engine with 2 threads, Ray with 1 and 2 workers (a local Ray
-  started for the run), then the bare loop again; ratios are against the mean of the two bare runs,
-  so drift of the shared machine's load during the run shows in the bare pair. Engines are timed end
-  to end (start-up included) and in the steady state (after every worker finished its first shard);
+- throughput at --rows, in --rounds interleaved rounds: a bare ONNX Runtime loop (the ceiling: read
+  the same files, run one session with ncguard's options and default threads, discard the outputs),
+  the local engine with 2 threads, Ray with 1 and 2 workers (a local Ray started for the run), and a
+  closing bare loop. Each engine cell's ratio is against the mean of the bare loops just before and
+  just after its round, so the shared machine's changing load hits both sides of a ratio alike; the
+  table gives the median over rounds. Engines are timed end to end (start-up included) and in the
+  steady state (from the first shard's start in any worker to the last shard written);
 - memory at each --memory-rows size: peak RSS of the driver and of the workers (the driver itself
   for the local engine; the largest Ray actor for Ray), each cell in a fresh process.
 Without --model, a digits model is trained (15 epochs) and exported first, as the tests do.
@@ -77,13 +79,32 @@ def cell(kind: str, model: Path, shards: Path, scratch: Path, workers: int) -> d
     return line
 
 
+def summarize_cells(cells: list[dict], bares: list[dict]) -> list[dict]:
+    """One row per engine setting: medians over rounds of rates and ratios; the bare loop first."""
+    rows = [{"label": "bare ONNX Runtime loop", "kind": "bare", "workers": 1, "rows": bares[0]["rows"],
+             "rows_per_s": float(np.median([b["rows_per_s"] for b in bares])), "steady_rows_per_s": float(np.median([b["rows_per_s"] for b in bares])),
+             "ratio": 1.0, "steady_ratio": 1.0, "runs": [round(b["rows_per_s"]) for b in bares],
+             "driver_peak_rss": max(b["driver_peak_rss"] for b in bares), "worker_peak_rss": max(b["worker_peak_rss"] for b in bares)}]
+    for label in dict.fromkeys(c["label"] for c in cells):
+        group = [c for c in cells if c["label"] == label]
+        rows.append({
+            "label": label, "kind": group[0]["kind"], "workers": group[0]["workers"], "rows": group[0]["rows"],
+            "rows_per_s": float(np.median([c["rows_per_s"] for c in group])),
+            "steady_rows_per_s": float(np.median([c["steady_rows_per_s"] or 0 for c in group])),
+            "ratio": float(np.median([c["ratio"] for c in group])),
+            "steady_ratio": float(np.median([c["steady_ratio"] for c in group])),
+            "runs": [round(c["steady_ratio"], 2) for c in group],
+            "driver_peak_rss": max(c["driver_peak_rss"] for c in group), "worker_peak_rss": max(c["worker_peak_rss"] for c in group),
+        })
+    return rows
+
+
 def mib(value) -> str:
     return f"{value / 2**20:.0f}" if value else "-"
 
 
 def markdown(results: dict) -> str:
     t = results["throughput"]
-    bare = results["bare_rows_per_s"]
     lines = [
         "# Audit benchmark",
         "",
@@ -94,19 +115,21 @@ def markdown(results: dict) -> str:
         "",
         f"## Throughput ({t[0]['rows']:,} rows)",
         "",
-        "| path | workers | rows/s end to end | ratio to bare | rows/s steady state | ratio to bare |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| path | workers | rows/s end to end | ratio to bare | rows/s steady state | ratio to bare | steady ratio per round |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in t:
-        steady = row["steady_rows_per_s"]
+        runs = ", ".join(f"{v:,}" for v in row["runs"]) + " rows/s" if row["kind"] == "bare" else ", ".join(f"{v:.2f}" for v in row["runs"])
         lines.append(
-            f"| {row['label']} | {row['workers']} | {row['rows_per_s']:,.0f} | {row['rows_per_s'] / bare:.2f} | "
-            f"{(steady or 0):,.0f} | {(steady or 0) / bare:.2f} |"
+            f"| {row['label']} | {row['workers']} | {row['rows_per_s']:,.0f} | {row['ratio']:.2f} | "
+            f"{row['steady_rows_per_s']:,.0f} | {row['steady_ratio']:.2f} | {runs} |"
         )
     lines += [
         "",
-        f"Bare loop: the mean of the two bare runs, {bare:,.0f} rows/s. End to end includes start-up (loading the model; for Ray, "
-        "starting a local Ray and its actors: several seconds); steady state is measured once every worker has finished its first shard.",
+        f"Medians over {len(results['bare_runs']) - 1} round(s). A ratio compares a cell with the mean of the bare loops run just before and "
+        f"after its round (the bare row lists every bare run: their spread is the machine's noise). End to end includes start-up "
+        "(loading the model; for Ray, starting a local Ray and its actors: several seconds); the steady state runs from the first "
+        "shard's start in any worker to the last shard written.",
         "",
         "## Peak memory",
         "",
@@ -123,13 +146,11 @@ def markdown(results: dict) -> str:
 
 
 def goals(results: dict) -> list[str]:
-    bare = results["bare_rows_per_s"]
     by = {(r["kind"], r["workers"]): r for r in results["throughput"]}
     out = []
     for (kind, workers), target, name in ((("ray", 2), 0.8, "Ray, 2 workers"), (("local", 2), 0.9, "local engine")):
         row = by[(kind, workers)]
-        steady = (row["steady_rows_per_s"] or 0) / bare
-        end = row["rows_per_s"] / bare
+        steady, end = row["steady_ratio"], row["ratio"]
         verdict = "met" if steady >= target else "missed"
         out.append(f"{name} >= {target} of the bare loop: {verdict} in the steady state ({steady:.2f}); end to end {end:.2f}.")
     memory = results["memory"]
@@ -152,11 +173,12 @@ def main() -> None:
     parser.add_argument("--model", help="an exported ncguard model; default: train and export a digits model first")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the throughput cells (default 1,000,000)")
     parser.add_argument("--memory-rows", default="100000,1000000", help="dataset sizes of the memory cells (default 100000,1000000)")
-    parser.add_argument("--smoke", action="store_true", help="a quick check: 20,000 throughput rows, memory at 10,000 and 40,000")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the throughput cells (default 2)")
+    parser.add_argument("--smoke", action="store_true", help="a quick check: 20,000 throughput rows, one round, memory at 10,000 and 40,000")
     parser.add_argument("--out-dir", default=str(RESULTS))
     args = parser.parse_args()
     if args.smoke:
-        args.rows, args.memory_rows = 20_000, "10000,40000"
+        args.rows, args.memory_rows, args.rounds = 20_000, "10000,40000", 1
     sizes = sorted({int(v) for v in args.memory_rows.split(",") if v})
     scratch = Path(tempfile.mkdtemp(prefix="ncguard-audit-bench-"))
     try:
@@ -170,13 +192,20 @@ def main() -> None:
             datasets[rows] = scratch / f"rows-{rows}"
             print(f"writing {rows:,} synthetic rows", flush=True)
             make_shards(datasets[rows], rows, shape)
-        print(f"throughput at {args.rows:,} rows", flush=True)
-        plan = [("bare", 1, "bare ONNX Runtime loop"), ("local", 2, "local engine"), ("ray", 1, "Ray, 1 worker"),
-                ("ray", 2, "Ray, 2 workers"), ("bare", 1, "bare ONNX Runtime loop (again)")]
-        throughput = []
-        for kind, workers, label in plan:
-            throughput.append({**cell(kind, model, datasets[args.rows], scratch, workers), "label": label})
-        bare_runs = [r["rows_per_s"] for r in throughput if r["kind"] == "bare"]
+        print(f"throughput at {args.rows:,} rows, {args.rounds} rounds", flush=True)
+        cells, bares = [], []
+        for round_ in range(args.rounds):
+            bares.append(cell("bare", model, datasets[args.rows], scratch, 1))
+            for kind, workers, label in (("local", 2, "local engine"), ("ray", 1, "Ray, 1 worker"), ("ray", 2, "Ray, 2 workers")):
+                cells.append({**cell(kind, model, datasets[args.rows], scratch, workers), "label": label, "round": round_})
+        bares.append(cell("bare", model, datasets[args.rows], scratch, 1))
+        for entry in cells:
+            around = (bares[entry["round"]]["rows_per_s"] + bares[entry["round"] + 1]["rows_per_s"]) / 2
+            entry["bare_around"] = around
+            entry["ratio"] = entry["rows_per_s"] / around
+            entry["steady_ratio"] = (entry["steady_rows_per_s"] or 0) / around
+        throughput = summarize_cells(cells, bares)
+        bare_runs = [b["rows_per_s"] for b in bares]
         memory = []
         for rows in sizes:
             print(f"memory at {rows:,} rows", flush=True)
@@ -190,6 +219,8 @@ def main() -> None:
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
             "model": f"{meta.name} ({meta.score} score, input {list(shape)})" + ("" if args.model else ", digits, 15 epochs, trained for the run"),
             "throughput": throughput,
+            "cells": cells,
+            "bare_runs": bares,
             "bare_rows_per_s": float(np.mean(bare_runs)),
             "memory": memory,
         }

@@ -8,12 +8,13 @@ Prints one JSON line: rows, seconds, rows/s (end to end and steady state), drive
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from ncguard.audit.run import peak_rss_bytes
 
 
 def bare(model: str, shards: Path) -> dict:
@@ -34,7 +35,7 @@ def bare(model: str, shards: Path) -> dict:
             session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
             rows += len(batch)
     seconds = time.perf_counter() - started
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss_bytes()
     return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "steady_rows_per_s": rows / seconds,
             "driver_peak_rss": rss, "worker_peak_rss": rss}
 
@@ -50,7 +51,7 @@ def engine(kind: str, model: str, shards: Path, out: Path, workers: int) -> dict
     return {
         "rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
         "steady_rows_per_s": run["steady_rows_per_second"],
-        "driver_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "driver_peak_rss": peak_rss_bytes(),
         "worker_peak_rss": run["worker_peak_rss_bytes"],
         "worker_processes": run["worker_processes"],
     }

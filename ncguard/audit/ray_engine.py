@@ -16,7 +16,6 @@ Ray is imported here only (the optional `ncguard[scale]` extra); the rest of ncg
 from __future__ import annotations
 
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -24,6 +23,7 @@ from typing import Callable, Iterable
 from ..atomic import atomic_write
 from ..errors import ConfigError
 from .partial import Binning, PartialStats
+from .run import peak_rss_bytes
 from .scoring import ScoreOptions, parquet_bytes, predictor_from_bytes, score_shard
 from .sources import Shard
 
@@ -64,7 +64,7 @@ class ShardScorer:
             out["rows"].append(table.num_rows)
             out["node"].append(self.node)
             out["pid"].append(os.getpid())
-            out["peak_rss"].append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux: KiB
+            out["peak_rss"].append(peak_rss_bytes())
         return pa.table({
             "shard": pa.array(out["shard"], pa.string()),
             "parquet": pa.array(out["parquet"], pa.binary()),

@@ -90,6 +90,8 @@ def _manifest(model: LoadedModel, sources: list[str], options: AuditOptions) -> 
 
 
 def _prepare_out(out: Path, manifest: dict, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder (it is created when missing)")
     rows = out / ROWS_DIR
     existing = sorted(rows.glob("part-*.parquet")) if rows.is_dir() else []
     manifest_path = out / MANIFEST
@@ -181,7 +183,7 @@ def run_audit(model_path, sources: list[str], out, options: AuditOptions = Audit
     elapsed = time.perf_counter() - started
     if counters["resumed"]:
         progress.stage(f"resumed: {counters['resumed']} finished shards were kept, {counters['scored']} scored now")
-    driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    driver_rss = peak_rss_bytes()
     run_info = {
         "engine": options.engine,
         "address": options.address,
@@ -206,6 +208,22 @@ def run_audit(model_path, sources: list[str], out, options: AuditOptions = Audit
         write_report(out / REPORT, summary, total, meta)
     progress.stage(f"wrote {out / SUMMARY}" + (f" and {out / REPORT}" if options.report else ""))
     return AuditResult(summary, out, counters["scored"], counters["resumed"])
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size: VmHWM from /proc (Linux), else ru_maxrss.
+
+    Not ru_maxrss first: on Linux it survives exec, so a process started by a big parent (a benchmark
+    that trained a model, a test runner) would report the parent's size at the fork.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _steady_rate(finished: list[tuple[float, float, int]]) -> float | None:
