@@ -51,7 +51,7 @@ def score_inputs(predictor: Predictor, x: np.ndarray, name: str, batch_size: int
     """(ood_score [N], predicted class [N]) over x in batches, with a progress bar."""
     scores, labels = [], []
     batches = iter_batches(len(x), batch_size)
-    for rows in tqdm(batches, total=math.ceil(len(x) / batch_size), desc=f"scoring {name}", unit="batch", leave=False, disable=None)  # no bar off a terminal:
+    for rows in tqdm(batches, total=math.ceil(len(x) / batch_size), desc=f"scoring {name}", unit="batch", leave=False, disable=None):  # no bar off a terminal
         result = predictor.predict(x[rows], batch_size=batch_size)
         scores.append(result.ood_score)
         labels.append(result.class_index)

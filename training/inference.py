@@ -51,7 +51,7 @@ def collect_layer_features(
     parts: dict[str, list[np.ndarray]] = {layer: [] for layer in layers}
     batches = iter_layer_features(model, np.asarray(x, dtype=np.float32), layers, batch_size=batch_size, device=device)
     total = -(-len(x) // batch_size)
-    for _, features in tqdm(batches, total=total, desc=desc, unit="batch", leave=False, disable=True if desc is None else None)  # None: off when not a terminal:
+    for _, features in tqdm(batches, total=total, desc=desc, unit="batch", leave=False, disable=True if desc is None else None):  # None: off when not a terminal
         for layer in layers:
             parts[layer].append(features[layer])
     return {layer: np.concatenate(values) for layer, values in parts.items()}
