@@ -38,24 +38,17 @@ from export.finish import ExportReport, calibrate_and_stamp, finish_contract, pa
 from export.graph_reading import check_matrix
 from export.graph_surgery import InputTransform, Network, build_network
 from export.parity import allowed_error, compare, compare_logits, compare_scores
-from ncguard.calibration import check_open_unit, split_for_calibration
+from ncguard.calibration import DEFAULT_TPR, check_open_unit, split_for_calibration
 from ncguard.data import Dataset, iter_batches
 from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import INPUT_NAME
 from ncguard.runtime import open_session
 from ncguard.scores import SCORES
+from ncguard.scores.defaults import FOREIGN, default_score
 from ncguard.stats import ClassStatistics, StatisticsBundle
 
 log = logging.getLogger("ncguard.fit")
 
-# Default score: knn (Sun et al. 2022, deep nearest neighbours), the most reliable post-hoc score we
-# measured on plain cross-entropy CNNs. Fashion-MNIST (small CNN, 3 epochs, 89.6%, wrapped by this
-# module): mean AUROC 0.986 over uniform and Gaussian noise, inverted images and upscaled digits, never
-# below 0.97 (etf 0.971, ddu 0.946, vim 0.937, mahalanobis 0.906; energy, maxlogit, nci and neco do
-# best on digits, 0.987-0.997, but miss noise, <= 0.80). Digits (tiny CNN, 3 seeds; noise, inverted
-# digits, 4 classes held out of training): knn 0.989, ddu 0.991, vim 0.966. Unlike ddu it needs no
-# per-class covariance (C x D x D floats in memory and in the graph), so it scales to many classes.
-DEFAULT_SCORE = "knn"
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_CALIBRATION_FRACTION = 0.1
 # The tied covariance and its pseudo-inverse are D x D float64 while fitting (128 MB each at 4096).
@@ -201,8 +194,8 @@ def fit_existing_model(
     *,
     features: str,
     logits: str | None = None,
-    score: str = DEFAULT_SCORE,
-    tpr: float = 0.95,
+    score: str | None = None,
+    tpr: float = DEFAULT_TPR,
     transform: InputTransform = InputTransform(),
     provider: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -213,6 +206,7 @@ def fit_existing_model(
 ) -> tuple[onnx.ModelProto, FitReport]:
     """The stamped ONNX model (not yet written) and what was fitted and checked (module docstring)."""
     tpr = check_open_unit(tpr, "--tpr")
+    score = score or default_score(FOREIGN)
     if score not in SCORES:  # before the data pass, not after it
         raise ConfigError(f"unknown score {score!r}; choose one of: {', '.join(sorted(SCORES))}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

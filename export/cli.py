@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ncguard.calibration import DEFAULT_TPR, check_open_unit
+from ncguard.calibration import check_open_unit
 from ncguard.data import load_dataset
 from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import load_model, save_model, sign_model
 from ncguard.runtime import PROVIDER_CHOICES, select_providers
 from ncguard.scores import COMBINED_SCORES, SCORES
+from ncguard.scores.defaults import default_score
 from ncguard.scores.fused import COMBINES
 from ncguard.signing import fingerprint, load_private_key
 
@@ -56,6 +57,19 @@ def check_provider(provider: str | None) -> list[str]:
     return select_providers(provider, onnxruntime.get_available_providers())
 
 
+def run_score_and_tpr(config: dict, bundle, score: str | None, tpr: float | None) -> tuple[str, float]:
+    """(score, TPR) of an export: the given ones, else the run's own (config.json `settings`, then the
+    statistics' meta); a run that records no score gets its head's default (ncguard.scores.defaults)."""
+    settings = config.get("settings", {})
+    score = score or settings.get("score") or bundle.meta.get("score") or default_score(settings.get("head"))
+    if tpr is None:
+        tpr = settings.get("tpr", bundle.meta.get("tpr"))
+        if tpr is None:
+            raise ModelError("the run records no TPR (config.json settings.tpr): pass --tpr")
+        tpr = check_open_unit(tpr, "the run's tpr")
+    return score, tpr
+
+
 def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float | None = None, layer: str | None = None,
                provider: str | None = None, name: str | None = None, components: str | None = None,
                combine: str | None = None, sign_key: str | None = None):
@@ -68,7 +82,8 @@ def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float |
     from .detectors import FUSED, fused_components
     from .torch_export import export_model
 
-    tpr = check_open_unit(DEFAULT_TPR if tpr is None else tpr, "--tpr")
+    if tpr is not None:
+        tpr = check_open_unit(tpr, "--tpr")
     check_provider(provider)  # before the slow part: a wrong --provider fails at once
     private_key = load_private_key(sign_key) if sign_key else None  # likewise a wrong --sign-key
     if score is not None and score not in SCORES and score not in COMBINED_SCORES:
@@ -77,7 +92,7 @@ def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float |
         raise ConfigError("--components and --combine apply to --score fused only")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, config, bundle = load_run(run_dir)
-    score = score or config.get("settings", {}).get("score") or bundle.meta.get("score") or "etf"
+    score, tpr = run_score_and_tpr(config, bundle, score, tpr)
     fused = {}
     if score == FUSED:
         if layer is not None:
@@ -112,7 +127,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory written by `ncguard train`")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--score", default=None, help="OOD score to embed (default: the run's score); one of " + ", ".join(sorted({*SCORES, *COMBINED_SCORES})))
-    p.add_argument("--tpr", type=float, default=None, help="fraction of held-out in-distribution inputs the threshold keeps (default: the run's, 0.95)")
+    p.add_argument("--tpr", type=float, default=None, help="fraction of held-out in-distribution inputs the threshold keeps (default: the run's `ncguard train --tpr`)")
     p.add_argument("--layer", default=None, help="statistics layer the score reads (default: detection)")
     p.add_argument("--components", default=None, metavar="LAYER:SCORE,...",
                    help="with --score fused: the components, e.g. block1:mahalanobis,detection:etf "

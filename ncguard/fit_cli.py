@@ -26,6 +26,7 @@ from .model_file import load_model, save_model, sign_model
 from .signing import fingerprint, load_private_key
 from .runtime import PROVIDER_CHOICES
 from .scores import SCORES
+from .scores.defaults import FOREIGN, default_score
 
 
 
@@ -38,7 +39,9 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from export.byom import DEFAULT_BATCH_SIZE, DEFAULT_CALIBRATION_FRACTION, DEFAULT_SCORE
+    from export.byom import DEFAULT_BATCH_SIZE, DEFAULT_CALIBRATION_FRACTION
+
+    score = default_score(FOREIGN)
 
     p.add_argument("model", help="the existing ONNX classifier (nothing of ncguard inside)")
     p.add_argument("--features", required=True, metavar="NAME",
@@ -46,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, metavar="SPEC", help="labelled in-distribution data, classes in the model's output order")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--logits", default=None, metavar="NAME", help="tensor or node holding the logits (default: the model's logits-like output)")
-    p.add_argument("--score", default=DEFAULT_SCORE, help=f"OOD score (default {DEFAULT_SCORE}); one of " + ", ".join(sorted(SCORES)))
+    p.add_argument("--score", default=score, help=f"OOD score (default {score}); one of " + ", ".join(sorted(SCORES)))
     p.add_argument("--tpr", type=float, default=DEFAULT_TPR, help="fraction of held-out in-distribution inputs the threshold keeps")
     p.add_argument("--input-scale", type=float, default=1.0, metavar="FACTOR",
                    help="the model takes FACTOR times the readers' [0, 1] pixels (e.g. 255)")

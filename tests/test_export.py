@@ -7,6 +7,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +236,18 @@ def test_export_of_a_logit_score_and_cli_errors(digits_run_dir, tmp_path, capsys
     with pytest.raises(ModelError, match="run directory not found"):
         export_run(str(tmp_path / "no-run"), str(tmp_path / "x.onnx"))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_export_defaults_to_the_runs_score_and_tpr(digits_run_dir, tmp_path):
+    """A run trained with another --tpr (and score) keeps them through `ncguard export` without flags."""
+    run_copy = tmp_path / "run"
+    shutil.copytree(digits_run_dir, run_copy)
+    config = json.loads((run_copy / "config.json").read_text())
+    config["settings"].update(score="energy", tpr=0.9)
+    (run_copy / "config.json").write_text(json.dumps(config))
+    path, report = export_run(str(run_copy), str(tmp_path / "run.onnx"), provider="cpu")
+    meta = load_model(path).metadata
+    assert (meta.score, meta.tpr, report.score) == ("energy", 0.9, "energy")
 
 
 def test_bentoml_flag_stores_the_file_the_service_loads(digits_run_dir, tmp_path):

@@ -105,19 +105,22 @@ def test_statistics_give_sensible_scores(digits_run_dir):
     assert metrics["test"]["accuracy"] > 0.9
 
 
-def test_default_score_is_fused_and_its_threshold_keeps_held_out_id_data(digits_run_dir):
+def test_default_score_is_fused_and_training_calibrates_no_threshold(digits_run_dir):
+    """The run records its score and TPR for export; the threshold is calibrated by export alone."""
     model, config, bundle = load_run(digits_run_dir)
     assert bundle.meta["score"] == config["settings"]["score"] == "fused"
+    assert bundle.meta["tpr"] == config["settings"]["tpr"] == 0.95
+    assert "threshold" not in bundle.meta and "calibration" not in json.loads((digits_run_dir / "metrics.json").read_text())
     layers = (*component_layers(default_components(tuple(bundle.layers))), "logits")
     held_out_x, _ = calibration_inputs(config)
     calibration = collect_layer_features(model, held_out_x, layers)
     fused = Fused().fit_layers(bundle.layers, bundle.weight, bundle.bias, "detection", calibration, calibration["logits"])
     held_out_scores = fused.score_layers(calibration, calibration["logits"])
-    assert bundle.meta["threshold"] == pytest.approx(calibrate_threshold(held_out_scores, config["settings"]["tpr"]), rel=1e-9)
+    threshold = calibrate_threshold(held_out_scores, config["settings"]["tpr"])
     test, noise = load_dataset("digits:test").x, np.random.default_rng(0).random((300, 1, 8, 8), dtype=np.float32)
     test_f, noise_f = collect_layer_features(model, test, layers), collect_layer_features(model, noise, layers)
-    assert np.mean(fused.score_layers(test_f, test_f["logits"]) > bundle.meta["threshold"]) < 0.2
-    assert np.mean(fused.score_layers(noise_f, noise_f["logits"]) > bundle.meta["threshold"]) > 0.9
+    assert np.mean(fused.score_layers(test_f, test_f["logits"]) > threshold) < 0.2
+    assert np.mean(fused.score_layers(noise_f, noise_f["logits"]) > threshold) > 0.9
 
 
 def test_detection_layer_collapses_more_than_transfer_layer(digits_run_dir):

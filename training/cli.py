@@ -1,10 +1,10 @@
-"""`ncguard train`: validate the options, train, then let training.finish fit, calibrate and write the run.
+"""`ncguard train`: validate the options, train, then let training.finish fit the statistics and write the run.
 
 The run directory (every file written atomically):
     config.json       all settings, data spec, classes, input shape/scale, run id, versions
     checkpoint.pt     trainer state after the last finished epoch (what --resume continues from)
-    statistics.npz    StatisticsBundle: class statistics per layer, classifier on z, threshold in meta
-    metrics.json      loss/accuracy per epoch, NC1 per epoch, test accuracy, calibration, timings
+    statistics.npz    StatisticsBundle: class statistics per layer, classifier on z, the run's score and TPR in meta
+    metrics.json      loss/accuracy per epoch, NC1 per epoch, test accuracy, timings
     collapse.json     NC1-NC4 of the transfer and detection layers
     model.pt          final state_dict, written last: its presence marks a finished run
 Defaults that depend on the data: --arch (cnn for images, mlp for vectors), --epochs
@@ -33,6 +33,7 @@ from ncguard.calibration import DEFAULT_TPR, check_open_unit, split_for_calibrat
 from ncguard.data import Dataset, load_dataset, test_split_of
 from ncguard.errors import ConfigError, DataError, ModelError, NcguardError
 from ncguard.run_dir import CONFIG_FILE, RUN_FORMAT, RunFiles, read_config
+from ncguard.scores.defaults import default_score
 
 from .augment import AUGMENTATIONS, Augmentation, auto_augmentation
 from .backbones import ARCHITECTURES
@@ -51,8 +52,6 @@ DEFAULT_CALIBRATION_FRACTION = 0.1
 # (an explicit --layers naming a missing layer is still an error).
 DEFAULT_LAYERS = ("block1", "block2", "block3", "transfer", "detection")
 OPTIONAL_DEFAULT_LAYERS = ("block2", "block3")
-# fused: the quality benchmark's winner on both heads (ncguard.scores.fused.default_components)
-DEFAULT_SCORE = {"etf": "fused", "plain": "fused", "l2": "ddu"}
 # --epochs default: about TARGET_STEPS optimizer steps, within [MIN_EPOCHS, MAX_EPOCHS] epochs.
 # Fashion-MNIST (54,000 training samples at batch 128: 421 steps an epoch) gets 12 epochs
 # (93.3% test accuracy); digits (1,213 samples: 9 steps an epoch) gets the 30-epoch cap
@@ -215,7 +214,7 @@ def _resolved_settings(options: TrainOptions, dataset: Dataset, n_fit: int) -> d
         "seed": options.seed,
         "deterministic": options.deterministic,
         "layers": list(options.layers),
-        "score": DEFAULT_SCORE[options.head],
+        "score": default_score(options.head),
         "tpr": options.tpr,
         "calibration_fraction": options.calibration_fraction,
     }
@@ -313,7 +312,7 @@ def _replica_report(model: DualHeadModel, world_size: int) -> dict | None:
 
 
 def train(options: TrainOptions) -> dict | None:
-    """Run `ncguard train` end to end; returns a summary (run dir, accuracies, NC1, threshold).
+    """Run `ncguard train` end to end; returns a summary (run dir, accuracies, NC1, score and TPR).
 
     Under torch.distributed every process calls this; rank 0 writes the run and gets the
     summary, the other ranks return None. NumPy's BLAS is held to one thread meanwhile: its
@@ -382,7 +381,7 @@ def _train(options: TrainOptions) -> dict | None:
         return None
     train_seconds = sum(record["seconds"] for record in trainer.history_)
     return finish_run(
-        model, trainer.history_, config, files, fit_data, calibration_data, device, train_seconds, started, replicas
+        model, trainer.history_, config, files, fit_data, device, train_seconds, started, replicas
     )
 
 
@@ -391,7 +390,8 @@ def print_summary(summary: dict) -> None:
     which = "test" if summary["test_accuracy"] is not None else "held-out"
     print(f"run {summary['run_id']} written to {summary['run_dir']} in {summary['total_seconds']:.0f}s")
     print(f"{which} accuracy {accuracy:.4f}; NC1 transfer {summary['nc1']['transfer']:.4g}, "
-          f"detection {summary['nc1']['detection']:.4g}; {summary['score']} threshold {summary['threshold']:.4g}")
+          f"detection {summary['nc1']['detection']:.4g}; score {summary['score']} at TPR {summary['tpr']:g} "
+          "(its threshold is calibrated by `ncguard export`)")
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -1,8 +1,15 @@
-"""After training: fit the class statistics, calibrate the run's score, measure collapse and test
-accuracy, and write the run's files (statistics.npz, collapse.json, metrics.json, model.pt last).
+"""After training: fit the class statistics, measure collapse and test accuracy, and write the run's
+files (statistics.npz, collapse.json, metrics.json, model.pt last).
 
 Apart from training/cli.py, which turns options into a trained model, because this half changes
 when what a run records changes, not when how it is trained does.
+
+No threshold is calibrated here. A threshold belongs to the scores it is compared with: those of the
+exported graph (float32, ONNX Runtime), for the score and TPR chosen at export, which may differ from
+the run's. `ncguard export` calibrates it on the same held-out split (redrawn from config.json), so a
+training-time threshold would be a second number nobody reads that could silently disagree with the
+shipped one. The run records only its default score and TPR (`settings`, and the bundle's meta),
+which `ncguard export` reads back as its defaults.
 """
 
 from __future__ import annotations
@@ -11,25 +18,22 @@ import time
 
 import numpy as np
 
-from ncguard.calibration import calibrate_threshold
 from ncguard.collapse import NearestMeanAgreement, collapse_report
 from ncguard.data import Dataset, load_dataset
 from ncguard.run_dir import RunFiles
-from ncguard.scores import Fused, make_detector
-from ncguard.scores.fused import component_layers, default_components
 from ncguard.stats import ClassStatistics, StatisticsBundle
 
 from .files import atomic_torch_save, atomic_write_json
-from .inference import accuracy_and_loss, collect_layer_features, iter_layer_features
+from .inference import accuracy_and_loss, iter_layer_features
 
 REQUIRED_LAYERS = ("transfer", "detection")  # the layers every run fits and reports NC1-NC4 of
 NC4_SAMPLES = 10_000
 
 
 def finish_run(
-    model, history, config, files: RunFiles, fit_data, calibration_data, device, train_seconds, started, replicas=None
+    model, history, config, files: RunFiles, fit_data, device, train_seconds, started, replicas=None
 ) -> dict:
-    """After training: statistics, calibration, NC report, test accuracy; write the run files."""
+    """After training: statistics, NC report, test accuracy; write the run files."""
     settings, data = config["settings"], config["data"]
     fit_start = time.perf_counter()
     layers = tuple(settings["layers"])
@@ -41,8 +45,6 @@ def finish_run(
         classifier_input = layer == "detection" or settings["head"] == "plain"  # plain: z is h
         reports[layer] = collapse_report(stats[layer], weight if classifier_input else None, agreement[layer])
 
-    detector, calibration_scores = fit_run_score(model, settings["score"], stats, weight, bias, calibration_data, device)
-    threshold = calibrate_threshold(calibration_scores, settings["tpr"])
     fit_seconds = time.perf_counter() - fit_start
 
     test = None
@@ -51,28 +53,14 @@ def finish_run(
         accuracy, loss = accuracy_and_loss(model, test_data.x, test_data.y, device)
         test = {"spec": data["test_spec"], "accuracy": accuracy, "loss": loss, "n": len(test_data)}
 
-    quantile_levels = np.linspace(0.0, 1.0, 21)
-    calibration = {
-        "score": settings["score"],
-        "layer": ",".join(detector.layers_) if settings["score"] == Fused.name else "detection",
-        "threshold": threshold,
-        "tpr": settings["tpr"],
-        "n": int(len(calibration_scores)),
-        "flagged_fraction": float(np.mean(calibration_scores > threshold)),
-        "score_quantile_levels": quantile_levels.tolist(),
-        "score_quantiles": np.quantile(calibration_scores, quantile_levels).tolist(),
-    }
     bundle = StatisticsBundle(
         layers=stats, weight=weight, bias=bias, classes=tuple(data["classes"]),
         meta={
             "run_id": config["run_id"],
             "score": settings["score"],
-            "score_layer": "detection",
-            "threshold": threshold,
             "tpr": settings["tpr"],
             "classifier_layer": "detection",
             "head": settings["head"],
-            "calibration": {key: calibration[key] for key in ("n", "score_quantile_levels", "score_quantiles")},
         },
     )
     checksum = bundle.save(files.statistics)
@@ -89,7 +77,6 @@ def finish_run(
         "nc1_history": nc1_history,
         "final": {key: history[-1].get(key) for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")},
         "test": test,
-        "calibration": calibration,
         "statistics_checksum": checksum,
         "distributed": replicas,
         "timings": {
@@ -107,7 +94,7 @@ def finish_run(
         "val_accuracy": history[-1].get("val_accuracy"),
         "nc1": {layer: reports[layer]["nc1"] for layer in REQUIRED_LAYERS},
         "score": settings["score"],
-        "threshold": threshold,
+        "tpr": settings["tpr"],
         "total_seconds": metrics["timings"]["total_seconds"],
     }
 
@@ -137,22 +124,3 @@ def nearest_mean_agreement(model, dataset: Dataset, stats, seed: int, device) ->
         for layer in REQUIRED_LAYERS:
             agreement[layer].partial_fit(features[layer], predictions)
     return {layer: value.finalize() for layer, value in agreement.items()}
-
-
-def fit_run_score(model, score: str, stats, weight, bias, calibration_data: Dataset, device):
-    """(detector, its scores on the held-out split) for the run's score; fused is standardized on that split."""
-    if score != Fused.name:
-        detector = make_detector(score).fit(stats["detection"], weight, bias)
-        return detector, calibration_scores(model, calibration_data, detector, device)
-    detector = Fused()  # the default components of these statistics' layers
-    layers = component_layers(default_components(tuple(stats)))
-    held_out = collect_layer_features(model, calibration_data.x, (*layers, "logits"), device=device)
-    detector.fit_layers(stats, weight, bias, "detection", held_out, held_out["logits"])
-    return detector, detector.score_layers(held_out, held_out["logits"])
-
-
-def calibration_scores(model, dataset: Dataset, detector, device) -> np.ndarray:
-    scores = []
-    for _, features in iter_layer_features(model, dataset.x, ("detection", "logits"), device=device):
-        scores.append(detector.score(features=features["detection"], logits=features["logits"]))
-    return np.concatenate(scores)

@@ -33,9 +33,12 @@ def byom_result(work: Path, budget: Budget, force: bool = False) -> dict | None:
     if (target.exists() and not force) or not is_complete(run_dir):
         return None
     print(f"[quality] bring-your-own-model row on {spec.name}", flush=True)
-    from export.byom import DEFAULT_SCORE, fit_existing_model
+    from export.byom import fit_existing_model
     from export.torch_export import torch_to_onnx
+    from ncguard.scores.defaults import FOREIGN, default_score
     from training.runs import load_run
+
+    byom_score = default_score(FOREIGN)
 
     started = time.perf_counter()
     model, config, _ = load_run(run_dir)
@@ -43,7 +46,7 @@ def byom_result(work: Path, budget: Budget, force: bool = False) -> dict | None:
     train = load_dataset(config["data"]["spec"])
     rows = np.random.default_rng(0).permutation(len(train.y))[: min(FIT_ROWS, budget.train_limit or FIT_ROWS)]
     sample = replace(train, x=train.x[rows], y=train.y[rows])
-    graph, report = fit_existing_model(bare, sample, features="features", logits="logits", score=DEFAULT_SCORE, name="byom-plain")
+    graph, report = fit_existing_model(bare, sample, features="features", logits="logits", score=byom_score, name="byom-plain")
     session = open_session(graph.SerializeToString(), provider="cpu")
     (id_x, id_y), ood, shifts = evaluation_inputs(spec, budget)
     id_logits, id_scores = run_batched(session, id_x, ["logits", "ood_score"])
@@ -52,10 +55,10 @@ def byom_result(work: Path, budget: Budget, force: bool = False) -> dict | None:
         metrics[name] = ood_report(id_scores, run_batched(session, x, ["ood_score"])[0])
     result = {
         "model": f"byom:{spec.name}",
-        "score": DEFAULT_SCORE,
+        "score": byom_score,
         "fit_rows": int(len(rows)),
         "id_accuracy": float((id_logits.argmax(axis=1) == id_y).mean()),
-        "metrics": {f"byom-{DEFAULT_SCORE}": metrics},
+        "metrics": {f"byom-{byom_score}": metrics},
         "parity": [r.describe() for r in report.parity],
         "seconds": time.perf_counter() - started,
     }
