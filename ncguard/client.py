@@ -227,11 +227,13 @@ def local_server(
     ready_timeout: float = 120.0,
     log_path: str | os.PathLike | None = None,
     api_key: str | None = None,
+    cwd: str | os.PathLike | None = None,
 ) -> Iterator[NcguardClient]:
     """Run `ncguard serve MODEL` on a free port until the block ends; yields a ready client.
 
     The server's output goes to `log_path` (a temporary file by default); if it fails to start,
-    the error includes the end of that log.
+    the error includes the end of that log. `cwd`: the server's working directory (`python -m`
+    puts it first on sys.path, so a checkout there is the code that runs).
     """
     port = port or free_port(host)
     command = [*_serve_command(), str(model_path), "--host", host, "--port", str(port), "--workers", str(workers)]
@@ -242,7 +244,7 @@ def local_server(
         os.close(handle)
     log_path = Path(log_path)
     with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment, start_new_session=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment, start_new_session=True, cwd=cwd)
     client = NcguardClient(f"http://{host}:{port}", api_key=api_key)
     client.server_process = process  # for callers that watch or signal the server (fault tests)
     try:

@@ -24,6 +24,7 @@ Writes benchmarks/results/serving.{json,md,png} (atomically; report.py). Not a t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hey_load import baseline_checkout, hey_cell, remove_checkout  # noqa: E402
 from http_load import load_cell  # noqa: E402
-from local_paths import bench_graphs, bench_predict_cli, ood_node_share  # noqa: E402
+from local_paths import RawReference, bench_graphs, bench_predict_cli, ood_node_share  # noqa: E402
 from report import markdown, ood_cost, plot, rows, traffic_goals, verdicts  # noqa: E402
 
 from ncguard.atomic import atomic_write  # noqa: E402
@@ -62,8 +63,8 @@ def _server_env(**extra: str) -> dict[str, str]:
     return {"BENTOML_HOME": tempfile.mkdtemp(prefix="bench-bentoml-"), **extra}
 
 
-def bench_http(model: Path, shape: tuple[int, ...], *, seconds: float, python_requests: int) -> tuple[list[dict], list[dict]]:
-    """(hey cells, Python-client cells) against one default `ncguard serve`."""
+def bench_http(model: Path, shape: tuple[int, ...], *, seconds: float, python_requests: int, raw: RawReference) -> tuple[list[dict], list[dict]]:
+    """(hey cells, Python-client cells) against one default `ncguard serve`; `raw` is sampled before each hey cell."""
     rng = np.random.default_rng(0)
     inputs = {batch: rng.uniform(0, 1, size=(batch, *shape)).astype(np.float32) for batch in BATCHES}
     hey_cells, python_cells = [], []
@@ -72,6 +73,7 @@ def bench_http(model: Path, shape: tuple[int, ...], *, seconds: float, python_re
         for wire, clients_list in HEY_CLIENTS.items():
             for batch in BATCHES:
                 for clients in clients_list:
+                    raw.sample()
                     cell = hey_cell(client.url, inputs[batch], wire=wire, clients=clients, seconds=seconds)
                     hey_cells.append(cell)
                     _show(f"hey    {wire:>4}", cell)
@@ -82,8 +84,13 @@ def bench_http(model: Path, shape: tuple[int, ...], *, seconds: float, python_re
     return hey_cells, python_cells
 
 
-def bench_steps(model: Path, shape: tuple[int, ...], *, seconds: float, baseline_ref: str | None) -> list[dict]:
-    """1-row requests from 32 `hey` clients against variants of the service, one server each."""
+def bench_steps(model: Path, shape: tuple[int, ...], *, seconds: float, rounds: int, baseline_ref: str | None) -> list[dict]:
+    """1-row requests from 32 `hey` clients against variants of the service.
+
+    All variants' servers run at once (an idle server costs next to nothing) and their cells are
+    taken round-robin, `rounds` times, so that load drifting on a shared machine falls on every
+    variant alike; each variant reports its median round.
+    """
     x = np.random.default_rng(1).uniform(0, 1, size=(STEP_BATCH, *shape)).astype(np.float32)
     variants: list[tuple[str, dict, int, Path | None]] = [
         ("default (1 worker)", {}, 1, None),
@@ -91,22 +98,30 @@ def bench_steps(model: Path, shape: tuple[int, ...], *, seconds: float, baseline
         ("BentoML's access log on (NCGUARD_ACCESS_LOG=1)", {"NCGUARD_ACCESS_LOG": "1"}, 1, None),
         ("2 workers", {}, 2, None),
     ]
-    checkout = None
-    if baseline_ref:
-        checkout = baseline_checkout(baseline_ref, ROOT)
+    checkout = baseline_checkout(baseline_ref, ROOT) if baseline_ref else None
+    if checkout is not None:
         variants.append((f"the service at {baseline_ref} (BentoML adaptive batching via the self-proxy)", {"PYTHONPATH": str(checkout)}, 1, checkout))
-    cells = []
+    cells: dict[str, list[dict]] = {name: [] for name, *_ in variants}
     try:
-        for name, env, workers, _ in variants:
-            with local_server(model, workers=workers, env=_server_env(**env)) as client:
+        with contextlib.ExitStack() as stack:
+            clients = {
+                name: stack.enter_context(local_server(model, workers=workers, env=_server_env(**env), cwd=tree or tempfile.gettempdir()))
+                for name, env, workers, tree in variants
+            }
+            for client in clients.values():
                 hey_cell(client.url, x, wire="npy", clients=8, seconds=1)  # warm-up
-                cell = {**hey_cell(client.url, x, wire="npy", clients=STEP_CLIENTS, seconds=seconds), "variant": name}
-            cells.append(cell)
-            _show(f"step: {name}:", cell)
+            for _ in range(rounds):
+                for name, client in clients.items():
+                    cells[name].append(hey_cell(client.url, x, wire="npy", clients=STEP_CLIENTS, seconds=seconds))
     finally:
         if checkout is not None:
             remove_checkout(checkout, ROOT)
-    return cells
+    out = []
+    for name, runs in cells.items():
+        median = sorted(runs, key=lambda c: c["rows_per_s"])[len(runs) // 2]
+        out.append({**median, "variant": name, "rounds_rows_per_s": [c["rows_per_s"] for c in runs]})
+        _show(f"step: {name}:", out[-1])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     predict = bench_predict_cli(model, BATCHES, calls=calls, budget_s=budget)
     print("HTTP ...", flush=True)
     seconds = 1.0 if args.quick else 5.0
-    hey_cells, python_cells = bench_http(model, shape, seconds=seconds, python_requests=calls // 4)
+    raw64 = RawReference(model, 64, seconds=0.5 if args.quick else 1.5)
+    hey_cells, python_cells = bench_http(model, shape, seconds=seconds, python_requests=calls // 4, raw=raw64)
     print("request-path steps ...", flush=True)
-    steps = bench_steps(model, shape, seconds=seconds, baseline_ref=args.baseline_ref)
+    steps = bench_steps(model, shape, seconds=seconds, rounds=1 if args.quick else 3, baseline_ref=args.baseline_ref)
 
     command = "python benchmarks/serving/bench_serving.py --model " + str(model) + (" --quick" if args.quick else "") + (f" --baseline-ref {args.baseline_ref}" if args.baseline_ref else "")
     report = {
@@ -147,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "http": python_cells,
         "hey": hey_cells,
         "steps": steps,
+        "raw64_during_http": {"rows_per_s": round(raw64.rows_per_s, 1), "samples": [round(v, 1) for v in raw64.samples]},
         "load_average_after": round(os.getloadavg()[0], 2),
         "notes": args.notes,
     }

@@ -211,3 +211,36 @@ def ood_node_share(model: Path, batches: list[int], *, calls: int) -> dict:
             "ood_nodes": sorted(ood_nodes),
         }
     return shares
+
+
+class RawReference:
+    """The raw session at one batch size, re-measured for a moment between other cells.
+
+    Load on a shared machine drifts over a run of several minutes; ratios to a raw figure taken
+    minutes earlier would carry that drift. `sample()` takes `seconds` of back-to-back calls now;
+    `rows_per_s` is the median of every sample so far.
+    """
+
+    def __init__(self, model: Path, batch: int, seconds: float = 1.0):
+        loaded = load_model(model)
+        self.session = open_session(loaded.serialized, provider="cpu")
+        self.x = np.random.default_rng(2).uniform(0, 1, size=(batch, *loaded.metadata.input_shape)).astype(np.float32)
+        self.seconds = seconds
+        self.samples: list[float] = []
+        for _ in range(5):
+            self._run()
+
+    def _run(self) -> None:
+        self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: self.x})
+
+    def sample(self) -> float:
+        calls, start = 0, time.perf_counter()
+        while time.perf_counter() - start < self.seconds:
+            self._run()
+            calls += 1
+        self.samples.append(calls * len(self.x) / (time.perf_counter() - start))
+        return self.samples[-1]
+
+    @property
+    def rows_per_s(self) -> float:
+        return float(np.median(self.samples))
