@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from http_load import FORMATS, request_body
+from http_load import FORMATS, cell_summary, request_body
 
 
 def hey_path() -> str:
@@ -41,21 +41,10 @@ def hey_cell(url: str, x: np.ndarray, *, wire: str, clients: int, seconds: float
             command += ["-H", f"{name}: {value}"]
         done = subprocess.run([*command, f"{url}/predict"], capture_output=True, text=True, timeout=seconds + 120)
     records = list(csv.DictReader(io.StringIO(done.stdout)))
-    latencies = np.asarray([float(r["response-time"]) for r in records]) * 1000
+    latencies = [float(r["response-time"]) for r in records]
     statuses = [int(r["status-code"]) for r in records]
-    ok = statuses.count(200)
     elapsed = max(float(r["offset"]) + float(r["response-time"]) for r in records) if records else seconds
-    return {
-        "wire": wire,
-        "batch": len(x),
-        "clients": clients,
-        "requests": len(statuses),
-        "status_counts": {str(code): statuses.count(code) for code in sorted(set(statuses))},
-        "rows_per_s": round(ok * len(x) / elapsed, 1),
-        "p50_ms": round(float(np.percentile(latencies, 50)), 3) if len(latencies) else float("nan"),
-        "p99_ms": round(float(np.percentile(latencies, 99)), 3) if len(latencies) else float("nan"),
-        "client": "hey",
-    }
+    return {**cell_summary(wire, len(x), clients, latencies, statuses, elapsed), "client": "hey"}
 
 
 def baseline_checkout(ref: str, root: Path) -> Path:

@@ -54,17 +54,21 @@ def load_cell(url: str, x: np.ndarray, *, wire: str, clients: int, requests: int
         start = time.perf_counter()
         parts = [f.result() for f in futures]
         elapsed = time.perf_counter() - start
-    latencies = np.asarray([v for part in parts for v in part[0]]) * 1000
+    latencies = [v for part in parts for v in part[0]]
     statuses = [v for part in parts for v in part[1]]
-    ok = statuses.count(200)
+    return {**cell_summary(wire, len(x), clients, latencies, statuses, elapsed), "body_bytes": len(body)}
+
+
+def cell_summary(wire: str, batch: int, clients: int, latencies_s: list[float], statuses: list[int], elapsed_s: float) -> dict:
+    """Throughput of answered rows, p50/p99 latency (ms) and status counts of one load cell."""
+    latencies = np.asarray(latencies_s) * 1000
     return {
         "wire": wire,
-        "batch": len(x),
+        "batch": batch,
         "clients": clients,
         "requests": len(statuses),
         "status_counts": {str(code): statuses.count(code) for code in sorted(set(statuses))},
-        "rows_per_s": round(ok * len(x) / elapsed, 1),
-        "p50_ms": round(float(np.percentile(latencies, 50)), 3),
-        "p99_ms": round(float(np.percentile(latencies, 99)), 3),
-        "body_bytes": len(body),
+        "rows_per_s": round(statuses.count(200) * batch / elapsed_s, 1),
+        "p50_ms": round(float(np.percentile(latencies, 50)), 3) if len(latencies) else float("nan"),
+        "p99_ms": round(float(np.percentile(latencies, 99)), 3) if len(latencies) else float("nan"),
     }
