@@ -287,3 +287,29 @@ def test_promtool_accepts_the_checked_in_config_and_rules(tmp_path):
     derived.write_text(yaml.safe_dump(scrape_config("127.0.0.1:3000", generate.RULES_PATH)))
     result = subprocess.run([promtool, "check", "config", str(derived)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_scrapes_a_server_with_api_keys_given_the_key(digits_model_path, tmp_path):
+    """/metrics is behind the key: Prometheus with `authorization.credentials_file` scrapes it, without it gets 401."""
+    import secrets
+
+    _tool("prometheus")
+    key = secrets.token_urlsafe(24)
+    key_file = tmp_path / "ncguard-api-key"
+    key_file.write_text(key + "\n")
+    env = {"BENTOML_HOME": str(tmp_path / "bentoml-home"), "NCGUARD_API_KEYS": key}
+    with local_server(digits_model_path, env=env, ready_timeout=120, api_key=key) as client:
+        target = client.url.removeprefix("http://")
+        config = scrape_config(target, generate.RULES_PATH)
+        keyed = dict(config["scrape_configs"][0], authorization={"credentials_file": str(key_file)})
+        anonymous = dict(config["scrape_configs"][0], job_name="anonymous")
+        config["scrape_configs"] = [keyed, anonymous]
+        config_path = tmp_path / "prometheus.yml"
+        config_path.write_text(yaml.safe_dump(config))
+        prometheus = start_prometheus(config_path, tmp_path / "data", tmp_path / "prometheus.log")
+        try:
+            prometheus.wait_for(f'up{{job="ncguard",instance="{target}"}}', lambda v: v == 1, "the keyed scrape up")
+            prometheus.wait_for(f'up{{job="anonymous",instance="{target}"}}', lambda v: v == 0, "the scrape without a key refused")
+            prometheus.wait_for(f'count(ncguard_model_info{{job="ncguard"}})', lambda v: v == 1, "the model's metrics scraped with the key")
+        finally:
+            prometheus.stop()
