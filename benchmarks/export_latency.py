@@ -39,15 +39,13 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 from onnx import helper  # noqa: E402
 
-from export.cli import calibration_inputs  # noqa: E402
-from export.detectors import fit_detector  # noqa: E402
 from export.score_graph import append_ood_head  # noqa: E402
-from export.torch_export import SCORE_FEATURES, finish_graph, torch_outputs, torch_to_onnx  # noqa: E402
+from export.torch_export import finish_graph, torch_outputs, torch_to_onnx  # noqa: E402
 from ncguard.atomic import atomic_write  # noqa: E402
 from ncguard.model_file import INPUT_NAME  # noqa: E402
 from ncguard.runtime import open_session  # noqa: E402
-from ncguard.scores import SCORES  # noqa: E402
-from training.runs import load_run  # noqa: E402
+from ncguard.scores import SCORES, build_detector  # noqa: E402
+from training.runs import calibration_inputs, load_run  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 THREADS = 2
@@ -106,22 +104,21 @@ def bench_run(run_dir: str, repeats: int) -> dict:
     # worker at every barrier, which a single thread never does.
     variants["torch eager (network), 1 thread"] = lambda size: torch_call(size, 1)
     sessions = {"ONNX Runtime, network only": open_session(network_only(model).SerializeToString(), provider="cpu", threads=THREADS)}
-    for name in sorted(SCORES):
-        detector, layer = fit_detector(name, bundle)
-        graph = finish_graph(torch_to_onnx(model, layer), detector, layer)
+    detectors = {name: build_detector(name, bundle).fit(bundle) for name in sorted(SCORES)}
+    for name, detector in detectors.items():
+        graph = finish_graph(torch_to_onnx(model, detector.layers), detector)
         sessions[f"ONNX Runtime, with {name} score"] = open_session(graph.SerializeToString(), provider="cpu", threads=THREADS)
     for label, session in sessions.items():
         variants[label] = lambda size, session=session: session.run(None, {INPUT_NAME: inputs[size]})
     # The score's head alone, fed the network's own features and logits: its cost without the network.
     outputs = {size: torch_outputs(model, x, "detection") for size, x in inputs.items()}
-    for name in sorted(SCORES):
-        detector, layer = fit_detector(name, bundle)
-        head = append_ood_head(head_graph(model), detector, features="features" if layer else None, logits="logits")
+    for name, detector in detectors.items():
+        head = append_ood_head(head_graph(model), detector, {"detection": "features", "logits": "logits"})
         session = open_session(head.SerializeToString(), provider="cpu", threads=THREADS)
         wanted = {i.name for i in session.get_inputs()}
 
         def head_call(size, session=session, wanted=wanted):
-            feeds = {"features": outputs[size][SCORE_FEATURES], "logits": outputs[size]["logits"]}
+            feeds = {"features": outputs[size]["detection"], "logits": outputs[size]["logits"]}
             session.run(None, {k: v for k, v in feeds.items() if k in wanted})
 
         variants[f"{name} score head alone"] = head_call

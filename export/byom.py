@@ -6,11 +6,13 @@ a model with the same contract as `ncguard export` (DESIGN.md section 3):
    `logits` and `features` read from the tensors the user names;
 2. the data runs through ONNX Runtime in chunks; the class statistics of the features are fitted
    streaming on the fit split, and a calibration split is held out;
-3. the detector is fitted from those statistics (export.detectors, as `ncguard export` does), the
-   score and softmax are appended (export.finish), the graph's scores are checked against the
-   NumPy reference, and the threshold is calibrated on the held-out ID split only; the softmax
-   temperature of `probabilities` is fitted on the same split (Guo et al. 2017, ncguard.temperature),
-   so the wrapped model's confidence is calibrated even when the original's was not.
+3. the detector is built and fitted from those statistics (`ncguard.scores.build_detector`, as
+   `ncguard export` does; held-out features too for a detector that needs them), and the model
+   is finished by the same pipeline as `ncguard export` (`export.finish.finish_model`): score and
+   softmax appended, the graph checked against the bare network and the NumPy reference, the
+   threshold calibrated on the held-out ID split only, and the softmax temperature of
+   `probabilities` fitted on the same split (Guo et al. 2017, ncguard.temperature), so the wrapped
+   model's confidence is calibrated even when the original's was not.
 
 The features are stored as the bundle's `transfer` layer: they are the model's transfer features
 (the `features` output the drift gauges watch) and the layer the score reads.
@@ -27,23 +29,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import onnx
 from tqdm import tqdm
 
-from export.detectors import TRANSFER_LAYER, fit_detector
-from export.finish import ExportReport, calibrate_and_stamp, finish_contract, parity_inputs
+from export.finish import TRANSFER_LAYER, ExportReport, finish_model
 from export.graph_reading import check_matrix
 from export.graph_surgery import InputTransform, Network, build_network
-from export.parity import allowed_error, compare, compare_logits, compare_scores
+from export.parity import allowed_error
 from ncguard.calibration import DEFAULT_TPR, check_open_unit, split_for_calibration
 from ncguard.data import Dataset, iter_batches
 from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import INPUT_NAME
 from ncguard.runtime import open_session
-from ncguard.scores import SCORES
+from ncguard.scores import LOGITS, SCORE_NAMES, build_detector
 from ncguard.scores.defaults import FOREIGN, default_score
 from ncguard.stats import ClassStatistics, StatisticsBundle
 
@@ -170,9 +171,11 @@ def _gather(network, session, x: np.ndarray, batch_size: int, desc: str) -> tupl
     return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
 
 
-def _fit_score(score: str, bundle: StatisticsBundle, readout_ratio: float, features_tensor: str):
+def _fit_score(score: str, bundle: StatisticsBundle, held_out: dict, readout_ratio: float, features_tensor: str):
+    """The fitted detector; a score that needs the classifier says why it could not be recovered."""
+    detector = build_detector(score, bundle)
     try:
-        return fit_detector(score, bundle)
+        return detector.fit(bundle, held_out if detector.needs_held_out else None)
     except ConfigError as exc:
         if bundle.weight is None:
             raise ConfigError(
@@ -205,10 +208,10 @@ def fit_existing_model(
     source_label: str = "",
 ) -> tuple[onnx.ModelProto, FitReport]:
     """The stamped ONNX model (not yet written) and what was fitted and checked (module docstring)."""
-    tpr = check_open_unit(tpr, "--tpr")
+    tpr = check_open_unit(tpr, "--tpr")  # before the data pass, not after it
     score = score or default_score(FOREIGN)
-    if score not in SCORES:  # before the data pass, not after it
-        raise ConfigError(f"unknown score {score!r}; choose one of: {', '.join(sorted(SCORES))}")
+    if score not in SCORE_NAMES:
+        raise ConfigError(f"unknown score {score!r}; choose one of: {', '.join(SCORE_NAMES)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive integer, got {batch_size!r}")
     network = build_network(
@@ -217,7 +220,7 @@ def fit_existing_model(
     fit_index, calibration_index = split_for_calibration(len(data), calibration_fraction, seed)
     session = open_session(network.model.SerializeToString(), provider=provider)
     stats, readout, accuracy = _fit_statistics(
-        network, session, data, fit_index, batch_size=batch_size, per_class_covariance=score == "ddu", seed=seed
+        network, session, data, fit_index, batch_size=batch_size, per_class_covariance=score in ("ddu", "fused"), seed=seed
     )
     calibration_x = data.x[calibration_index]
     held_out_logits, held_out_features = _gather(network, session, calibration_x, batch_size, "held-out logits")
@@ -231,23 +234,15 @@ def fit_existing_model(
         classes=tuple(str(c) for c in data.classes),
         meta={"source_model": source_label, "features_tensor": network.features_tensor, "logits_tensor": network.logits_tensor},
     )
-    detector, layer = _fit_score(score, bundle, readout_ratio, network.features_tensor)
-    log.info("fitting score %s on %s", score, "the features" if layer else "the logits")
+    held_out = {TRANSFER_LAYER: held_out_features, LOGITS: held_out_logits}
+    detector = _fit_score(score, bundle, held_out, readout_ratio, network.features_tensor)
+    log.info("fitting score %s on %s", score, ", ".join(detector.layers))
 
-    graph = finish_contract(network.finished(n_classes, width), detector, "features" if layer else None)
-    final = open_session(graph.SerializeToString(), provider=provider)
-    providers = list(final.get_providers())
-    check_x = parity_inputs(calibration_x, seed)
-    reference_logits, reference_features = _gather(network, session, check_x, batch_size, "parity reference")
-    out_logits, out_features, out_scores = _run(final, ["logits", "features", "ood_score"], check_x)
-    reference_scores = detector.score(features=reference_features if layer else None, logits=reference_logits)
-    parity = [
-        compare_logits(reference_logits, out_logits),
-        compare("the features", reference_features, out_features),
-        compare_scores(score, reference_scores, out_scores, width=width if layer else None),
-    ]
+    def reference(x: np.ndarray) -> dict[str, np.ndarray]:
+        """The bare network's own outputs: what the finished graph must reproduce."""
+        out_logits, out_features = _gather(network, session, x, batch_size, "parity reference")
+        return {LOGITS: out_logits, "features": out_features, TRANSFER_LAYER: out_features}
 
-    notes = list(network.notes)
     warnings = []
     chance = 1.0 / n_classes
     if accuracy < chance + (1.0 - chance) / 2:
@@ -256,20 +251,23 @@ def fit_existing_model(
             "classes are labelled in the model's output order and that --input-scale/--input-mean/--input-std match "
             "what the model expects"
         )
-    proto, threshold, temperature, calibration_error = calibrate_and_stamp(
-        graph,
-        final,
+    proto, report = finish_model(
+        network.finished(n_classes, width),
+        detector,
+        {TRANSFER_LAYER: "features", LOGITS: "logits"},
+        reference,
         bundle,
         calibration_x,
-        score=score,
+        data.y[calibration_index],
         tpr=tpr,
+        provider=provider,
         classes=[str(c) for c in data.classes],
         input_shape=list(data.input_shape),
         input_scale=data.input_scale,
         name=name,
+        seed=seed,
         extra={
             "exporter": "ncguard fit (bring your own model)",
-            "score_layer": layer,
             "source_model": source_label,
             "source_sha256": source_digest(source),
             "features_tensor": network.features_tensor,
@@ -279,13 +277,11 @@ def fit_existing_model(
             "fit_inputs": int(len(fit_index)),
             "fit_accuracy": float(accuracy),
             "classifier_recovered": bool(linear),
-            "parity": [r.describe() for r in parity],
         },
-        calibration_y=data.y[calibration_index],
     )
     report = FitReport(
-        score, layer, threshold, providers, parity, temperature, calibration_error,
+        **{f.name: getattr(report, f.name) for f in fields(ExportReport)},
         n_classes=int(n_classes), width=int(width), n_fit=int(len(fit_index)), n_calibration=int(len(calibration_index)),
-        fit_accuracy=float(accuracy), classifier_recovered=bool(linear), notes=notes, warnings=warnings,
+        fit_accuracy=float(accuracy), classifier_recovered=bool(linear), notes=list(network.notes), warnings=warnings,
     )
     return proto, report

@@ -1,8 +1,8 @@
 """`ncguard export RUN_DIR --out MODEL.onnx [--score NAME] [--tpr 0.95] [--provider P] [--bentoml [NAME]]`.
 
 `--score fused` embeds the multi-layer score (ncguard.scores.fused) with `--components
-block1:mahalanobis,detection:etf` (default: every conv block of the run's statistics with
-mahalanobis, plus detection:etf) and `--combine sum|max`.
+block1:mahalanobis,detection:etf` (default: `ncguard.scores.fused.default_components` of the run's
+statistics) and `--combine sum|max`. Without --score and --tpr the run's own are used.
 
 Reads the run (model, config, statistics) with `training.runs.load_run`, rebuilds the held-out ID
 calibration split exactly as training drew it (the data SPEC, fraction and seed in config.json),
@@ -15,46 +15,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 
 from ncguard.calibration import check_open_unit
-from ncguard.data import load_dataset
-from ncguard.errors import ConfigError, DataError, ModelError
+from ncguard.errors import ConfigError, ModelError
 from ncguard.model_file import load_model, save_model, sign_model
-from ncguard.runtime import PROVIDER_CHOICES, select_providers
-from ncguard.scores import COMBINED_SCORES, SCORES
+from ncguard.runtime import PROVIDER_CHOICES, check_provider
+from ncguard.scores import SCORE_NAMES, build_detector
 from ncguard.scores.defaults import default_score
 from ncguard.scores.fused import COMBINES
 from ncguard.signing import fingerprint, load_private_key
+from training.runs import calibration_inputs  # noqa: F401  (also imported from here by benchmarks)
 
-
-
-def calibration_inputs(config: dict, *, with_labels: bool = False):
-    """(held-out ID inputs, input scale): the split training held out, redrawn from config.json;
-    with_labels: (inputs, their labels, input scale), the labels fitting the softmax temperature."""
-    from training.runs import calibration_split
-
-    data = config["data"]
-    dataset = load_dataset(data["spec"])
-    if int(data["n_samples"]) != len(dataset):
-        raise DataError(
-            f"the run was trained on {data['n_samples']} samples of {data['spec']}, but it now holds {len(dataset)}: "
-            "the held-out calibration split cannot be redrawn (did the data change?)"
-        )
-    try:
-        _, calibration_index = calibration_split(config)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelError(f"the run's config.json does not say how the calibration split was drawn ({exc})") from None
-    if with_labels:
-        return dataset.x[calibration_index], dataset.y[calibration_index], float(dataset.input_scale)
-    return dataset.x[calibration_index], float(dataset.input_scale)
-
-
-def check_provider(provider: str | None) -> list[str]:
-    """The providers --provider selects on this machine (ConfigError if it cannot be honoured)."""
-    import onnxruntime
-
-    return select_providers(provider, onnxruntime.get_available_providers())
 
 
 def run_score_and_tpr(config: dict, bundle, score: str | None, tpr: float | None) -> tuple[str, float]:
@@ -79,41 +50,30 @@ def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float |
 
     from training.runs import load_run
 
-    from .detectors import FUSED, fused_components
     from .torch_export import export_model
 
     if tpr is not None:
         tpr = check_open_unit(tpr, "--tpr")
     check_provider(provider)  # before the slow part: a wrong --provider fails at once
     private_key = load_private_key(sign_key) if sign_key else None  # likewise a wrong --sign-key
-    if score is not None and score not in SCORES and score not in COMBINED_SCORES:
-        raise ConfigError(f"unknown score {score!r}; choose one of: {', '.join(sorted({*SCORES, *COMBINED_SCORES}))}")
-    if score != FUSED and (components is not None or combine is not None):
-        raise ConfigError("--components and --combine apply to --score fused only")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, config, bundle = load_run(run_dir)
     score, tpr = run_score_and_tpr(config, bundle, score, tpr)
-    fused = {}
-    if score == FUSED:
-        if layer is not None:
-            raise ConfigError("--layer does not apply to --score fused: name the layers in --components")
-        combine = combine or "sum"
-        fused = {"components": fused_components(bundle, components, combine), "combine": combine}  # fail before the data pass
+    # every option checked against the run's statistics before the data pass
+    detector = build_detector(score, bundle, layer=layer, components=components, combine=combine)
     calibration_x, calibration_y, input_scale = calibration_inputs(config, with_labels=True)
     proto, report = export_model(
         model,
         bundle,
         calibration_x,
-        score=score,
+        detector=detector,
         tpr=tpr,
-        layer=layer,
         provider=provider,
         name=name or Path(run_dir).resolve().name,
         run_id=str(config.get("run_id", "")),
         input_scale=input_scale,
         extra={"head": config.get("settings", {}).get("head"), "data": config.get("data", {}).get("spec")},
         calibration_y=calibration_y,
-        **fused,
     )
     if private_key is not None:
         proto = sign_model(proto, private_key)
@@ -126,12 +86,12 @@ def export_run(run_dir: str, out: str, *, score: str | None = None, tpr: float |
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory written by `ncguard train`")
     p.add_argument("--out", required=True, help="ONNX file to write")
-    p.add_argument("--score", default=None, help="OOD score to embed (default: the run's score); one of " + ", ".join(sorted({*SCORES, *COMBINED_SCORES})))
+    p.add_argument("--score", default=None, help="OOD score to embed (default: the run's score); one of " + ", ".join(SCORE_NAMES))
     p.add_argument("--tpr", type=float, default=None, help="fraction of held-out in-distribution inputs the threshold keeps (default: the run's `ncguard train --tpr`)")
     p.add_argument("--layer", default=None, help="statistics layer the score reads (default: detection)")
     p.add_argument("--components", default=None, metavar="LAYER:SCORE,...",
                    help="with --score fused: the components, e.g. block1:mahalanobis,detection:etf "
-                        "(default: every conv block with mahalanobis, plus detection:etf)")
+                        "(default: mahalanobis on the first and the last conv block, plus detection:ddu)")
     p.add_argument("--combine", default=None, choices=COMBINES, help="with --score fused: how the standardized components combine (default sum)")
     p.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES, help="ONNX Runtime provider for the parity check")
     p.add_argument("--sign-key", default=None, metavar="FILE",

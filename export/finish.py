@@ -1,33 +1,40 @@
-"""The last steps every ncguard model goes through, whatever produced its network (torch-free).
+"""The one pipeline every ncguard model goes through, whatever produced its network (torch-free).
 
 `ncguard export` (a trained DualHeadModel, export.torch_export) and `ncguard fit` (an existing
-ONNX classifier, export.byom) both hand over a network graph with input `input` and outputs
-`logits` and `features`; from there the model is finished the same way: softmax and the OOD
-score appended with the outputs in the contract's order (`finish_contract`), the threshold
-calibrated on held-out ID data with the graph's own scores, the softmax temperature fitted on the
+ONNX classifier, export.byom) both hand `finish_model` a fitted detector and a network graph with
+input `input`, outputs `logits` and `features`, and a tensor for every layer the detector reads,
+plus a way to compute the reference values (torch, or the bare network) of those tensors. From
+there the model is finished the same way: softmax and the OOD score appended with the outputs in
+the contract's order (`finish_contract`), one ONNX Runtime session, the parity check against the
+reference and the detector's NumPy formula (`check_parity`), the threshold calibrated on held-out
+ID data with the graph's own scores (`Detector.calibrate`), the softmax temperature fitted on the
 same held-out data when its labels are given (ncguard.temperature, Guo et al. 2017), and the
-metadata of DESIGN.md section 3 (drift reference and temperature included) stamped
-(`calibrate_and_stamp`).
+metadata of DESIGN.md section 3 (drift reference and temperature included) stamped.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from export.detectors import TRANSFER_LAYER
-from export.parity import ParityResult
+from export.parity import ParityResult, compare, compare_logits, compare_scores
 from export.score_graph import append_ood_head
-from ncguard.calibration import calibrate_threshold, expected_calibration_error
+from ncguard.calibration import expected_calibration_error
 from ncguard.drift import reference_quantiles
 from ncguard.errors import DataError
 from ncguard.model_file import OUTPUT_NAMES, DriftReference, ModelMetadata, stamp
-from ncguard.runtime import run_batched
+from ncguard.runtime import open_session, run_batched
+from ncguard.scores import LOGITS, Detector
 from ncguard.stats import StatisticsBundle
 from ncguard.temperature import fit_temperature, softmax
+
+log = logging.getLogger("ncguard.export")
+TRANSFER_LAYER = "transfer"  # the statistics layer of the `features` output (h; a foreign model's features)
 
 DRIFT_QUANTILES = 100
 PARITY_MAX_ROWS = 2048  # ID rows checked against the reference (plus as many noise rows, at most 256)
@@ -50,13 +57,13 @@ class ExportReport:
         return [result.describe() for result in self.parity]
 
 
-def finish_contract(network: onnx.ModelProto, detector, score_features: str | None) -> onnx.ModelProto:
+def finish_contract(network: onnx.ModelProto, detector: Detector, tensors: Mapping[str, str]) -> onnx.ModelProto:
     """Append softmax(logits / T) and the OOD score to a network with outputs `logits` and `features`.
 
-    `score_features` names the tensor the score reads (None for logit-only scores). The result
+    `tensors` maps each layer the detector reads (`detector.layers`) to its tensor. The result
     has exactly the contract's outputs, in their order. `network` gains the softmax nodes (it is
     not copied first: models can be large, and append_ood_head copies it anyway). T is the
-    initializer TEMPERATURE_TENSOR, 1 until `calibrate_and_stamp` fits it (`set_temperature`);
+    initializer TEMPERATURE_TENSOR, 1 until `finish_model` fits it (`set_temperature`);
     `logits`, and so the labels and every OOD score, do not depend on it.
     """
     graph = network.graph
@@ -68,7 +75,7 @@ def finish_contract(network: onnx.ModelProto, detector, score_features: str | No
     probabilities.CopyFrom(logits_info)
     probabilities.name = "probabilities"
     graph.output.append(probabilities)
-    model = append_ood_head(network, detector, features=score_features, logits="logits", output="ood_score")
+    model = append_ood_head(network, detector, tensors, output="ood_score")
     by_name = {o.name: o for o in model.graph.output}
     ordered = [by_name[name] for name in OUTPUT_NAMES]
     del model.graph.output[:]
@@ -121,60 +128,97 @@ def drift_reference(bundle: StatisticsBundle, id_scores: np.ndarray, id_features
     )
 
 
-def calibrate_and_stamp(
-    graph: onnx.ModelProto,
-    session,
+def feature_layers(detector: Detector) -> list[str]:
+    """The feature layers a detector reads (its `layers` without the logits)."""
+    return [layer for layer in detector.layers if layer != LOGITS]
+
+
+def check_parity(session, detector: Detector, reference: Mapping[str, np.ndarray], x: np.ndarray) -> list[ParityResult]:
+    """The finished graph (ONNX Runtime) against the reference on inputs `x`: logits and labels, the
+    `features` output, and the OOD score against the detector's NumPy formula on the reference's
+    own features. `reference` holds "logits", "features" and every layer the detector reads."""
+    logits, features, ood_score = run_batched(session, x, ["logits", "features", "ood_score"])
+    width = sum(int(reference[layer].shape[1]) for layer in feature_layers(detector)) or None
+    return [
+        compare_logits(reference[LOGITS], logits),
+        compare("the features", reference["features"], features),
+        compare_scores(detector.name, detector.score({layer: reference[layer] for layer in detector.layers}), ood_score, width=width),
+    ]
+
+
+def finish_model(
+    network: onnx.ModelProto,
+    detector: Detector,
+    tensors: Mapping[str, str],
+    reference: Callable[[np.ndarray], Mapping[str, np.ndarray]],
     bundle: StatisticsBundle,
     calibration_x: np.ndarray,
+    calibration_y: np.ndarray | None,
     *,
-    score: str,
     tpr: float,
+    provider: str | None,
     classes: list[str],
     input_shape: list[int],
     input_scale: float,
     name: str,
     run_id: str = "",
     extra: dict | None = None,
-    calibration_y: np.ndarray | None = None,
-) -> tuple[onnx.ModelProto, float, float, dict | None]:
-    """(the stamped model, its threshold, its temperature, the held-out ECE before/after or None).
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, ExportReport]:
+    """(the stamped model, not yet written; what was checked): the pipeline of the module docstring.
 
-    The threshold keeps `tpr` of the held-out ID inputs `calibration_x` under the finished graph's
-    own scores (run on `session`), which also give the drift reference's score quantiles. With the
-    inputs' labels `calibration_y`, the softmax temperature is fitted on the graph's held-out logits
-    and set in the graph (`fit_calibration`, `set_temperature`); without them T stays 1. Never fed
-    OOD data."""
+    `detector` is fitted; `tensors` maps its layers to the network's tensors; `reference(x)` gives
+    {"logits", "features", every layer the detector reads} as the source model computes them.
+    `calibration_x` are held-out ID inputs (never OOD data): the threshold keeps `tpr` of them under
+    the finished graph's own scores, which also give the drift reference's score quantiles. Their
+    labels `calibration_y` fit the softmax temperature; without them T stays 1.
+    """
     if len(calibration_x) < 2:
         raise DataError(f"the calibration split holds {len(calibration_x)} inputs; at least 2 are needed for a threshold")
+    if calibration_y is not None and len(calibration_y) != len(calibration_x):
+        raise DataError(f"got {len(calibration_x)} calibration inputs but {len(calibration_y)} labels")
+    graph = finish_contract(network, detector, tensors)
+    session = open_session(graph.SerializeToString(), provider=provider)
+    providers = list(session.get_providers())
+    log.info("parity and calibration run on ONNX Runtime providers %s", ", ".join(providers))
+    check_x = parity_inputs(calibration_x, seed)
+    parity = check_parity(session, detector, reference(check_x), check_x)
+
     id_scores, id_features, id_logits = run_batched(
         session, calibration_x.astype(np.float32, copy=False), ["ood_score", "features", "logits"]
     )
     id_scores = id_scores.astype(np.float64)
-    threshold = calibrate_threshold(id_scores, tpr)
+    detector.calibrate(id_scores, tpr)
     temperature, calibration_error = 1.0, None
-    if calibration_y is not None:
-        if len(calibration_y) != len(calibration_x):
-            raise DataError(f"got {len(calibration_x)} calibration inputs but {len(calibration_y)} labels")
+    if calibration_y is None:
+        log.warning("no labels for the calibration inputs: the probabilities keep temperature 1 (not calibrated)")
+    else:
         temperature, calibration_error = fit_calibration(id_logits.astype(np.float64), np.asarray(calibration_y))
         # float32, as the graph stores it, so the metadata says exactly what the graph divides by
         temperature = float(np.float32(temperature))
         set_temperature(graph, temperature)
+    layers = feature_layers(detector)
+    described = detector.describe()
     metadata = ModelMetadata(
         name=name,
         classes=list(classes),
         input_shape=[int(d) for d in input_shape],
         input_scale=float(input_scale),
-        score=score,
-        threshold=threshold,
-        tpr=float(tpr),
+        score=detector.name,
+        threshold=detector.threshold_,
+        tpr=detector.tpr_,
         drift_reference=drift_reference(bundle, id_scores, id_features),
         statistics_checksum=bundle.checksum(),
         run_id=run_id,
         extra={
             "calibration_inputs": int(len(calibration_x)),
             "calibration_error": calibration_error or "temperature not fitted: the calibration inputs came without labels",
+            "score_layer": layers if len(layers) > 1 else (layers[0] if layers else None),
+            **({detector.name: described} if described else {}),
+            "parity": [r.describe() for r in parity],
             **(extra or {}),
         },
         temperature=temperature,
     )
-    return stamp(graph, metadata), threshold, temperature, calibration_error
+    report = ExportReport(detector.name, "+".join(layers) or None, detector.threshold_, providers, parity, temperature, calibration_error)
+    return stamp(graph, metadata), report

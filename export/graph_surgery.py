@@ -20,9 +20,10 @@ from onnx import TensorProto, helper
 from export.graph_reading import (
     FLOAT_TYPES, check_matrix, elem_type_name, format_shape, graph_inputs, logits_candidate, resolve_tensor, shape_of, subgraphs, tensor_names,
 )
-from export.score_graph import MIN_OPSET, GraphBuilder, _tensor_types, default_opset
+from export.score_graph import _tensor_types, default_opset
 from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import INPUT_NAME, OUTPUT_NAMES
+from ncguard.scores.graph import MIN_OPSET, GraphBuilder
 
 PREFIX = "ncguard_byom"
 PROBE_SUFFIX = "_shape"  # extra outputs holding the raw shapes of the logits and features tensors

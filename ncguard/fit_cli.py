@@ -24,7 +24,7 @@ from .data import load_dataset
 from .errors import ConfigError
 from .model_file import load_model, save_model, sign_model
 from .signing import fingerprint, load_private_key
-from .runtime import PROVIDER_CHOICES
+from .runtime import PROVIDER_CHOICES, check_provider
 from .scores import SCORES
 from .scores.defaults import FOREIGN, default_score
 
@@ -67,7 +67,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from export.byom import fit_existing_model
-    from export.cli import check_provider
     from export.graph_reading import load_onnx
     from export.graph_surgery import InputTransform
 

@@ -97,6 +97,12 @@ def open_session(serialized: bytes, *, provider: str | None = None, threads: int
     return session
 
 
+def check_provider(provider: str | None) -> list[str]:
+    """The providers --provider selects on this machine (ConfigError if it cannot be honoured): asked
+    before any slow work, so a wrong --provider fails at once."""
+    return select_providers(provider, _import_onnxruntime().get_available_providers())
+
+
 def run_batched(session, x: np.ndarray, names: list[str] | tuple[str, ...], batch_size: int = 256) -> list[np.ndarray]:
     """The named outputs for x [N, ...], fed to `session` batch_size rows at a time."""
     if batch_size < 1:

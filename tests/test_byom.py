@@ -19,13 +19,13 @@ import numpy as np
 import onnx
 import pytest
 
-from export.detectors import fit_detector
 from export.parity import compare_scores
 from ncguard.calibration import calibrate_threshold, split_for_calibration
 from ncguard.cli import main
 from ncguard.data import load_dataset
 from ncguard.model_file import INPUT_NAME, OUTPUT_NAMES, load_model
 from ncguard.runtime import Predictor
+from ncguard.scores import build_detector
 from ncguard.stats import ClassStatistics, StatisticsBundle
 from tests.test_torch_free import BLOCK_TORCH
 
@@ -157,7 +157,8 @@ def test_scores_and_threshold_match_the_numpy_reference_on_torch_features(plain,
         test_features = model.penultimate(torch.from_numpy(test.x)).numpy()
     fit_index, calibration_index = split_for_calibration(len(train), 0.1, 0)
     stats = ClassStatistics(10, per_class_covariance=False, seed=0).fit(train_features[fit_index], train.y[fit_index])
-    detector, _ = fit_detector("knn", StatisticsBundle({"transfer": stats}, classes=train.classes))
+    bundle = StatisticsBundle({"transfer": stats}, classes=train.classes)
+    detector = build_detector("knn", bundle).fit(bundle)
 
     predictor = Predictor(path, provider="cpu")
     result = predictor.predict(test.x)

@@ -17,10 +17,9 @@ import onnx
 import pytest
 import torch
 
-from export.cli import calibration_inputs, export_run, run_export
-from export.detectors import fit_detector, fit_fused, fused_components
+from export.cli import export_run, run_export
 from export.parity import compare_scores
-from export.torch_export import SCORE_FEATURES, check_parity, finish_graph, parity_inputs, torch_outputs, torch_to_onnx
+from export.torch_export import check_parity, finish_graph, parity_inputs, torch_outputs, torch_to_onnx
 from ncguard.calibration import calibrate_threshold
 from ncguard.data import load_dataset
 from ncguard.errors import ConfigError, ModelError
@@ -28,11 +27,10 @@ from ncguard.model_file import INPUT_NAME, OUTPUT_NAMES, load_model
 from ncguard.ood_data import load_ood_dataset
 from ncguard.ood_metrics import auroc
 from ncguard.runtime import Predictor, open_session, run_batched
-from ncguard.scores import SCORES, make_detector
-from ncguard.scores.fused import component_layers
+from ncguard.scores import SCORES, build_detector, make_detector
 from ncguard.stats import ClassStatistics
-from training.inference import collect_layer_features
-from training.runs import load_run
+from training.inference import fit_on_held_out
+from training.runs import calibration_inputs, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,15 +79,9 @@ def test_the_file_meets_the_model_artifact_contract(digits_model_path, digits_ru
 
     # The threshold keeps 95% of the held-out ID split training used, scored by the NumPy reference.
     calibration_x, _ = calibration_inputs(config)
-    if meta.score == "fused":  # the default: its components standardized on that same split
-        layers = (*component_layers(fused_components(bundle)), "logits")
-        features = collect_layer_features(model, calibration_x, layers)
-        detector = fit_fused(bundle, None, "sum", features, features["logits"])
-        reference = detector.score_layers(features, features["logits"])
-    else:
-        detector, layer = fit_detector(meta.score, bundle)
-        outputs = torch_outputs(model, calibration_x, layer)
-        reference = detector.score(features=outputs[SCORE_FEATURES], logits=outputs["logits"])
+    # (the default, fused, has its components standardized on that same split)
+    detector = fit_on_held_out(build_detector(meta.score, bundle), bundle, model, calibration_x)
+    reference = detector.score(torch_outputs(model, calibration_x, detector.layers))
     assert meta.threshold == pytest.approx(calibrate_threshold(reference, 0.95), rel=1e-4)
     graph_scores = Predictor(loaded).predict(calibration_x).ood_score
     assert meta.drift_reference.score_quantiles[0] == pytest.approx(graph_scores.min())
@@ -100,17 +92,16 @@ def test_the_file_meets_the_model_artifact_contract(digits_model_path, digits_ru
 @pytest.mark.parametrize("name", sorted(SCORES))
 def test_every_score_matches_torch_and_the_numpy_reference(name, run, network, test_inputs):
     model, _, bundle = run
-    detector, layer = fit_detector(name, bundle)
-    graph = finish_graph(_copy(network), detector, "detection" if layer else None)
+    detector = build_detector(name, bundle).fit(bundle)
+    graph = finish_graph(_copy(network), detector)
     session = open_session(graph.SerializeToString(), provider="cpu")
     id_data, noise, inverted = test_inputs
-    results = check_parity(session, model, detector, layer, np.concatenate([id_data.x, noise]))  # raises on mismatch
+    results = check_parity(session, model, detector, np.concatenate([id_data.x, noise]))  # raises on mismatch
     assert all(r.worst_ratio < 0.5 for r in results), [r.describe() for r in results]
     # The ranking is the reference's: AUROC of ID vs unseen OOD.
     reference, graph_scores = {}, {}
     for key, x in (("id", id_data.x), ("ood", inverted)):
-        outputs = torch_outputs(model, x, layer)
-        reference[key] = detector.score(features=outputs.get(SCORE_FEATURES), logits=outputs["logits"])
+        reference[key] = detector.score(torch_outputs(model, x, detector.layers))
         graph_scores[key] = run_batched(session, x, ["ood_score"])[0]
         compare_scores(name, reference[key], graph_scores[key], width=model.feature_dim)
     # Only pairs the float32 error could reorder may swap: those closer than twice the largest error seen.
@@ -129,20 +120,20 @@ def _copy(proto):
 
 def test_a_graph_that_differs_from_torch_or_the_reference_fails_the_check(run, network):
     model, _, bundle = run
-    detector, layer = fit_detector("etf", bundle)
-    session = open_session(finish_graph(_copy(network), detector, layer).SerializeToString(), provider="cpu")
+    detector = build_detector("etf", bundle).fit(bundle)
+    session = open_session(finish_graph(_copy(network), detector).SerializeToString(), provider="cpu")
     x = parity_inputs(load_dataset("digits:test").x[:64])
-    check_parity(session, model, detector, layer, x)  # the real pair passes
+    check_parity(session, model, detector, x)  # the real pair passes
     other_model = copy.deepcopy(model)
     with torch.no_grad():
         other_model.classifier.bias[0] += 0.05  # not the network that was exported
     with pytest.raises(ModelError, match="parity check failed for the logits"):
-        check_parity(session, other_model, detector, layer, x)
+        check_parity(session, other_model, detector, x)
     arrays = bundle.layers["detection"].to_arrays()
     arrays["means"] = arrays["means"] + 0.01  # class means slightly off: not the statistics in the graph
-    other_detector = make_detector("etf").fit(ClassStatistics.from_arrays(arrays))
+    other_detector = make_detector("etf", layer="detection").fit(ClassStatistics.from_arrays(arrays))
     with pytest.raises(ModelError, match="parity check failed for the 'etf' OOD score"):
-        check_parity(session, model, other_detector, layer, x)
+        check_parity(session, model, other_detector, x)
 
 
 def test_batch_of_1_and_257_agree_with_item_by_item(digits_model_path, test_inputs):

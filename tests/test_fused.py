@@ -1,12 +1,12 @@
-"""The fused multi-layer score (NumPy reference): formula by hand, concat == by-layer, errors."""
+"""The fused multi-layer score (NumPy reference): formula by hand, the detector contract, errors."""
 
 import numpy as np
 import pytest
 
 from ncguard.errors import ConfigError, DataError
-from ncguard.scores import COMBINED_SCORES, SCORES, Fused, make_detector
-from ncguard.scores.fused import parse_components
-from ncguard.stats import ClassStatistics
+from ncguard.scores import SCORE_NAMES, SCORES, Fused, build_detector, make_detector
+from ncguard.scores.fused import fused_components, parse_components
+from ncguard.stats import ClassStatistics, StatisticsBundle
 
 N_CLASSES = 3
 
@@ -37,9 +37,13 @@ def setup():
     return stats, weight, bias, held_out, logits["held_out"], test, logits["test"]
 
 
+def _bundle(stats, weight, bias):
+    return StatisticsBundle(layers=dict(stats), weight=weight, bias=bias, classes=tuple("abc"))
+
+
 def _fit(setup, components=(("block1", "mahalanobis"), ("detection", "etf")), combine="sum"):
     stats, weight, bias, held_out, held_logits, *_ = setup
-    return Fused(components=components, combine=combine).fit_layers(stats, weight, bias, "detection", held_out, held_logits)
+    return Fused(components=components, combine=combine).fit(_bundle(stats, weight, bias), {**held_out, "logits": held_logits})
 
 
 @pytest.mark.parametrize("combine", ["sum", "max"])
@@ -49,26 +53,31 @@ def test_formula_matches_a_hand_computation(setup, combine):
     # By hand: each base detector fitted on its layer, standardized by its held-out ID mean / std.
     parts = []
     for layer, name in (("block1", "mahalanobis"), ("detection", "etf"), ("logits", "energy")):
-        det = make_detector(name).fit(None if layer == "logits" else stats[layer], weight, bias)
+        det = make_detector(name).fit(None if layer == "logits" else stats[layer])  # none of the three needs the classifier
         feats = (lambda d: None if layer == "logits" else d[layer])
         calib = det.score(features=feats(held_out), logits=held_logits)
         raw = det.score(features=feats(test), logits=test_logits)
         parts.append((raw - calib.mean()) / np.sqrt(((calib - calib.mean()) ** 2).mean()))
     expected = np.sum(parts, axis=0) if combine == "sum" else np.max(parts, axis=0)
-    np.testing.assert_allclose(fused.score_layers(test, test_logits), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(fused.score(test, test_logits), expected, rtol=1e-12, atol=1e-12)
     # On the held-out data each standardized component has mean 0 and std 1.
-    z = fused.component_scores(fused.concatenate(held_out), held_logits)
+    z = fused.component_scores(held_out, held_logits)
     np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-9)
     np.testing.assert_allclose(z.std(axis=0), 1.0, atol=1e-9)
 
 
-def test_score_on_concatenation_equals_score_layers(setup):
-    *_, test, test_logits = setup
+def test_a_fused_detector_follows_the_detector_contract(setup):
+    """layers it reads, the logits inside the mapping or beside it, calibrate/is_ood, explain."""
+    _, _, _, held_out, held_logits, test, test_logits = setup
     fused = _fit(setup, (("detection", "etf"), ("block1", "mahalanobis"), ("detection", "vim")))
-    assert fused.layers_ == ("detection", "block1")  # distinct, in component order
-    concat = np.concatenate([test[layer] for layer in fused.layers_], axis=1)
-    np.testing.assert_array_equal(fused.score(features=concat, logits=test_logits), fused.score_layers(test, test_logits))
-    assert fused.slices() == {"detection": (0, 4), "block1": (4, 10)}
+    assert fused.layers == ("detection", "block1", "logits")  # distinct feature layers in component order, then logits
+    assert fused.component_names() == ["detection:etf", "block1:mahalanobis", "detection:vim"]
+    np.testing.assert_array_equal(fused.score({**test, "logits": test_logits}), fused.score(test, test_logits))
+    assert fused.component_scores(test, test_logits).shape == (len(test_logits), 3)
+    assert fused.calibrate({**held_out, "logits": held_logits}, 0.9) is fused
+    assert np.mean(fused.is_ood(held_out, held_logits)) <= 0.1 + 1e-9
+    assert fused.is_ood(test, test_logits)[50:].all()  # the wide-noise rows
+    assert not Fused(components=(("block1", "mahalanobis"),)).layers[-1] == "logits"  # known before fitting
 
 
 def test_classifier_goes_only_to_the_classifier_layer(setup):
@@ -80,7 +89,7 @@ def test_classifier_goes_only_to_the_classifier_layer(setup):
 
 def test_separates_outliers_better_than_chance(setup):
     *_, test, test_logits = setup
-    scores = _fit(setup).score_layers(test, test_logits)
+    scores = _fit(setup).score(test, test_logits)
     assert scores[50:].min() > np.median(scores[:50])  # the 10 wide-noise rows score above typical ID
 
 
@@ -107,36 +116,35 @@ def test_constant_component_is_refused(setup):
     stats, weight, bias, held_out, held_logits, *_ = setup
     flat = {layer: np.zeros_like(x) + stats[layer].means_[0] for layer, x in held_out.items()}
     with pytest.raises(DataError, match="sigma 0"):
-        Fused().fit_layers(stats, weight, bias, "detection", flat, held_logits)
+        Fused().fit(_bundle(stats, weight, bias), {**flat, "logits": held_logits})
 
 
 def test_usage_errors(setup):
-    stats, *_ = setup
-    with pytest.raises(ConfigError, match="fit_layers"):
-        Fused().fit(stats["block1"])
-    with pytest.raises(ConfigError, match="fitted"):
-        Fused().score_layers({}, np.zeros((1, 3)))
-    with pytest.raises(ConfigError, match="call fit_layers"):
-        Fused().score(features=np.zeros((1, 3)), logits=np.zeros((1, 3)))
+    stats, weight, bias, *_ = setup
+    with pytest.raises(ConfigError, match="held-out ID data"):
+        Fused().fit(_bundle(stats, weight, bias))
+    with pytest.raises(ConfigError, match="must be fitted"):
+        Fused().score({}, np.zeros((1, 3)))
+    with pytest.raises(ConfigError, match="fit it first"):
+        Fused().layers  # the default components depend on the statistics
     fused = _fit(setup)
-    with pytest.raises(DataError, match="layer 'block1'"):
-        fused.score_layers({"detection": np.zeros((2, 4))}, np.zeros((2, 3)))
+    with pytest.raises(DataError, match="'block1'"):
+        fused.score({"detection": np.zeros((2, 4))}, np.zeros((2, 3)))
+    with pytest.raises(DataError, match="several layers"):
+        fused.score(np.zeros((2, 10)), np.zeros((2, 3)))
     with pytest.raises(DataError, match="width"):
-        fused.score(features=np.zeros((2, 3)), logits=np.zeros((2, 3)))
+        fused.score({"block1": np.zeros((2, 3)), "detection": np.zeros((2, 4))}, np.zeros((2, 3)))
 
 
 def test_parse_components_and_registry():
     assert parse_components("block1:mahalanobis, detection:etf") == (("block1", "mahalanobis"), ("detection", "etf"))
     with pytest.raises(ConfigError, match="LAYER:SCORE"):
         parse_components("block1")
-    assert COMBINED_SCORES == {"fused": Fused} and "fused" not in SCORES
+    assert "fused" in SCORE_NAMES and "fused" not in SCORES
     assert Fused().components is None and not hasattr(Fused(), "mu_")  # None: default_components at fit time
 
 
 def test_default_export_components_follow_the_run_layers(setup):
-    from export.detectors import fused_components
-    from ncguard.stats import StatisticsBundle
-
     stats, weight, bias, *_ = setup
     classes = tuple("abc")
     with_block = StatisticsBundle(layers={"block1": stats["block1"], "detection": stats["detection"]}, weight=weight, bias=bias, classes=classes)
@@ -146,3 +154,21 @@ def test_default_export_components_follow_the_run_layers(setup):
     assert fused_components(without) == (("detection", "ddu"),)
     with pytest.raises(ConfigError, match="no layer 'block1'"):
         fused_components(without, "block1:mahalanobis")
+
+
+def test_build_detector_decides_layers_and_defaults_in_one_place(setup):
+    stats, weight, bias, *_ = setup
+    bundle = _bundle(stats, weight, bias)
+    fused = build_detector("fused", bundle)
+    assert fused.components == (("block1", "mahalanobis"), ("detection", "ddu")) and fused.layers == ("block1", "detection")
+    assert build_detector(None, bundle, head="plain").name == "fused" and build_detector(None, bundle, head="l2").name == "ddu"
+    assert build_detector("vim", bundle).layers == ("detection", "logits")  # the classifier's layer by default
+    assert build_detector("knn", bundle, layer="block1").layers == ("block1",)
+    for kwargs, message in (
+        ({"name": "etf", "components": "block1:knn"}, "fused only"),
+        ({"name": "fused", "layer": "block1"}, "--layer does not apply"),
+        ({"name": "etf", "layer": "block7"}, "no layer 'block7'"),
+        ({"name": "fusd"}, "unknown score 'fusd'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            build_detector(statistics=bundle, **kwargs)

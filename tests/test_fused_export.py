@@ -5,8 +5,7 @@ import argparse
 import numpy as np
 import pytest
 
-from export.cli import calibration_inputs, export_run, run_export
-from export.detectors import fit_fused
+from export.cli import export_run, run_export
 from export.parity import compare_scores
 from ncguard.calibration import calibrate_threshold
 from ncguard.data import load_dataset
@@ -15,8 +14,9 @@ from ncguard.model_file import load_model
 from ncguard.ood_data import load_ood_dataset
 from ncguard.ood_metrics import auroc
 from ncguard.runtime import Predictor
-from training.inference import iter_layer_features
-from training.runs import load_run
+from ncguard.scores import build_detector
+from training.inference import fit_on_held_out, iter_layer_features
+from training.runs import calibration_inputs, load_run
 
 
 def _features(model, x, layers):
@@ -50,9 +50,9 @@ def test_default_fused_export_matches_the_reference(fused_export, digits_run_dir
     calibration_x, _ = calibration_inputs(config)
     layers = ("block1", "block2", "block3", "detection")
     held_out = _features(model, calibration_x, layers)
-    reference = fit_fused(bundle, None, "sum", held_out, held_out["logits"])
+    reference = fit_on_held_out(build_detector("fused", bundle), bundle, model, calibration_x)
     np.testing.assert_allclose([c["mu"] for c in fused_meta["components"]], reference.mu_, rtol=1e-12)
-    assert meta.threshold == pytest.approx(calibrate_threshold(reference.score_layers(held_out, held_out["logits"]), 0.95), rel=1e-3)
+    assert meta.threshold == pytest.approx(calibrate_threshold(reference.score(held_out), 0.95), rel=1e-3)
 
     id_data = load_dataset("digits:test")
     noise = load_ood_dataset("noise:uniform", id_data).x[:200]
@@ -62,8 +62,9 @@ def test_default_fused_export_matches_the_reference(fused_export, digits_run_dir
     for what, x in (("id", id_data.x), ("noise", noise), ("inverted", inverted)):
         graph = predictor.predict(x).ood_score
         features = _features(model, x, layers)
-        expected_scores = reference.score_layers(features, features["logits"])
-        result = compare_scores("fused", expected_scores, graph, width=int(reference.widths_.sum()))
+        expected_scores = reference.score(features)
+        width = sum(features[layer].shape[1] for layer in reference.layers)
+        result = compare_scores("fused", expected_scores, graph, width=width)
         assert result.worst_ratio <= 1.0, result.describe()
         scores[what] = graph
     assert np.mean(scores["id"] <= meta.threshold) > 0.85

@@ -7,10 +7,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from export.parity import compare_scores
-from export.score_graph import COMBINED_GRAPHS, append_ood_head
-from ncguard.scores import COMBINED_SCORES, Fused
+from export.score_graph import append_ood_head
+from ncguard.scores import Fused
 from ncguard.stats import ClassStatistics
-from tests.test_fused import N_CLASSES, _layers
+from tests.test_fused import N_CLASSES, _bundle, _layers
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +26,12 @@ def fitted_parts():
     return stats, weight, bias, held_out, test_id, test_ood
 
 
-def scoring_graph(width: int, opset: int) -> onnx.ModelProto:
-    inputs = [
-        helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", width]),
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", N_CLASSES]),
-    ]
+def scoring_graph(widths: dict[str, int], opset: int) -> onnx.ModelProto:
+    """A graph whose inputs are each layer's features (named by the layer) and the logits, and no nodes yet."""
+    inputs = [helper.make_tensor_value_info(layer, TensorProto.FLOAT, ["N", width]) for layer, width in widths.items()]
+    inputs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", N_CLASSES]))
     graph = helper.make_graph([], "scores", inputs, [])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
-
-
-def test_every_combined_score_has_a_graph():
-    assert set(COMBINED_GRAPHS) == set(COMBINED_SCORES)
 
 
 COMPONENT_SETS = [
@@ -51,17 +46,16 @@ COMPONENT_SETS = [
 def test_fused_graph_matches_reference(fitted_parts, components, combine, opset):
     stats, weight, bias, held_out, test_id, test_ood = fitted_parts
     logits_of = lambda layers: layers["detection"] @ weight.T + bias  # noqa: E731
-    fused = Fused(components=components, combine=combine).fit_layers(stats, weight, bias, "detection", held_out, logits_of(held_out))
-    width = int(fused.widths_.sum())
-    model = append_ood_head(scoring_graph(width, opset), fused, features="features", logits="logits")
+    fused = Fused(components=components, combine=combine).fit(_bundle(stats, weight, bias), {**held_out, "logits": logits_of(held_out)})
+    widths = {layer: x.shape[1] for layer, x in test_id.items()}
+    model = append_ood_head(scoring_graph(widths, opset), fused, {layer: layer for layer in fused.layers})
     onnx.checker.check_model(model, full_check=True)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for layers in (test_id, test_ood):
-        features = fused.concatenate(layers).astype(np.float32)
-        logits = logits_of(layers).astype(np.float32)
-        graph_scores = session.run(["ood_score"], {"features": features, "logits": logits})[0]
-        assert graph_scores.dtype == np.float32 and graph_scores.shape == (len(features),)
-        reference = fused.score(features=features, logits=logits)
-        np.testing.assert_allclose(reference, fused.score_layers(layers, logits.astype(np.float64)), rtol=1e-5, atol=1e-5)
+        feeds = {**{layer: x.astype(np.float32) for layer, x in layers.items()}, "logits": logits_of(layers).astype(np.float32)}
+        graph_scores = session.run(["ood_score"], feeds)[0]
+        assert graph_scores.dtype == np.float32 and graph_scores.shape == (len(feeds["logits"]),)
+        reference = fused.score({layer: value.astype(np.float64) for layer, value in feeds.items()})
+        width = sum(widths[layer] for layer in fused.layers if layer != "logits")
         result = compare_scores("fused", reference, graph_scores, width=width)
         assert result.worst_ratio < 0.1, result.describe()

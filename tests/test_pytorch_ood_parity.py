@@ -26,7 +26,7 @@ import pytest
 from scipy.stats import spearmanr
 from sklearn.linear_model import LogisticRegression
 
-from ncguard.scores import make_detector
+from ncguard.scores import make_detector, one_layer
 from ncguard.stats import ClassStatistics
 
 N_CLASSES, WIDTH, N_TRAIN = 6, 32, 1500
@@ -150,7 +150,7 @@ def test_nci_matches_with_the_same_alpha(ood, setting, alpha):
         head.weight.copy_(tensor(setting["weight"]))
         head.bias.copy_(tensor(setting["bias"]))
     theirs = ood.NCI(None, head, alpha=alpha).fit_features(tensor(setting["train"]))
-    ours = make_detector("nci", alpha=alpha).fit(setting["stats"], setting["weight"], setting["bias"])
+    ours = make_detector("nci", alpha=alpha).fit(one_layer(setting["stats"], setting["weight"], setting["bias"]))
     queries = setting["queries"]
     logits = queries @ setting["weight"].T + setting["bias"]
     # pytorch-ood computes NCI in float32 (it casts the features); the argmax can differ only on near-ties.
@@ -180,7 +180,7 @@ def test_vim_matches_on_a_zero_sum_head(ood, setting, nudge):
     weight, bias = setting["weight"], setting["bias"] + nudge
     theirs = ood.ViM(None, d=WIDTH // 2, w=torch.from_numpy(weight), b=torch.from_numpy(bias))
     theirs.fit_features(tensor(setting["train"]), tensor(setting["labels"]).long())
-    ours = make_detector("vim").fit(setting["stats"], weight, bias)
+    ours = make_detector("vim").fit(one_layer(setting["stats"], weight, bias))
     np.testing.assert_allclose(ours.origin_, as_numpy(theirs.u), atol=1e-5 * (1.0 + np.linalg.norm(ours.origin_)))
     np.testing.assert_allclose(ours.alpha_, theirs.alpha, rtol=1e-4)
     queries = setting["queries"]

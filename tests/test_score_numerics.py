@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from export.parity import compare_scores
 from export.score_graph import append_ood_head
 from ncguard.errors import ConfigError
-from ncguard.scores import make_detector
+from ncguard.scores import make_detector, one_layer
 from ncguard.stats import ClassStatistics
 
 
@@ -54,14 +54,14 @@ def test_vim_origin_ignores_round_off_on_a_zero_sum_head():
 
     scores, norms = [], []
     for nudge in (0.0, 1e-12, -1e-12):
-        detector = make_detector("vim").fit(stats, weight, bias + nudge)
+        detector = make_detector("vim").fit(one_layer(stats, weight, bias + nudge))
         norms.append(np.linalg.norm(detector.origin_))
         scores.append(detector.score(features=queries, logits=queries @ weight.T + bias + nudge))
     np.testing.assert_allclose(norms, norms[0], rtol=1e-6)
     np.testing.assert_allclose(scores[1], scores[0], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(scores[2], scores[0], rtol=1e-6, atol=1e-6)
     # The origin is the minimum-norm point whose logits are constant: it lies in W's row space.
-    detector = make_detector("vim").fit(stats, weight, bias + 1e-12)
+    detector = make_detector("vim").fit(one_layer(stats, weight, bias + 1e-12))
     logits_at_origin = weight @ detector.origin_ + bias
     np.testing.assert_allclose(logits_at_origin, logits_at_origin.mean(), atol=1e-9)
     assert norms[0] < 10 * np.linalg.norm(bias) / np.linalg.svd(weight, compute_uv=False)[-2]
@@ -71,7 +71,7 @@ def test_vim_graph_keeps_parity_on_a_nudged_zero_sum_head():
     features, labels = clusters(seed=3)
     classifier = LogisticRegression(max_iter=2000).fit(features, labels)
     weight, bias = classifier.coef_, classifier.intercept_ + 1e-12
-    detector = make_detector("vim").fit(ClassStatistics(10, bank_size=1024).fit(features, labels), weight, bias)
+    detector = make_detector("vim").fit(one_layer(ClassStatistics(10, bank_size=1024).fit(features, labels), weight, bias))
     session = score_graph(detector, 64, 10)
     queries = clusters(n=300, seed=4)[0]
     logits = queries @ weight.T + bias
@@ -155,9 +155,9 @@ def test_nci_alpha_defaults_to_zero_and_the_scale_matched_rule_is_opt_in():
         oods = detector.score(features=ood_queries, logits=ood_queries @ weight.T + bias)
         return auroc(ids, oods)
 
-    default = make_detector("nci").fit(stats, weight, bias)
-    matched = make_detector("nci", alpha="scale-matched").fit(stats, weight, bias)
+    default = make_detector("nci").fit(one_layer(stats, weight, bias))
+    matched = make_detector("nci", alpha="scale-matched").fit(one_layer(stats, weight, bias))
     assert default.alpha_ == 0.0 and matched.alpha_ > 0.0
     assert separation(default) > separation(matched) + 0.05
     with pytest.raises(ConfigError, match="scale-matched"):
-        make_detector("nci", alpha="auto").fit(stats, weight, bias)
+        make_detector("nci", alpha="auto").fit(one_layer(stats, weight, bias))

@@ -10,7 +10,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
 from ncguard.errors import ConfigError, DataError
-from ncguard.scores import SCORES, Detector, make_detector
+from ncguard.scores import Detector, SCORES, make_detector, one_layer
 from ncguard.scores.ddu import JITTER_LADDER, lift_small_eigenvalues
 from ncguard.scores.knn import default_k
 from ncguard.scores.vim import principal_dim
@@ -132,7 +132,7 @@ def test_vim_matches_direct_formula(fitted):
     stats, weight, bias, features, labels = fitted
     # A bank as large as the data makes alpha the paper's training-set ratio exactly.
     full = ClassStatistics(4, bank_size=len(features)).fit(features, labels)
-    detector = make_detector("vim").fit(full, weight, bias)
+    detector = make_detector("vim").fit(one_layer(full, weight, bias))
     # Singular values below the matrix-rank tolerance (max(C, D) * eps of the largest) are round-off:
     # this logistic-regression head's rows sum to zero, so it has rank C - 1 (tests/test_score_numerics.py).
     u_left, singular, v_right = np.linalg.svd(weight, full_matrices=False)
@@ -160,11 +160,11 @@ def test_neco_matches_scaler_plus_pca(fitted):
     query_logits = queries @ weight.T + bias
     standardised = scaler.transform(queries)
     ratio = np.linalg.norm(pca.transform(standardised), axis=1) / np.linalg.norm(standardised, axis=1)
-    detector = make_detector("neco").fit(stats, weight, bias)
+    detector = make_detector("neco").fit(one_layer(stats, weight, bias))
     np.testing.assert_allclose(
         detector.score(features=queries, logits=query_logits), -ratio * query_logits.max(axis=1), rtol=1e-8
     )
-    bare = make_detector("neco", use_max_logit=False).fit(stats, weight, bias)
+    bare = make_detector("neco", use_max_logit=False).fit(one_layer(stats, weight, bias))
     np.testing.assert_allclose(bare.score(features=queries, logits=query_logits), -ratio, rtol=1e-8)
 
 
@@ -178,16 +178,16 @@ def test_nci_matches_direct_formula(fitted):
         w = weight[h_logits.argmax(axis=1)]
         return np.einsum("nd,nd->n", centred, w) / np.linalg.norm(centred, axis=1)
 
-    explicit = make_detector("nci", alpha=1e-2).fit(stats, weight, bias)
+    explicit = make_detector("nci", alpha=1e-2).fit(one_layer(stats, weight, bias))
     expected = -(proximity(queries, query_logits) + 1e-2 * np.abs(queries).sum(axis=1))
     np.testing.assert_allclose(explicit.score(features=queries, logits=query_logits), expected, rtol=1e-9)
 
     bank = stats.bank_
     bank_logits = bank @ weight.T + bias
     alpha = proximity(bank, bank_logits).std() / np.abs(bank).sum(axis=1).std()
-    matched = make_detector("nci", alpha="scale-matched").fit(stats, weight, bias)
+    matched = make_detector("nci", alpha="scale-matched").fit(one_layer(stats, weight, bias))
     np.testing.assert_allclose(matched.alpha_, alpha, rtol=1e-9)
-    assert make_detector("nci").fit(stats, weight, bias).alpha_ == 0.0  # the default (NCI docstring)
+    assert make_detector("nci").fit(one_layer(stats, weight, bias)).alpha_ == 0.0  # the default (NCI docstring)
 
 
 # ---------------------------------------------------------------------- separation
@@ -208,7 +208,7 @@ def test_feature_scores_separate_far_points(fitted):
     ood_features = 3.0 * directions / np.linalg.norm(directions, axis=1, keepdims=True)
     truth = np.r_[np.zeros(400), np.ones(400)]
     for name in FEATURE_SCORES:
-        detector = make_detector(name).fit(stats, weight, bias)
+        detector = make_detector(name).fit(one_layer(stats, weight, bias))
         scores = [detector.score(features=f, logits=f @ weight.T + bias) for f in (id_features, ood_features)]
         assert roc_auc_score(truth, np.concatenate(scores)) > 0.95, name
 
@@ -222,7 +222,7 @@ def test_registry_and_params(fitted):
     for name, cls in SCORES.items():
         assert issubclass(cls, Detector) and cls.name == name
         detector = make_detector(name)
-        assert detector.fit(stats, weight, bias) is detector
+        assert detector.fit(one_layer(stats, weight, bias)) is detector
         params = detector.params()
         for key, value in params.items():
             assert key.endswith("_") and isinstance(value, np.ndarray)
@@ -249,7 +249,7 @@ def test_scoring_before_fit_is_a_config_error(name):
 @pytest.mark.parametrize("name", FEATURE_SCORES)
 def test_wrong_widths_are_data_errors(name, fitted):
     stats, weight, bias, *_ = fitted
-    detector = make_detector(name).fit(stats, weight, bias)
+    detector = make_detector(name).fit(one_layer(stats, weight, bias))
     with pytest.raises(DataError, match="features have width 15"):
         detector.score(features=np.zeros((2, 15)), logits=np.zeros((2, 4)))
     if SCORES[name].uses_logits:
@@ -273,7 +273,7 @@ def test_scores_that_need_a_classifier_say_so(fitted):
         with pytest.raises(ConfigError, match="needs the classifier weight"):
             make_detector(name).fit(stats)
     with pytest.raises(DataError, match="weight has shape"):
-        make_detector("vim").fit(stats, weight[:, :3])
+        make_detector("vim").fit(one_layer(stats, weight[:, :3]))
 
 
 def test_fit_needs_finalized_statistics_and_valid_options(fitted):
@@ -285,7 +285,7 @@ def test_fit_needs_finalized_statistics_and_valid_options(fitted):
     with pytest.raises(ConfigError, match="per_class_covariance=True"):
         make_detector("ddu").fit(ClassStatistics(4, per_class_covariance=False).fit(features, labels))
     with pytest.raises(ConfigError, match="n_principal"):
-        make_detector("vim", n_principal=16).fit(stats, weight, bias)
+        make_detector("vim", n_principal=16).fit(one_layer(stats, weight, bias))
     with pytest.raises(ConfigError, match="temperature"):
         make_detector("energy", temperature=0.0).score(logits=np.zeros((1, 2)))
 

@@ -10,18 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from export.cli import calibration_inputs
-from ncguard.calibration import calibrate_threshold
 from ncguard.collapse_cli import run as run_collapse
 from ncguard.data import load_dataset
 from ncguard.errors import ModelError
 from ncguard.ood_metrics import auroc
-from ncguard.scores import Fused, make_detector
-from ncguard.scores.fused import component_layers, default_components
+from ncguard.scores import build_detector, make_detector
 from ncguard.stats import StatisticsBundle
 from training.cli import main as training_main
-from training.inference import collect_layer_features, iter_layer_features
-from training.runs import calibration_split, load_run
+from training.inference import collect_layer_features, fit_on_held_out, iter_layer_features
+from training.runs import calibration_inputs, calibration_split, load_run
 
 RUN_FILES = {"config.json", "checkpoint.pt", "model.pt", "statistics.npz", "metrics.json", "collapse.json"}
 
@@ -92,7 +89,7 @@ def test_load_run_rebuilds_the_trained_model(cli_run):
 
 def test_statistics_give_sensible_scores(digits_run_dir):
     model, config, bundle = load_run(digits_run_dir)
-    detector = make_detector("etf").fit(bundle.layers["detection"], bundle.weight, bundle.bias)
+    detector = make_detector("etf").fit(bundle)
     test = load_dataset("digits:test")
     id_features, id_logits = features_of(model, test.x)
     # The bundle's classifier is the model's: it reproduces the logits from z.
@@ -111,16 +108,12 @@ def test_default_score_is_fused_and_training_calibrates_no_threshold(digits_run_
     assert bundle.meta["score"] == config["settings"]["score"] == "fused"
     assert bundle.meta["tpr"] == config["settings"]["tpr"] == 0.95
     assert "threshold" not in bundle.meta and "calibration" not in json.loads((digits_run_dir / "metrics.json").read_text())
-    layers = (*component_layers(default_components(tuple(bundle.layers))), "logits")
     held_out_x, _ = calibration_inputs(config)
-    calibration = collect_layer_features(model, held_out_x, layers)
-    fused = Fused().fit_layers(bundle.layers, bundle.weight, bundle.bias, "detection", calibration, calibration["logits"])
-    held_out_scores = fused.score_layers(calibration, calibration["logits"])
-    threshold = calibrate_threshold(held_out_scores, config["settings"]["tpr"])
+    fused = fit_on_held_out(build_detector(config["settings"]["score"], bundle), bundle, model, held_out_x)
+    fused.calibrate(collect_layer_features(model, held_out_x, fused.layers), config["settings"]["tpr"])
     test, noise = load_dataset("digits:test").x, np.random.default_rng(0).random((300, 1, 8, 8), dtype=np.float32)
-    test_f, noise_f = collect_layer_features(model, test, layers), collect_layer_features(model, noise, layers)
-    assert np.mean(fused.score_layers(test_f, test_f["logits"]) > threshold) < 0.2
-    assert np.mean(fused.score_layers(noise_f, noise_f["logits"]) > threshold) > 0.9
+    assert np.mean(fused.is_ood(collect_layer_features(model, test, fused.layers))) < 0.2
+    assert np.mean(fused.is_ood(collect_layer_features(model, noise, fused.layers))) > 0.9
 
 
 def test_detection_layer_collapses_more_than_transfer_layer(digits_run_dir):

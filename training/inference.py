@@ -57,6 +57,17 @@ def collect_layer_features(
     return {layer: np.concatenate(values) for layer, values in parts.items()}
 
 
+def fit_on_held_out(detector, bundle, model: DualHeadModel, held_out_x: np.ndarray, device="cpu"):
+    """Fit `detector` (from `ncguard.scores.build_detector`) on a run; returns it.
+
+    The one place every torch path (export, `evaluate --all-scores`, benchmarks) fits a run's
+    detector: from the run's class statistics, plus, for a detector that needs them
+    (`needs_held_out`, e.g. "fused"), the held-out ID inputs' features as torch computes them.
+    """
+    held_out = collect_layer_features(model, held_out_x, detector.layers, device=device) if detector.needs_held_out else None
+    return detector.fit(bundle, held_out)
+
+
 def accuracy_and_loss(model: DualHeadModel, x: np.ndarray, y: np.ndarray, device="cpu") -> tuple[float, float]:
     """(accuracy, mean plain cross-entropy) of the model on (x, y): the test-set numbers."""
     correct, total_loss = 0, 0.0

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ncguard.calibration import split_for_calibration
-from ncguard.errors import ModelError, NcguardError
+from ncguard.data import load_dataset
+from ncguard.errors import DataError, ModelError, NcguardError
 from ncguard.run_dir import RunFiles, read_config
 from ncguard.stats import StatisticsBundle
 
@@ -69,3 +70,22 @@ def calibration_split(config: dict) -> tuple[np.ndarray, np.ndarray]:
     """(fit_index, calibration_index) into the run's training data, exactly as training split it."""
     data = config["data"]
     return split_for_calibration(int(data["n_samples"]), float(data["calibration_fraction"]), int(data["calibration_seed"]))
+
+
+def calibration_inputs(config: dict, *, with_labels: bool = False):
+    """(held-out ID inputs, input scale): the split training held out, redrawn from config.json;
+    with_labels: (inputs, their labels, input scale), the labels fitting the softmax temperature."""
+    data = config["data"]
+    dataset = load_dataset(data["spec"])
+    if int(data["n_samples"]) != len(dataset):
+        raise DataError(
+            f"the run was trained on {data['n_samples']} samples of {data['spec']}, but it now holds {len(dataset)}: "
+            "the held-out calibration split cannot be redrawn (did the data change?)"
+        )
+    try:
+        _, calibration_index = calibration_split(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"the run's config.json does not say how the calibration split was drawn ({exc})") from None
+    if with_labels:
+        return dataset.x[calibration_index], dataset.y[calibration_index], float(dataset.input_scale)
+    return dataset.x[calibration_index], float(dataset.input_scale)

@@ -1,22 +1,23 @@
-"""OOD scores (NumPy reference implementations). Convention: higher = more likely OOD.
+"""OOD scores. Convention: higher = more likely OOD.
 
-Each score is a `Detector` fitted on `ClassStatistics` (plus the linear classifier where the
-score needs it); `make_detector(name)` builds one from its registry key.
-
-`Fused` ("fused") is not in `SCORES`: every registry entry is fitted by `fit(stats, weight,
-bias)` on one layer, which callers (export, fit, evaluate --all-scores, benchmarks) rely on,
-while "fused" reads several layers and needs held-out ID data (`fit_layers`). It is listed in
-`COMBINED_SCORES` instead.
+Every score is a `Detector` (ncguard.scores.base: the one contract: layers it reads, fit, score,
+calibrate, is_ood, explain, build_graph), one file per score holding both its NumPy formula and its
+ONNX graph. `SCORES` lists the single scores, `Fused` ("fused") combines them, and `build_detector`
+is the one place that turns a score name and a run's statistics into the detector every path fits
+(training's default, `ncguard export`, `ncguard fit`, `ncguard evaluate --all-scores`, benchmarks).
+Adding a score is one new file here plus its entry in `SCORES` and its tests.
 """
 
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import Detector
+from ..stats import StatisticsBundle
+from .base import LOGITS, Detector, classifier_layer, one_layer
 from .ddu import DDU
+from .defaults import default_score
 from .energy import Energy
 from .etf import ETF
-from .fused import Fused
+from .fused import Fused, fused_components
 from .knn import KNN
 from .mahalanobis import Mahalanobis
 from .maxlogit import MaxLogit
@@ -28,12 +29,11 @@ from .vim import ViM
 SCORES: dict[str, type[Detector]] = {
     cls.name: cls for cls in (ETF, Mahalanobis, Energy, MSP, MaxLogit, KNN, DDU, ViM, NCI, NECO)
 }
-
-COMBINED_SCORES: dict[str, type[Detector]] = {Fused.name: Fused}
+SCORE_NAMES = (*sorted(SCORES), Fused.name)  # every name `build_detector` takes
 
 
 def make_detector(name: str, **kwargs) -> Detector:
-    """A new, unfitted detector for the score `name` (ConfigError if unknown or given bad options)."""
+    """A new, unfitted single-score detector `name` (ConfigError if unknown or given bad options)."""
     if name not in SCORES:
         raise ConfigError(f"unknown score {name!r}; choose one of: {', '.join(sorted(SCORES))}")
     try:
@@ -42,4 +42,45 @@ def make_detector(name: str, **kwargs) -> Detector:
         raise ConfigError(f"bad options for score {name!r}: {exc}") from exc
 
 
-__all__ = ["COMBINED_SCORES", "SCORES", "Detector", "Fused", "make_detector", *(cls.__name__ for cls in SCORES.values())]
+def build_detector(
+    name: str | None,
+    statistics: StatisticsBundle,
+    *,
+    layer: str | None = None,
+    components=None,
+    combine: str | None = None,
+    head: str | None = None,
+) -> Detector:
+    """The unfitted detector for score `name` on `statistics`, with the layers it reads decided.
+
+    `name` None: the default of `head` (ncguard.scores.defaults). A feature score reads `layer`, by
+    default the one the classifier acts on (`classifier_layer`: "detection" for a trained run);
+    "fused" reads its `components` ("block1:mahalanobis,..." or pairs; default
+    `fused.default_components` of the statistics' layers) combined by `combine` ("sum"). Everything
+    is checked against the statistics here, before any pass over data, and `detector.layers` says
+    which features `fit` (held-out ones, for "fused") and `score` need.
+    """
+    name = name or default_score(head)
+    if name not in SCORE_NAMES:
+        raise ConfigError(f"unknown score {name!r}; choose one of: {', '.join(SCORE_NAMES)}")
+    if name == Fused.name:
+        if layer is not None:
+            raise ConfigError("--layer does not apply to --score fused: name the layers in --components")
+        combine = combine or "sum"
+        return Fused(components=fused_components(statistics, components, combine), combine=combine)
+    if components is not None or combine is not None:
+        raise ConfigError("--components and --combine apply to --score fused only")
+    if not SCORES[name].uses_features:
+        return make_detector(name)
+    chosen = layer or classifier_layer(statistics)
+    if chosen is None:
+        raise ConfigError(f"name the layer to score: the statistics hold {', '.join(statistics.layers)} and no 'detection' layer")
+    if chosen not in statistics.layers:
+        raise ConfigError(f"the statistics have no layer {chosen!r}; they hold: {', '.join(statistics.layers)}")
+    return make_detector(name, layer=chosen)
+
+
+__all__ = [
+    "LOGITS", "SCORES", "SCORE_NAMES", "Detector", "Fused", "build_detector", "classifier_layer", "make_detector",
+    "one_layer", *(cls.__name__ for cls in SCORES.values()),
+]

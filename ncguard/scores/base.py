@@ -1,17 +1,18 @@
-"""The common shape of every OOD score: fit on class statistics, score features and/or logits.
+"""The one detector contract every OOD score follows (`Detector`), and the helpers the formulas share.
 
 Convention everywhere: higher score = more likely out-of-distribution. Learned state lives in
-attributes ending in `_` so `params()` can hand exactly those arrays to the ONNX exporter.
+attributes ending in `_`; the threshold too (`threshold_`), so a detector can say "is OOD" itself.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Mapping
 
 import numpy as np
 
+from ..calibration import DEFAULT_TPR, calibrate_threshold
 from ..errors import ConfigError, DataError
-from ..stats import ClassStatistics
+from ..stats import ClassStatistics, StatisticsBundle
 
 # Smallest norm treated as non-zero when normalising: keeps a zero vector at cosine 0
 # instead of producing NaN.
@@ -74,37 +75,150 @@ def check_statistics(stats: ClassStatistics | None, score: str) -> ClassStatisti
     return stats
 
 
-class Detector:
-    """Base class. Subclasses set `name` and the inputs they read, and implement `_fit`/`_score`.
+LOGITS = "logits"  # the entry of a `{layer: features}` mapping that holds the logits
+ONE_LAYER = "features"  # the layer name `one_layer` gives a lone ClassStatistics
 
-    `fit(stats, weight, bias)` learns everything from the class statistics (and classifier),
-    never from OOD data; `score(features=..., logits=...)` returns float64 [N], higher = more OOD.
+
+def one_layer(stats: ClassStatistics, weight=None, bias=None, layer: str = ONE_LAYER) -> StatisticsBundle:
+    """A bundle of one layer's statistics with the classifier acting on it (weight/bias may be None).
+
+    The shorthand for a model with one feature tensor (bring your own model, tests): the detector
+    then reads `layer`, and `score(features=array)` means `score({layer: array})`.
+    """
+    n_classes = int(check_statistics(stats, "any").means_.shape[0])
+    return StatisticsBundle(
+        layers={layer: stats}, weight=weight, bias=bias, classes=tuple(str(c) for c in range(n_classes)),
+        meta={"classifier_layer": layer},
+    )
+
+
+def classifier_layer(bundle: StatisticsBundle) -> str | None:
+    """The layer the bundle's classifier (weight, bias) acts on: its meta's `classifier_layer`, else
+    "detection" when present (a DualHeadModel's z), else the only layer; None if none of these."""
+    named = bundle.meta.get("classifier_layer")
+    if named in bundle.layers:
+        return named
+    if "detection" in bundle.layers:
+        return "detection"
+    return next(iter(bundle.layers)) if len(bundle.layers) == 1 else None
+
+
+def _as_bundle(statistics, layer: str | None = None) -> StatisticsBundle:
+    """A bundle as is; a lone ClassStatistics as the one layer `layer` (default ONE_LAYER), no classifier."""
+    if isinstance(statistics, StatisticsBundle):
+        return statistics
+    return one_layer(statistics, layer=layer or ONE_LAYER)
+
+
+class Detector:
+    """The contract every OOD score follows (DESIGN.md section 1, "Detector contract").
+
+    - It names what it reads: `layers`, the entries of the `{layer: features}` mapping it scores
+      ("logits" for the logits). A feature score reads one statistics layer, `layer` (None: the
+      layer the bundle's classifier acts on, `classifier_layer`), decided at `fit` (`layer_`).
+    - `fit(statistics, held_out=None)` learns everything from a `StatisticsBundle` (the streamed class
+      statistics and the classifier; a lone ClassStatistics is taken as a one-layer bundle) plus, for
+      detectors that need them (`needs_held_out`), held-out ID features as a `{layer: features}`
+      mapping; never from OOD data. It returns self; learned state ends in `_`; `__init__` only
+      stores hyperparameters (scikit-learn's conventions, so detectors can be cloned and compared).
+    - `score(features, logits=None)` returns float64 [N], higher = more OOD. `features` is the
+      `{layer: features}` mapping (the logits under "logits", or given as `logits=`); a detector that
+      reads one layer also takes that layer's array itself.
+    - `calibrate(held_out, tpr)` sets `threshold_` (`ncguard.calibration.calibrate_threshold`) from
+      held-out ID scores or features; `is_ood(...)` is then `score > threshold_`, as served.
+    - `component_names()` / `component_scores(...)` explain a score by its parts ([N, K]; a single
+      score is its own one component; `Fused` gives each part's standardized score).
+    - `build_graph(builder, inputs)` writes the same formula as ONNX nodes (`ncguard.scores.graph`):
+      each score's NumPy formula (`_score`) and its graph (`_graph`) live in the same file, and the
+      parity tests (tests/test_export_score_graph.py) hold the two together.
+    Subclasses set `name` and the inputs they read, and implement `_fit`, `_score` and `_graph`.
     """
 
     name: ClassVar[str]
     uses_features: ClassVar[bool] = False
     uses_logits: ClassVar[bool] = False
     needs_fit: ClassVar[bool] = True
+    needs_held_out: ClassVar[bool] = False  # fit needs held-out ID features (see `layers`)
+    layer: str | None = None  # hyperparameter of feature scores (their __init__ takes it)
 
-    def fit(
-        self,
-        stats: ClassStatistics | None,
-        weight: np.ndarray | None = None,
-        bias: np.ndarray | None = None,
-    ) -> "Detector":
-        if self.needs_fit:
-            self._fit(check_statistics(stats, self.name), weight, bias)
+    def __init__(self, layer: str | None = None) -> None:
+        self.layer = layer
+
+    # ------------------------------------------------------------------ what it reads
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The entries of the `{layer: features}` mapping this detector reads, "logits" last."""
+        reads = (self._feature_layer(),) if self.uses_features else ()
+        return reads + ((LOGITS,) if self.uses_logits else ())
+
+    def _feature_layer(self) -> str:
+        layer = getattr(self, "layer_", None) or self.layer
+        if layer is None:
+            raise ConfigError(
+                f"the {self.name!r} score reads the layer the classifier acts on, known once fitted: "
+                f"fit it first or name the layer ({type(self).__name__}(layer=...))"
+            )
+        return layer
+
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, statistics: StatisticsBundle | ClassStatistics | None = None, held_out: Mapping[str, np.ndarray] | None = None) -> "Detector":
+        """Learn from the class statistics (module docstring); returns self."""
+        if not self.uses_features:
+            self.fitted_ = True
+            return self
+        if statistics is None:
+            raise ConfigError(f"the {self.name!r} score is fitted on finalized ClassStatistics")
+        bundle = _as_bundle(statistics, self.layer)
+        layer = self.layer or classifier_layer(bundle)
+        if layer is None:
+            raise ConfigError(f"name the layer the {self.name!r} score reads: the statistics hold {', '.join(bundle.layers)} and no 'detection' layer")
+        if layer not in bundle.layers:
+            raise ConfigError(f"the statistics have no layer {layer!r}; they hold: {', '.join(bundle.layers)}")
+        on_classifier = layer == classifier_layer(bundle)
+        weight, bias = (bundle.weight, bundle.bias) if on_classifier else (None, None)
+        try:
+            self._fit(check_statistics(bundle.layers[layer], self.name), weight, bias)
+        except ConfigError as exc:
+            if on_classifier:
+                raise
+            raise ConfigError(f"the {self.name!r} score cannot read layer {layer!r}: {exc} (the classifier acts on {classifier_layer(bundle)!r})") from exc
+        self.layer_ = layer
         self.fitted_ = True
         return self
 
     def _fit(self, stats: ClassStatistics, weight: np.ndarray | None, bias: np.ndarray | None) -> None:
         raise NotImplementedError
 
-    def score(self, features: np.ndarray | None = None, logits: np.ndarray | None = None) -> np.ndarray:
+    def _require_fitted(self) -> None:
         if self.needs_fit and not getattr(self, "fitted_", False):
-            raise ConfigError(f"the {self.name!r} score must be fitted before scoring: call fit(stats, ...)")
-        features = check_array(features, "features", self._feature_width()) if self.uses_features else None
-        logits = check_array(logits, "logits", self._logit_width()) if self.uses_logits else None
+            raise ConfigError(f"the {self.name!r} score must be fitted before scoring: call fit(statistics)")
+
+    # ------------------------------------------------------------------ score
+
+    def _mapping(self, features, logits) -> dict:
+        """The `{layer: features}` mapping from either form `score` accepts."""
+        if isinstance(features, Mapping):
+            layers = dict(features)
+        elif features is None:
+            layers = {}
+        elif self.uses_features:
+            layers = {self._feature_layer(): features}
+        else:
+            layers = {}  # a logit-only score ignores features given as an array
+        if logits is not None:
+            if LOGITS in layers:
+                raise DataError("the logits were given twice: in the features mapping and as logits=")
+            layers[LOGITS] = logits
+        return layers
+
+    def score(self, features: Mapping[str, np.ndarray] | np.ndarray | None = None, logits: np.ndarray | None = None) -> np.ndarray:
+        """Scores [N] (float64, higher = more OOD) of `{layer: features}` (module docstring)."""
+        self._require_fitted()
+        layers = self._mapping(features, logits)
+        features = check_array(layers.get(self._feature_layer()), "features", self._feature_width()) if self.uses_features else None
+        logits = check_array(layers.get(LOGITS), "logits", self._logit_width()) if self.uses_logits else None
         if features is not None and logits is not None and features.shape[0] != logits.shape[0]:
             raise DataError(f"got {features.shape[0]} feature rows but {logits.shape[0]} logit rows")
         return np.asarray(self._score(features, logits), dtype=np.float64)
@@ -118,15 +232,73 @@ class Detector:
     def _logit_width(self) -> int | None:
         return None
 
+    # ------------------------------------------------------------------ calibrate and decide
+
+    def calibrate(self, held_out, tpr: float = DEFAULT_TPR) -> "Detector":
+        """Set `threshold_` so that `score <= threshold_` keeps `tpr` of held-out ID inputs; returns self.
+
+        `held_out` is their scores ([N], e.g. an exported graph's own) or their features (a
+        `{layer: features}` mapping, or one layer's array), scored here. Never OOD data.
+        """
+        if isinstance(held_out, Mapping) or np.ndim(held_out) != 1:
+            held_out = self.score(held_out)
+        self.threshold_ = calibrate_threshold(held_out, tpr)
+        self.tpr_ = float(tpr)
+        return self
+
+    def is_ood(self, features=None, logits: np.ndarray | None = None) -> np.ndarray:
+        """bool [N]: score > threshold_, the decision a served model makes."""
+        if not hasattr(self, "threshold_"):
+            raise ConfigError(f"the {self.name!r} detector has no threshold: call calibrate(held_out, tpr) first")
+        return self.score(features, logits) > self.threshold_
+
+    # ------------------------------------------------------------------ explain
+
+    def component_names(self) -> list[str]:
+        """"layer:score" of each part `component_scores` returns (a single score: itself)."""
+        return [f"{self.layers[0]}:{self.name}"]
+
+    def component_scores(self, features=None, logits: np.ndarray | None = None) -> np.ndarray:
+        """[N, K] the parts the score is made of, in `component_names` order (a single score: [N, 1])."""
+        return self.score(features, logits)[:, None]
+
+    def describe(self) -> dict:
+        """JSON-ready record of the fitted detector for model metadata (what a combination is made of)."""
+        return {}
+
+    # ------------------------------------------------------------------ ONNX
+
+    def build_graph(self, builder, inputs: Mapping[str, str], scale: float = 1.0) -> str:
+        """Append `scale` * this score to `builder`'s graph (ncguard.scores.graph.GraphBuilder).
+
+        `inputs` maps each of `layers` to a float32 [N, width] tensor of the graph; returns the
+        name of the float32 [N] score tensor. `scale` lets a combination fold its weights in.
+        """
+        self._require_fitted()
+        missing = [layer for layer in self.layers if not inputs.get(layer)]
+        if missing:
+            raise ConfigError(f"the {self.name!r} score reads {', '.join(missing)}: name the tensor(s) that hold them")
+        features = inputs[self._feature_layer()] if self.uses_features else None
+        return self._scaled_graph(builder, features, inputs.get(LOGITS) if self.uses_logits else None, scale)
+
+    def _scaled_graph(self, builder, features: str | None, logits: str | None, scale: float) -> str:
+        return builder.scale(self._graph(builder, features, logits), scale, hint=f"{self.name}_scaled")
+
+    def _graph(self, builder, features: str | None, logits: str | None) -> str:
+        raise NotImplementedError
+
     def params(self) -> dict[str, np.ndarray]:
-        """Every learned array (attributes ending in `_`), for export to ONNX."""
+        """Every learned array (attributes ending in `_`, bookkeeping aside)."""
         return {
             name: np.asarray(value)
             for name, value in sorted(vars(self).items())
-            if name.endswith("_") and not name.startswith("_") and name != "fitted_"
+            if name.endswith("_") and not name.startswith("_") and name not in BOOKKEEPING
         }
 
     def __repr__(self) -> str:
         hyper = {k: v for k, v in vars(self).items() if not k.endswith("_") and not k.startswith("_")}
         args = ", ".join(f"{k}={v!r}" for k, v in hyper.items())
         return f"{type(self).__name__}({args})"
+
+
+BOOKKEEPING = frozenset({"fitted_", "layer_", "threshold_", "tpr_"})  # learned, but not arrays of the formula

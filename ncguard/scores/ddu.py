@@ -82,3 +82,17 @@ class DDU(Detector):
             whitened = (features - mean) @ whitening.T
             log_joint[:, c] = self.log_weights_[c] - 0.5 * (whitened**2).sum(axis=1)
         return -logsumexp(log_joint)
+
+    def _graph(self, b, features, logits):
+        # -logsumexp_c(log w_c - ||L_c^-1 (v - mu_c)||^2 / 2) in 7 nodes. Centre first ([1, N, D] - [C, 1, D]
+        # broadcasts straight to [C, N, D], no Transpose), then whiten per class with one batched MatMul
+        # ([C, N, D] x [C, D, D]). Whitening v and mu_c separately and subtracting the two large results
+        # cancels catastrophically in float32 when L_c^-1 has large entries (a collapsed layer). The 1/2 is
+        # folded into the whitening (sqrt(1/2) L_c^-1), and ONNX Runtime's ReduceLogSumExp subtracts the row
+        # maximum itself, as ncguard.scores.base.logsumexp does.
+        diff = b.node("Sub", [b.node("Unsqueeze", [features, b.axes(0)]), b.constant("means", self.means_[:, None, :])], "diff")
+        half_whitening_t = np.sqrt(0.5) * np.transpose(self.whitening_, (0, 2, 1))
+        whitened = b.node("MatMul", [diff, b.constant("half_whitening_t", half_whitening_t)], "whitened")
+        half_distances = b.reduce("ReduceSumSquare", whitened, 2, hint="half_distances")  # [C, N]
+        log_joint = b.node("Sub", [b.constant("log_weights", self.log_weights_[:, None]), half_distances], "log_joint")
+        return b.neg(b.reduce("ReduceLogSumExp", log_joint, 0, hint="log_density"))

@@ -31,3 +31,10 @@ class Energy(Detector):
         if not np.isfinite(self.temperature) or self.temperature <= 0:
             raise ConfigError(f"energy temperature must be a positive number, got {self.temperature!r}")
         return energy(logits, float(self.temperature))
+
+    def _graph(self, b, features, logits):
+        temperature = float(self.temperature)
+        if not np.isfinite(temperature) or temperature <= 0:
+            raise ConfigError(f"energy temperature must be a positive number, got {self.temperature!r}")
+        scaled = b.node("Div", [logits, b.constant("temperature", temperature)], "scaled_logits")
+        return b.node("Mul", [b.logsumexp(scaled), b.constant("minus_temperature", -temperature)], "energy")

@@ -30,3 +30,7 @@ class ETF(Detector):
 
     def _score(self, features, logits):
         return 1.0 - (l2_normalize(features) @ self.unit_means_.T).max(axis=1)
+
+    def _graph(self, b, features, logits):
+        cosines = b.node("MatMul", [b.l2_normalize(features), b.constant("unit_means_t", self.unit_means_.T)], "cosines")
+        return b.node("Sub", [b.constant("one", 1.0), b.reduce("ReduceMax", cosines, 1, hint="max_cosine")], "etf")

@@ -16,18 +16,12 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..stats import ClassStatistics
-from .base import Detector, check_array
+from ..stats import StatisticsBundle
+from .base import LOGITS, Detector, _as_bundle, classifier_layer
 
 COMBINES = ("sum", "max")
-LOGITS = "logits"  # the layer name of components whose base score reads only the logits
 HEAD_LAYERS = ("transfer", "detection", LOGITS)  # every other statistics layer is a conv block
 BLOCK_SCORE, DETECTION_SCORE = "mahalanobis", "ddu"
-
-
-def component_layers(components) -> tuple[str, ...]:
-    """The distinct feature layers the components read, in order (Fused.layers_ after fitting)."""
-    return tuple(dict.fromkeys(layer for layer, _ in components if layer != LOGITS))
 
 
 def default_components(layers: Sequence[str], detection_layer: str = "detection") -> tuple[tuple[str, str], ...]:
@@ -47,6 +41,12 @@ def _registry():
     from . import SCORES  # the package imports this module, so look the registry up late
 
     return SCORES
+
+
+def _component_detector(layer: str, score: str) -> Detector:
+    from . import make_detector
+
+    return make_detector(score) if layer == LOGITS else make_detector(score, layer=layer)
 
 
 def parse_components(text: str) -> tuple[tuple[str, str], ...]:
@@ -98,75 +98,83 @@ def check_components(components, combine: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)  # type: ignore[return-value]
 
 
+def fused_components(statistics: StatisticsBundle, components=None, combine: str = "sum") -> tuple[tuple[str, str], ...]:
+    """Validated components for these statistics: the given ones ("block1:mahalanobis,..." or pairs),
+    or `default_components` of their layers. ConfigError names what is wrong, including a layer the
+    statistics do not hold."""
+    if components is None or components == "":
+        components = default_components(tuple(statistics.layers), classifier_layer(statistics) or "detection")
+    components = check_components(components, combine)
+    for layer, score in components:
+        if layer != LOGITS and layer not in statistics.layers:
+            raise ConfigError(
+                f"fused component {layer}:{score}: the statistics have no layer {layer!r}; they hold: {', '.join(statistics.layers)}"
+            )
+    return components
+
+
 class Fused(Detector):
     """s(x) = combine_l ( (s_l(x) - mu_l) / sigma_l ), combine = "sum" (default) or "max".
 
-    Each component l is (layer, base score name): s_l is that existing detector fitted on that
-    layer's ClassStatistics (the component on `classifier_layer`, normally "detection", also gets
-    the classifier weight/bias, as export.detectors.fit_detector does; logit-only scores are
-    written "logits:energy"). mu_l and sigma_l are the mean and (population) standard deviation of
-    s_l on held-out in-distribution data: no OOD data is ever used, and the components get equal
-    weights (Lee et al. 2018 instead weight layers by a regressor fitted on OOD validation data).
-
-    Fitted with `fit_layers` (it needs the calibration features, which `fit(stats)` cannot give).
-    As a `Detector` it reads one features matrix, the concatenation of `layers_` in that order
-    (what the ONNX graph reads), plus the logits; `score_layers` takes the layers by name.
+    An ordinary detector made of detectors. Each component l is (layer, base score name): s_l is
+    that detector fitted on that layer's statistics (it gets the classifier only when the layer is
+    the one the classifier acts on; logit-only scores are written "logits:energy"). mu_l and sigma_l
+    are the mean and (population) standard deviation of s_l on held-out in-distribution data, which
+    `fit` takes as its `held_out` mapping (`needs_held_out`): no OOD data is ever used, and the
+    components get equal weights (Lee et al. 2018 instead weight layers by a regressor fitted on OOD
+    validation data). `layers` is every layer a component reads, feature layers in component order,
+    then "logits" if any reads them; `component_scores` are the standardized parts, which is how
+    the score explains a decision (an early block: the input looks different at the pixel level;
+    the detection layer: it looks like no known class).
     """
 
     name = "fused"
     uses_features = True
-    uses_logits = True
+    needs_held_out = True
 
     def __init__(self, components: Sequence[tuple[str, str]] | str | None = None, combine: str = "sum"):
-        """`components` None: `default_components` of the layers `fit_layers` is given."""
+        """`components` None: `default_components` of the statistics `fit` is given."""
         self.components = components
         self.combine = combine
 
-    def fit(self, stats, weight=None, bias=None):
-        raise ConfigError(
-            "the 'fused' score combines several layers and is standardized on held-out ID data: "
-            "fit it with fit_layers(stats_by_layer, weight, bias, classifier_layer, calibration, calibration_logits)"
-        )
+    @property
+    def uses_logits(self) -> bool:  # type: ignore[override]
+        return LOGITS in self.layers
 
-    def fit_layers(
-        self,
-        stats: Mapping[str, ClassStatistics],
-        weight: np.ndarray | None,
-        bias: np.ndarray | None,
-        classifier_layer: str,
-        calibration: Mapping[str, np.ndarray],
-        calibration_logits: np.ndarray,
-    ) -> "Fused":
-        """Fit every component on its layer's statistics, then mu_l, sigma_l on the calibration data."""
-        from . import make_detector
+    @property
+    def layers(self) -> tuple[str, ...]:
+        if hasattr(self, "components_"):
+            components = self.components_
+        elif self.components is None:
+            raise ConfigError(
+                "the fused score's default components depend on the statistics' layers: fit it first, or build it "
+                "with ncguard.scores.build_detector('fused', statistics)"
+            )
+        else:
+            components = check_components(self.components, self.combine)
+        scores = _registry()
+        features = [layer for layer, score in components if scores[score].uses_features]
+        logits = any(scores[score].uses_logits for _, score in components)
+        return tuple(dict.fromkeys(features)) + ((LOGITS,) if logits else ())
 
-        chosen = default_components(tuple(stats), classifier_layer) if self.components is None else self.components
-        components = check_components(chosen, self.combine)
-        layers: list[str] = []
-        detectors: list[Detector] = []
+    def fit(self, statistics, held_out: Mapping[str, np.ndarray] | None = None) -> "Fused":
+        """Fit every component on its layer's statistics, then mu_l, sigma_l on the held-out ID features."""
+        bundle = _as_bundle(statistics)
+        components = fused_components(bundle, self.components, self.combine)
+        detectors = []
         for layer, score in components:
-            detector = make_detector(score)
-            if layer == LOGITS:
-                detectors.append(detector.fit(None, weight, bias))
-                continue
-            if layer not in stats:
-                raise ConfigError(f"fused component {layer}:{score}: the statistics have no layer {layer!r}; they hold: {', '.join(stats)}")
-            w, b = (weight, bias) if layer == classifier_layer else (None, None)
             try:
-                detectors.append(detector.fit(stats[layer], w, b))
+                detectors.append(_component_detector(layer, score).fit(bundle))
             except ConfigError as exc:
-                raise ConfigError(f"fused component {layer}:{score} cannot be fitted: {exc} (the classifier acts on {classifier_layer!r})") from exc
-            if layer not in layers:
-                layers.append(layer)
+                raise ConfigError(f"fused component {layer}:{score} cannot be fitted: {exc}") from exc
+        if held_out is None:
+            raise ConfigError(
+                "the 'fused' score standardizes its components on held-out ID data: "
+                "fit(statistics, held_out={layer: features, 'logits': logits})"
+            )
         self.components_ = components
         self.detectors_ = detectors
-        self.layers_ = tuple(layers)
-        self.widths_ = np.array([stats[layer].means_.shape[1] for layer in layers], dtype=np.int64)
-
-        missing = [layer for layer in layers if layer not in calibration]
-        if missing:
-            raise DataError(f"the calibration features lack layer(s) {', '.join(missing)}")
-        raw = self._component_scores(self.concatenate(calibration), check_array(calibration_logits, "calibration logits"))
+        raw = self._raw(held_out, None, "held-out ID features")
         if raw.shape[0] < 2:
             raise DataError(f"fused needs at least 2 held-out ID rows to standardize its components, got {raw.shape[0]}")
         mu, sigma = raw.mean(axis=0), raw.std(axis=0)
@@ -181,61 +189,62 @@ class Fused(Detector):
 
     # ------------------------------------------------------------------ scoring
 
-    def concatenate(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
-        """The features matrix `score` reads: features[l] for l in `layers_`, side by side."""
-        parts = []
-        for layer, width in zip(self.layers_, self.widths_):
-            if layer not in features:
-                raise DataError(f"the fused score needs the features of layer {layer!r}; got {', '.join(features) or 'none'}")
-            parts.append(check_array(features[layer], f"{layer} features", int(width)))
-        return np.concatenate(parts, axis=1)
-
-    def score(self, features: np.ndarray | None = None, logits: np.ndarray | None = None) -> np.ndarray:
-        """Scores [N] from the concatenated features (`layers_` side by side) and the logits."""
-        self._require_fitted()
-        return super().score(features=features, logits=logits)
-
-    def score_layers(self, features: Mapping[str, np.ndarray], logits: np.ndarray) -> np.ndarray:
-        """Scores [N] from the features of each layer by name (same as `score` on their concatenation)."""
-        self._require_fitted()
-        return self.score(features=self.concatenate(features), logits=logits)
-
-    def component_scores(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        """The standardized components [N, L], (s_l - mu_l) / sigma_l, before they are combined."""
-        self._require_fitted()
-        features = check_array(features, "features", self._feature_width())
-        logits = check_array(logits, "logits")
-        return (self._component_scores(features, logits) - self.mu_) / self.sigma_
-
-    def slices(self) -> dict[str, tuple[int, int]]:
-        """{layer: (start, stop)} columns of the concatenated features (the ONNX graph slices the same)."""
-        stops = np.cumsum(self.widths_)
-        return {layer: (int(stop - width), int(stop)) for layer, width, stop in zip(self.layers_, self.widths_, stops)}
-
-    def _component_scores(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        if features.shape[0] != logits.shape[0]:
-            raise DataError(f"got {features.shape[0]} feature rows but {logits.shape[0]} logit rows")
-        slices = self.slices()
-        columns = []
-        for (layer, _), detector in zip(self.components_, self.detectors_):
-            part = None if layer == LOGITS else features[:, slice(*slices[layer])]
-            columns.append(detector.score(features=part, logits=logits))
+    def _raw(self, features, logits, what: str = "features") -> np.ndarray:
+        """[N, K] each component's own score, before standardization."""
+        if features is not None and not isinstance(features, Mapping):
+            raise DataError("the fused score reads several layers: give its features as {layer: features}")
+        layers = self._mapping(features, logits)
+        missing = [layer for layer in self.layers if layer not in layers]
+        if missing:
+            raise DataError(f"the fused score needs the {what} of layer(s) {', '.join(map(repr, missing))}; got {', '.join(layers) or 'none'}")
+        columns = [detector.score(layers) for detector in self.detectors_]
+        rows = {len(column) for column in columns}
+        if len(rows) > 1:
+            raise DataError(f"the fused score's layers hold different numbers of rows: {sorted(rows)}")
         return np.stack(columns, axis=1)
 
-    def _score(self, features, logits):
-        standardized = (self._component_scores(features, logits) - self.mu_) / self.sigma_
+    def component_names(self) -> list[str]:
+        self._require_fitted()
+        return [f"{layer}:{score}" for layer, score in self.components_]
+
+    def component_scores(self, features=None, logits: np.ndarray | None = None) -> np.ndarray:
+        """The standardized components [N, K], (s_l - mu_l) / sigma_l, before they are combined."""
+        self._require_fitted()
+        return (self._raw(features, logits) - self.mu_) / self.sigma_
+
+    def score(self, features=None, logits: np.ndarray | None = None) -> np.ndarray:
+        standardized = self.component_scores(features, logits)
         return standardized.sum(axis=1) if self.combine == "sum" else standardized.max(axis=1)
 
-    def _require_fitted(self) -> None:
-        if not getattr(self, "fitted_", False):
-            raise ConfigError("the 'fused' score must be fitted before scoring: call fit_layers(...)")
+    # ------------------------------------------------------------------ ONNX
 
-    def _feature_width(self):
-        return int(self.widths_.sum())
+    def build_graph(self, builder, inputs: Mapping[str, str], scale: float = 1.0) -> str:
+        """Each component with its own builder, combined as (s - mu) / sigma.
+
+        For "sum" the standardization is folded into constants, so it costs no node per component:
+        sum_l (s_l - mu_l) / sigma_l = sum_l s_l / sigma_l - sum_l mu_l / sigma_l, and each component
+        takes its 1 / sigma_l as its graph's `scale` (Mahalanobis folds it into its precision).
+        """
+        self._require_fitted()
+        missing = [layer for layer in self.layers if not inputs.get(layer)]
+        if missing:
+            raise ConfigError(f"the 'fused' score reads {', '.join(missing)}: name the tensor(s) that hold them")
+        parts = []
+        for (layer, score), detector, mu, sigma in zip(self.components_, self.detectors_, self.mu_, self.sigma_):
+            if self.combine == "sum":
+                parts.append(detector.build_graph(builder, inputs, scale=scale / float(sigma)))
+                continue
+            name = f"{layer}_{score}"
+            centred = builder.node("Sub", [detector.build_graph(builder, inputs), builder.constant(f"{name}_mu", float(mu))], f"{name}_centred")
+            parts.append(builder.node("Div", [centred, builder.constant(f"{name}_sigma", float(sigma))], f"{name}_z"))
+        if self.combine == "max":
+            return builder.scale(builder.node("Max", parts, "fused"), scale, hint="fused_scaled")
+        offset = -scale * float(np.sum(np.asarray(self.mu_, dtype=np.float64) / np.asarray(self.sigma_, dtype=np.float64)))
+        return builder.node("Sum", [*parts, builder.constant("fused_offset", [offset])], "fused")
 
     def params(self) -> dict[str, np.ndarray]:
-        """The numeric learned arrays (mu_, sigma_, widths_); the components' own live in `detectors_`."""
-        return {"mu_": np.asarray(self.mu_), "sigma_": np.asarray(self.sigma_), "widths_": np.asarray(self.widths_)}
+        """The numeric learned arrays (mu_, sigma_); the components' own live in `detectors_`."""
+        return {"mu_": np.asarray(self.mu_), "sigma_": np.asarray(self.sigma_)}
 
     def describe(self) -> dict:
         """JSON-ready record of the fitted score (for model metadata)."""
@@ -246,5 +255,5 @@ class Fused(Detector):
                 {"layer": layer, "score": score, "mu": float(mu), "sigma": float(sigma)}
                 for (layer, score), mu, sigma in zip(self.components_, self.mu_, self.sigma_)
             ],
-            "layers": list(self.layers_),
+            "layers": [layer for layer in self.layers if layer != LOGITS],
         }

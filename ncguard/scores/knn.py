@@ -35,8 +35,9 @@ class KNN(Detector):
     name = "knn"
     uses_features = True
 
-    def __init__(self, k: int | None = None) -> None:
+    def __init__(self, k: int | None = None, layer: str | None = None) -> None:
         self.k = k
+        self.layer = layer
 
     def _fit(self, stats, weight, bias):
         bank_size = stats.bank_.shape[0]
@@ -61,3 +62,11 @@ class KNN(Detector):
             kth = -np.partition(-similarity, self.k_ - 1, axis=1)[:, self.k_ - 1]
             out[start : start + ROWS_PER_BLOCK] = np.sqrt(np.clip(2.0 - 2.0 * kth, 0.0, None))
         return out
+
+    def _graph(self, b, features, logits):
+        similarity = b.node("MatMul", [b.l2_normalize(features), b.constant("bank_t", self.bank_.T)], "similarity")
+        top, _ = b.node("TopK", [similarity, b.constant("k", [self.k_], np.int64)], "top_similarity", n_outputs=2, axis=1, largest=1)
+        kth = b.node("Gather", [top, b.constant("kth_index", self.k_ - 1, np.int64)], "kth_similarity", axis=1)
+        two = b.constant("two", 2.0)
+        squared = b.node("Sub", [two, b.node("Mul", [kth, two])], "squared_distance")
+        return b.node("Sqrt", [b.node("Max", [squared, b.constant("zero", 0.0)])], "knn")

@@ -61,8 +61,9 @@ class Mahalanobis(Detector):
     name = "mahalanobis"
     uses_features = True
 
-    def __init__(self, eigenvalue_floor: float = DEFAULT_EIGENVALUE_FLOOR) -> None:
+    def __init__(self, eigenvalue_floor: float = DEFAULT_EIGENVALUE_FLOOR, layer: str | None = None) -> None:
         self.eigenvalue_floor = eigenvalue_floor
+        self.layer = layer
 
     def _fit(self, stats, weight, bias):
         floor = self.eigenvalue_floor
@@ -80,3 +81,25 @@ class Mahalanobis(Detector):
             diff = features - mean
             best = np.minimum(best, ((diff @ self.precision_) * diff).sum(axis=1))
         return np.maximum(best, 0.0)  # the precision is PSD; clip round-off below zero
+
+    def _graph(self, b, features, logits):
+        return self._scaled_graph(b, features, logits, 1.0)
+
+    def _scaled_graph(self, b, features, logits, scale):
+        """scale * min_c (v - mu_c)^T P (v - mu_c) = min_c ||v F - mu_c F||^2 with scale P = F F^T (P is PSD).
+
+        One [D, r] product per input instead of C [D, D] ones, F from the eigendecomposition of the
+        scaled precision: a positive scale (a combination's 1 / sigma) is folded in and costs no node.
+        """
+        if not scale > 0:
+            return b.scale(self._graph(b, features, logits), scale, hint="mahalanobis_scaled")
+        values, vectors = np.linalg.eigh(self.precision_ * scale)
+        keep = values > values.max(initial=0.0) * values.size * np.finfo(np.float64).eps
+        factor = vectors[:, keep] * np.sqrt(values[keep])
+        if factor.shape[1] == 0:  # a zero precision: every distance is 0, as in the reference
+            factor = np.zeros((values.size, 1))
+        projected = b.node("MatMul", [features, b.constant("precision_factor", factor)], "whitened")
+        means = b.constant("whitened_means", (self.means_ @ factor)[None])  # [1, C, r]
+        diff = b.node("Sub", [b.node("Unsqueeze", [projected, b.axes(1)]), means], "diff")  # [N, C, r]
+        distances = b.reduce("ReduceSumSquare", diff, 2, hint="distances")
+        return b.reduce("ReduceMin", distances, 1, hint="mahalanobis")

@@ -15,3 +15,6 @@ class MaxLogit(Detector):
 
     def _score(self, features, logits):
         return -logits.max(axis=1)
+
+    def _graph(self, b, features, logits):
+        return b.neg(b.reduce("ReduceMax", logits, 1, hint="max_logit"))

@@ -17,3 +17,7 @@ class MSP(Detector):
 
     def _score(self, features, logits):
         return -np.exp(logits.max(axis=1) - logsumexp(logits))
+
+    def _graph(self, b, features, logits):
+        top = b.reduce("ReduceMax", logits, 1, hint="max_logit")
+        return b.neg(b.node("Exp", [b.node("Sub", [top, b.logsumexp(logits)])], "max_probability"))

@@ -53,8 +53,9 @@ class NCI(Detector):
     uses_features = True
     uses_logits = True
 
-    def __init__(self, alpha: float | str = 0.0) -> None:
+    def __init__(self, alpha: float | str = 0.0, layer: str | None = None) -> None:
         self.alpha = alpha
+        self.layer = layer
 
     def _fit(self, stats, weight, bias):
         n_classes, width = stats.means_.shape
@@ -85,3 +86,12 @@ class NCI(Detector):
         predicted = logits.argmax(axis=1)
         p_score = proximity(features, predicted, self.global_mean_, self.weight_)
         return -(p_score + self.alpha_ * np.abs(features).sum(axis=1))
+
+    def _graph(self, b, features, logits):
+        predicted = b.node("ArgMax", [logits], "predicted", axis=1, keepdims=0)
+        class_weight = b.node("Gather", [b.constant("weight", self.weight_), predicted], "predicted_weight", axis=0)
+        centred = b.node("Sub", [features, b.constant("global_mean", self.global_mean_)], "centred")
+        norm = b.node("Max", [b.reduce("ReduceL2", centred, 1, hint="centred_norm"), b.constant("tiny_norm", TINY_NORM)])
+        p_score = b.node("Div", [b.reduce("ReduceSum", b.node("Mul", [centred, class_weight]), 1), norm], "proximity")
+        l1 = b.node("Mul", [b.reduce("ReduceL1", features, 1, hint="l1_norm"), b.constant("alpha", self.alpha_)])
+        return b.neg(b.node("Add", [p_score, l1], "nci_id_score"))

@@ -30,9 +30,10 @@ class NECO(Detector):
     uses_features = True
     uses_logits = True
 
-    def __init__(self, n_components: int | None = None, use_max_logit: bool = True) -> None:
+    def __init__(self, n_components: int | None = None, use_max_logit: bool = True, layer: str | None = None) -> None:
         self.n_components = n_components
         self.use_max_logit = use_max_logit
+        self.layer = layer
 
     def _fit(self, stats, weight, bias):
         n_classes, width = stats.means_.shape
@@ -64,3 +65,13 @@ class NECO(Detector):
         if self.use_max_logit:
             ratio = ratio * logits.max(axis=1)
         return -ratio
+
+    def _graph(self, b, features, logits):
+        centred = b.node("Sub", [features, b.constant("mean", self.mean_)])
+        standardised = b.node("Div", [centred, b.constant("scale", self.scale_)], "standardised")
+        projected = b.node("MatMul", [standardised, b.constant("components_t", self.components_.T)], "principal")
+        norm = b.node("Max", [b.reduce("ReduceL2", standardised, 1), b.constant("tiny_norm", TINY_NORM)])
+        ratio = b.node("Div", [b.reduce("ReduceL2", projected, 1), norm], "ratio")
+        if self.use_max_logit:
+            ratio = b.node("Mul", [ratio, b.reduce("ReduceMax", logits, 1, hint="max_logit")], "ratio_times_max_logit")
+        return b.neg(ratio)

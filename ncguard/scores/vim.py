@@ -57,8 +57,9 @@ class ViM(Detector):
     uses_features = True
     uses_logits = True
 
-    def __init__(self, n_principal: int | None = None) -> None:
+    def __init__(self, n_principal: int | None = None, layer: str | None = None) -> None:
         self.n_principal = n_principal
+        self.layer = layer
 
     def _fit(self, stats, weight, bias):
         n_classes, width = stats.means_.shape
@@ -98,3 +99,9 @@ class ViM(Detector):
     def _score(self, features, logits):
         residual = np.linalg.norm((features - self.origin_) @ self.residual_basis_, axis=1)
         return self.alpha_ * residual + energy(logits)
+
+    def _graph(self, b, features, logits):
+        centred = b.node("Sub", [features, b.constant("origin", self.origin_)], "centred")
+        residual = b.reduce("ReduceL2", b.node("MatMul", [centred, b.constant("residual_basis", self.residual_basis_)]), 1, hint="residual")
+        virtual = b.node("Mul", [residual, b.constant("alpha", self.alpha_)], "virtual_logit")
+        return b.node("Sub", [virtual, b.logsumexp(logits)], "vim")
