@@ -36,7 +36,7 @@ test: setup system-deps
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/python -m ncguard.demo
+	$(BIN)/python -m ncguard.cli.demo
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

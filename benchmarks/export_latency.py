@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(THREADS)
     runs = args.run
     if not runs:
-        from training.cli import TrainOptions, train
+        from training.train import TrainOptions, train
 
         folder = tempfile.mkdtemp(prefix="export-latency-")
         runs = [train(TrainOptions(data="digits", out=f"{folder}/digits", quiet=True).validated())["run_dir"]]

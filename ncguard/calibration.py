@@ -11,10 +11,30 @@ import numbers
 import numpy as np
 
 from ncguard.errors import ConfigError, DataError
-from ncguard.ood_metrics import check_scores
-
 
 DEFAULT_TPR = 0.95  # fraction of in-distribution inputs a threshold keeps, unless told otherwise
+
+
+def check_scores(values, name: str = "scores") -> np.ndarray:
+    """Return `values` as a 1-D float64 array, or raise DataError saying what is wrong with it.
+
+    Shared by the calibration, OOD metric and drift functions so that every one of them rejects
+    empty, non-1-D and non-finite input with the same clear message. It lives here, with the
+    threshold, because ncguard.ood_metrics builds on calibration (FPR95 uses its threshold),
+    never the other way round.
+    """
+    try:
+        array = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise DataError(f"{name} must be numbers, got {type(values).__name__}: {error}") from None
+    if array.ndim != 1:
+        raise DataError(f"{name} must be a 1-D array of scores, got shape {array.shape}")
+    if array.size == 0:
+        raise DataError(f"{name} is empty: need at least one score")
+    if not np.all(np.isfinite(array)):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise DataError(f"{name} contains {bad} NaN or infinite value(s); every score must be finite")
+    return array
 
 
 def check_open_unit(value, name: str) -> float:

@@ -10,14 +10,12 @@ and scipy.spatial.distance.jensenshannon.
 
 from __future__ import annotations
 
-import collections
 import numbers
-import threading
 
 import numpy as np
 
 from ncguard.errors import ConfigError, DataError
-from ncguard.ood_metrics import check_scores
+from ncguard.calibration import check_scores
 
 
 def reference_quantiles(values, n_quantiles: int = 100) -> np.ndarray:
@@ -168,51 +166,3 @@ def mean_shift(window_features_mean, ref_mean, ref_std, eps: float = 1e-8) -> fl
     if np.any(ref_std < 0):
         raise DataError("ref_std has negative entries; standard deviations are non-negative")
     return float(np.mean(np.abs(window_mean - ref_mean) / (ref_std + eps)))
-
-
-class RollingWindow:
-    """The `size` most recent values (scalars or equal-shaped rows), safe to share across threads.
-
-    Backed by collections.deque(maxlen=size), which drops the oldest items; a lock makes
-    `extend` and `values` atomic with respect to each other.
-    """
-
-    def __init__(self, size: int):
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-            raise ConfigError(f"window size must be a positive integer, got {size!r}")
-        self.size = int(size)
-        self._items = collections.deque(maxlen=self.size)
-        self._item_shape = None
-        self._lock = threading.Lock()
-
-    def extend(self, values) -> None:
-        """Append a scalar, a 1-D batch of scalars, or a batch of rows [N, ...]."""
-        batch = np.asarray(values)
-        if batch.ndim == 0:
-            batch = batch.reshape(1)
-        item_shape = batch.shape[1:]
-        items = batch.tolist() if batch.ndim == 1 else list(np.array(batch, copy=True))
-        with self._lock:
-            if self._item_shape is not None and item_shape != self._item_shape:
-                raise DataError(f"window holds items of shape {self._item_shape}, got items of shape {item_shape}")
-            self._item_shape = item_shape
-            self._items.extend(items)
-
-    def values(self) -> np.ndarray:
-        """A copy of the current contents, oldest first ([n] or [n, ...]; empty array when empty)."""
-        with self._lock:
-            items = list(self._items)
-            item_shape = self._item_shape
-        if not items:
-            return np.empty((0, *(item_shape or ())))
-        return np.asarray(items)
-
-    def clear(self) -> None:
-        """Forget everything (e.g. after a model reload)."""
-        with self._lock:
-            self._items.clear()
-            self._item_shape = None
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)

@@ -29,10 +29,6 @@ LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601-2,
 SYNTHETIC_FORMS = "noise:uniform, noise:gaussian, inverted:SPEC"
 
 
-def is_synthetic(spec: str) -> bool:
-    return spec.startswith(NOISE_PREFIX) or spec.startswith(INVERTED_PREFIX)
-
-
 def _single_class(x: np.ndarray, name: str, input_scale: float) -> Dataset:
     """OOD inputs carry no real labels: one placeholder class named after the set."""
     return Dataset(x=x, y=np.zeros(len(x), dtype=np.int64), classes=(name,), name=name, input_scale=input_scale)

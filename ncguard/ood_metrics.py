@@ -12,27 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ncguard.errors import DataError
-
-
-def check_scores(values, name: str = "scores") -> np.ndarray:
-    """Return `values` as a 1-D float64 array, or raise DataError saying what is wrong with it.
-
-    Shared by the metric, calibration and drift functions so that every one of them rejects
-    empty, non-1-D and non-finite input with the same clear message.
-    """
-    try:
-        array = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as error:
-        raise DataError(f"{name} must be numbers, got {type(values).__name__}: {error}") from None
-    if array.ndim != 1:
-        raise DataError(f"{name} must be a 1-D array of scores, got shape {array.shape}")
-    if array.size == 0:
-        raise DataError(f"{name} is empty: need at least one score")
-    if not np.all(np.isfinite(array)):
-        bad = int(np.count_nonzero(~np.isfinite(array)))
-        raise DataError(f"{name} contains {bad} NaN or infinite value(s); every score must be finite")
-    return array
+from ncguard.calibration import calibrate_threshold, check_scores
 
 
 def _check_pair(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:
@@ -83,9 +63,6 @@ def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> float:
     sklearn's roc_curve (ID labelled 1, score negated, drop_intermediate=False) whose TPR
     reaches `tpr`.
     """
-    # Imported here: calibration imports check_scores from this module.
-    from ncguard.calibration import calibrate_threshold
-
     id_scores, ood_scores = _check_pair(id_scores, ood_scores)
     threshold = calibrate_threshold(id_scores, tpr)
     return float(np.mean(ood_scores <= threshold))

@@ -14,7 +14,8 @@ import numpy as np
 from ncguard.atomic import atomic_write
 from ncguard.collapse import COLLAPSE_METRICS
 from ncguard.errors import DataError
-from ncguard.ood_metrics import auroc, check_scores, roc_curve
+from ncguard.calibration import check_scores
+from ncguard.ood_metrics import auroc, roc_curve
 
 
 def _new_figure(width: float, height: float):

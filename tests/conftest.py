@@ -48,7 +48,7 @@ DIGITS_TEST_EPOCHS = 15
 @pytest.fixture(scope="session")
 def digits_run_dir(tmp_path_factory) -> Path:
     """A finished `ncguard train --data digits --epochs 15` run directory."""
-    from training.cli import TrainOptions, train
+    from training.train import TrainOptions, train
 
     run_dir = tmp_path_factory.mktemp("digits-run") / "run"
     train(TrainOptions(data="digits", out=str(run_dir), epochs=DIGITS_TEST_EPOCHS, quiet=True).validated())

@@ -1,8 +1,6 @@
 """Drift distances: ~0 for the same distribution, clearly > 0 for shifted ones, pinned to direct
 computations and SciPy; the rolling window stays bounded and consistent under threads."""
 
-import sys
-import threading
 
 import numpy as np
 import pytest
@@ -10,7 +8,6 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import ks_2samp
 
 from ncguard.drift import (
-    RollingWindow,
     class_distribution,
     js_distance,
     ks_distance,
@@ -218,105 +215,3 @@ def test_mean_shift_hand_case_and_errors():
         mean_shift([1.0], [0.0, 0.0], [1.0, 1.0])
     with pytest.raises(DataError, match="negative"):
         mean_shift([1.0], [0.0], [-1.0])
-
-
-# ---------------------------------------------------------------- rolling window
-
-
-def test_rolling_window_keeps_the_most_recent_values_in_order():
-    window = RollingWindow(5)
-    assert len(window) == 0 and window.values().shape == (0,)
-    window.extend([1, 2, 3])
-    window.extend(4.5)
-    window.extend(np.arange(10, 13))
-    assert len(window) == 5
-    np.testing.assert_array_equal(window.values(), [3, 4.5, 10, 11, 12])
-    window.clear()
-    assert len(window) == 0
-
-
-def test_rolling_window_holds_rows_of_equal_shape():
-    window = RollingWindow(3)
-    rows = np.arange(8.0).reshape(4, 2)
-    window.extend(rows)
-    np.testing.assert_array_equal(window.values(), rows[1:])
-    rows[3, 0] = -1.0  # later edits by the caller do not reach the stored rows
-    assert window.values()[2, 0] == 6.0
-    with pytest.raises(DataError, match="shape"):
-        window.extend(np.zeros((1, 3)))
-
-
-@pytest.mark.parametrize("size", [0, -1, 2.5, None])
-def test_rolling_window_size_must_be_a_positive_integer(size):
-    with pytest.raises(ConfigError, match="size"):
-        RollingWindow(size)
-
-
-def run_threads(writer, n_writers, reader=None, n_readers=2):
-    """Start readers and writers together with frequent thread switches; return errors raised in them."""
-    errors, stop = [], threading.Event()
-
-    def guarded(target, *args):
-        try:
-            target(*args)
-        except Exception as error:  # noqa: BLE001 - any failure inside a thread must fail the test
-            errors.append(error)
-
-    def read_until_stopped():
-        while not stop.is_set():
-            reader()
-
-    writers = [threading.Thread(target=guarded, args=(writer, k)) for k in range(n_writers)]
-    readers = [threading.Thread(target=guarded, args=(read_until_stopped,)) for _ in range(n_readers if reader else 0)]
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads very often so that races show up
-    try:
-        for thread in readers + writers:
-            thread.start()
-        for thread in writers:
-            thread.join()
-        stop.set()
-        for thread in readers:
-            thread.join()
-    finally:
-        sys.setswitchinterval(switch_interval)
-    return errors
-
-
-def test_rolling_window_stays_bounded_while_threads_write_and_read():
-    size, batch = 100, 7
-    window, lengths = RollingWindow(size), []
-
-    def write(k):
-        for i in range(300):
-            window.extend(np.full(batch, k * 1000 + i))
-
-    def read():
-        values = window.values()
-        lengths.append(values.size)
-        assert values.size == len(values) <= size
-
-    assert run_threads(write, 4, read) == []
-    assert lengths and max(lengths) <= size
-    assert len(window) == size and window.values().shape == (size,)
-
-
-def test_rolling_window_extend_is_atomic_under_threads():
-    n_writers, batches, batch = 4, 2000, 7
-    window = RollingWindow(n_writers * batches * batch)  # big enough to keep everything
-
-    def write(k):
-        for i in range(batches):
-            start = (k * batches + i) * batch
-            window.extend(np.arange(start, start + batch))  # one batch of consecutive numbers
-
-    def read():
-        values = window.values()
-        # Only whole batches may ever be visible, each one unbroken by other writers' values.
-        assert values.size % batch == 0
-        assert np.all(np.diff(values.reshape(-1, batch), axis=1) == 1)
-
-    assert run_threads(write, n_writers, read) == []
-    values = window.values()
-    np.testing.assert_array_equal(np.sort(values), np.arange(n_writers * batches * batch))
-    assert np.all(np.diff(values.reshape(-1, batch), axis=1) == 1)

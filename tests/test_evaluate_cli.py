@@ -9,7 +9,7 @@ from PIL import Image
 
 from ncguard.data import Dataset, load_dataset
 from ncguard.errors import DataError
-from ncguard.evaluate_cli import run
+from ncguard.cli.evaluate import run
 from ncguard.ood_data import MAX_NOISE_ROWS, fit_to_shape, inverted_dataset, load_ood_dataset
 from ncguard.ood_metrics import ood_report
 from ncguard.runtime import Predictor

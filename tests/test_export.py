@@ -167,7 +167,7 @@ def test_the_threshold_separates_unseen_ood_inputs(digits_model_path, test_input
 def test_train_export_predict_end_to_end(digits_model_path, tmp_path, capsys):
     from PIL import Image
 
-    from ncguard.predict_cli import run as predict
+    from ncguard.cli.predict import run as predict
 
     id_data = load_dataset("digits:test")
     image = tmp_path / "digit.png"
@@ -189,7 +189,7 @@ def test_train_export_predict_end_to_end(digits_model_path, tmp_path, capsys):
 
 
 def test_evaluate_all_scores_agrees_with_the_exported_score(digits_model_path, digits_run_dir, tmp_path, capsys):
-    from ncguard.evaluate_cli import run as evaluate
+    from ncguard.cli.evaluate import run as evaluate
 
     args = argparse.Namespace(
         model=str(digits_model_path), id="digits:test", ood=["noise:uniform", "inverted:digits:test"],

@@ -3,7 +3,7 @@
 import numpy as np
 
 from ncguard.cli import main
-from training.cli import DEFAULT_LAYERS
+from training.train import DEFAULT_LAYERS
 from training.runs import load_run
 
 

@@ -166,7 +166,7 @@ def test_windows_stay_bounded():
 
 @pytest.mark.parametrize("size", [1, 5, 8])
 def test_ring_window_keeps_the_latest_items_like_a_bounded_deque(size):
-    """Against collections.deque(maxlen=size) (what ncguard.drift.RollingWindow uses), batch by batch."""
+    """Against collections.deque(maxlen=size), batch by batch."""
     import collections
 
     rng = np.random.default_rng(size)

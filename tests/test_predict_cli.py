@@ -9,7 +9,7 @@ from PIL import Image
 
 from ncguard.errors import DataError
 from ncguard.images import decode_image
-from ncguard.predict_cli import gather_inputs, run
+from ncguard.cli.predict import gather_inputs, run
 from ncguard.runtime import Predictor
 from tests.tiny_models import write_tiny_model
 
@@ -113,8 +113,8 @@ def test_predict_evaluate_and_the_score_graphs_run_without_torch(model_path, fil
         f"""
         import argparse, sys
         import export.score_graph, export.parity, export.detectors
-        from ncguard.predict_cli import run as predict
-        from ncguard.evaluate_cli import run as evaluate
+        from ncguard.cli.predict import run as predict
+        from ncguard.cli.evaluate import run as evaluate
         assert predict(argparse.Namespace(model={str(model_path)!r}, files=[{str(files['npz'])!r}], json=True, provider=None)) == 0
         assert evaluate(argparse.Namespace(model={str(model_path)!r}, id="digits:test", ood=["noise:uniform"],
                         out_dir={str(tmp_path / 'eval')!r}, all_scores=None, provider=None)) == 0

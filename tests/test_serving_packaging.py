@@ -91,7 +91,7 @@ def test_built_bento_serves_its_packed_model(built_bento, served_model_path, tmp
 
 
 def test_demo_stage_serves_and_prints_one_line_per_input(served_model_path, tmp_path, capsys):
-    from ncguard.demo_serve import serve_and_query
+    from ncguard.cli.demo_serve import serve_and_query
     from ncguard.runtime import Predictor
 
     predictor = Predictor(served_model_path, provider="cpu")

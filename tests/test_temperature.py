@@ -118,7 +118,7 @@ def test_exported_probabilities_are_softmax_of_logits_over_the_stored_temperatur
 
 
 def test_evaluate_prints_and_writes_the_ece_before_and_after(digits_model_path, tmp_path, capsys):
-    from ncguard.evaluate_cli import run
+    from ncguard.cli.evaluate import run
 
     args = argparse.Namespace(model=str(digits_model_path), id="digits:test", ood=["noise:uniform"], out_dir=str(tmp_path), all_scores=None, provider="cpu")
     assert run(args) == 0

@@ -37,6 +37,18 @@ IMPORT_ALL = textwrap.dedent(
 )
 
 
+IMPORT_CORE = textwrap.dedent(
+    """
+    import importlib, json, pkgutil, sys
+    import ncguard
+    for info in pkgutil.walk_packages(ncguard.__path__, prefix="ncguard."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+    print(json.dumps(sorted(name for name in sys.modules if name.split(".")[0] in ("export", "training", "serving"))))
+    """
+)
+
+
 def _run_blocked(code: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", BLOCK_TORCH + code],
@@ -64,3 +76,12 @@ def test_cli_help_without_torch():
     result = _run_blocked("import sys; from ncguard.cli import main; sys.argv = ['ncguard', '--help']; main()")
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout
+
+
+def test_the_core_imports_no_export_training_or_serving():
+    """Imports point toward ncguard/ (DESIGN.md section 2): no core module, the command modules of
+    ncguard/cli/ included, imports export/, training/ or serving/ when it loads; ncguard/cli/ reaches
+    them only from inside the command that needs them."""
+    result = _run_blocked(IMPORT_CORE)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ncguard.collapse_cli import run as run_collapse
+from ncguard.cli.collapse import run as run_collapse
 from ncguard.data import load_dataset
 from ncguard.errors import ModelError
 from ncguard.ood_metrics import auroc
@@ -254,7 +254,7 @@ def test_collapse_command_runs_without_torch(cli_run):
     run_dir, _ = cli_run
     code = BLOCK_TORCH + (
         "import argparse, sys\n"
-        "from ncguard.collapse_cli import run\n"
+        "from ncguard.cli.collapse import run\n"
         f"run(argparse.Namespace(run_dir={str(run_dir)!r}))\n"
         "assert 'torch' not in sys.modules\n"
     )

@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from ncguard.errors import ConfigError, NcguardError
 
-from .cli import TrainOptions, add_train_arguments, print_summary, train
+from .cli import add_train_arguments, print_summary
+from .train import TrainOptions, train
 
 TIMEOUT = datetime.timedelta(minutes=10)
 

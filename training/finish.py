@@ -1,7 +1,7 @@
 """After training: fit the class statistics, measure collapse and test accuracy, and write the run's
 files (statistics.npz, collapse.json, metrics.json, model.pt last).
 
-Apart from training/cli.py, which turns options into a trained model, because this half changes
+Apart from training/train.py, which turns options into a trained model, because this half changes
 when what a run records changes, not when how it is trained does.
 
 No threshold is calibrated here. A threshold belongs to the scores it is compared with: those of the

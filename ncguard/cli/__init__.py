@@ -1,9 +1,12 @@
-"""The `ncguard` command line.
+"""The `ncguard` command line: the face of the project.
 
 Each command lives in its own module, which defines `add_arguments(parser)` (its flags, next to
-the defaults they use) and a handler. Only the module of the command being run is imported, so
-`ncguard --help` and the torch-free commands never import torch; only `train` (and `export`)
-need it.
+the defaults they use) and a handler: `ncguard/cli/<command>.py` for the torch-free commands, and
+the command modules of training/ (train), export/ (export) and serving/ (serve), which this
+package dispatches to by name (`audit` is still `ncguard/audit_cli.py`). This package is the only
+part of ncguard/ that may dispatch to training/, export/ or serving/. Only the module of the command
+being run is imported, so `ncguard --help` and the torch-free commands never import torch; only
+`train` (and `export`) need it.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from . import __version__
-from .errors import NcguardError
+from .. import __version__
+from ..errors import NcguardError
 
 
 @dataclass(frozen=True)
@@ -33,16 +36,16 @@ class Command:
 
 COMMANDS: list[Command] = [
     Command("train", "train a dual-head classifier with controlled neural collapse", "training.cli", "run_train", "add_train_arguments"),
-    Command("collapse", "neural-collapse metrics NC1-NC4 per layer of a trained run", "ncguard.collapse_cli"),
+    Command("collapse", "neural-collapse metrics NC1-NC4 per layer of a trained run", "ncguard.cli.collapse"),
     Command("export", "export a run as one self-contained ONNX file with label and OOD score", "export.cli", "run_export"),
-    Command("predict", "score files locally with an exported model (no server)", "ncguard.predict_cli"),
-    Command("evaluate", "OOD detection quality of an exported model: table, JSON and plots", "ncguard.evaluate_cli"),
+    Command("predict", "score files locally with an exported model (no server)", "ncguard.cli.predict"),
+    Command("evaluate", "OOD detection quality of an exported model: table, JSON and plots", "ncguard.cli.evaluate"),
     Command("serve", "serve an exported model over HTTP with BentoML", "serving.cli", "run_serve"),
-    Command("fit", "add OOD scoring to an existing ONNX classifier (bring your own model)", "ncguard.fit_cli"),
-    Command("inspect", "list an ONNX classifier's inputs, outputs and candidate feature tensors", "ncguard.inspect_cli"),
-    Command("data", "read a data SPEC and describe it (shape, classes, counts)", "ncguard.data_cli"),
+    Command("fit", "add OOD scoring to an existing ONNX classifier (bring your own model)", "ncguard.cli.fit"),
+    Command("inspect", "list an ONNX classifier's inputs, outputs and candidate feature tensors", "ncguard.cli.inspect"),
+    Command("data", "read a data SPEC and describe it (shape, classes, counts)", "ncguard.cli.data"),
     Command("audit", "OOD and drift audit of whole datasets: per-row Parquet, aggregates, report (local or Ray)", "ncguard.audit_cli"),
-    Command("keygen", "make an Ed25519 key pair for signing models (--sign-key) and verifying them (--verify-key)", "ncguard.keygen_cli"),
+    Command("keygen", "make an Ed25519 key pair for signing models (--sign-key) and verifying them (--verify-key)", "ncguard.cli.keygen"),
 ]
 
 
@@ -94,7 +97,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ncguard {command.name}: interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .collapse import COLLAPSE_METRICS, format_collapse_table
-from .errors import ModelError
-from .run_dir import read_json
+from ..collapse import COLLAPSE_METRICS, format_collapse_table
+from ..errors import ModelError
+from ..run_dir import read_json
 
 LAYERS = ("transfer", "detection")
 PLOT_FILE = "collapse.png"
@@ -58,7 +58,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     """Handler of `ncguard collapse RUN_DIR`: print the table, write RUN_DIR/collapse.png."""
-    from .plots import plot_collapse  # matplotlib is slow to import; only needed here
+    from ..plots import plot_collapse  # matplotlib is slow to import; only needed here
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .data import Dataset, load_dataset
+from ..data import Dataset, load_dataset
 
 
 def describe(dataset: Dataset) -> str:

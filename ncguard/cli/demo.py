@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .cli import COMMANDS
+from . import COMMANDS
 
 OUT = Path("demo-out")
 
@@ -62,8 +62,8 @@ def _write_id_and_ood_inputs(path: Path) -> None:
     made by the same synthetic OOD sets `ncguard evaluate` offers (noise:uniform, inverted:SPEC)."""
     import numpy as np
 
-    from .data import load_dataset
-    from .ood_data import inverted_dataset, noise_dataset
+    from ..data import load_dataset
+    from ..ood_data import inverted_dataset, noise_dataset
 
     test = load_dataset("digits:test")
     noise = noise_dataset("uniform", test, seed=0).x[:3]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .client import ServicePredictions, local_server
-from .errors import DataError
+from ..client import ServicePredictions, local_server
+from ..errors import DataError
 
 
 def _read_inputs(npz_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -24,16 +24,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .atomic import atomic_write
-from .calibration import ECE_BINS, expected_calibration_error
-from .data import Dataset, iter_batches, load_dataset
-from .errors import DataError
-from .ood_data import fit_to_shape, load_ood_dataset
-from .ood_metrics import ood_report
-from .plots import plot_roc_curves, plot_score_histograms
-from .runtime import PROVIDER_CHOICES, Predictor
-from .signing import verify_key_path
-from .temperature import softmax
+from ..atomic import atomic_write
+from ..calibration import ECE_BINS, expected_calibration_error
+from ..data import Dataset, iter_batches, load_dataset
+from ..errors import DataError
+from ..ood_data import fit_to_shape, load_ood_dataset
+from ..ood_metrics import ood_report
+from ..plots import plot_roc_curves, plot_score_histograms
+from ..runtime import PROVIDER_CHOICES, Predictor
+from ..signing import verify_key_path
+from ..temperature import softmax
 
 DEFAULT_BATCH_SIZE = 256
 REPORT_FILE = "evaluation.json"

@@ -19,14 +19,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from .calibration import DEFAULT_TPR
-from .data import load_dataset
-from .errors import ConfigError
-from .model_file import load_model, save_model, sign_model
-from .signing import fingerprint, load_private_key
-from .runtime import PROVIDER_CHOICES, check_provider
-from .scores import SCORES
-from .scores.defaults import FOREIGN, default_score
+from ..calibration import DEFAULT_TPR
+from ..data import load_dataset
+from ..errors import ConfigError
+from ..model_file import load_model, save_model, sign_model
+from ..signing import fingerprint, load_private_key
+from ..runtime import PROVIDER_CHOICES, check_provider
+from ..scores import SCORES
+from ..scores.defaults import FOREIGN, default_score
 
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .errors import ModelError
+from ..errors import ModelError
 
 
 def _table(rows: list[list[str]]) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .signing import fingerprint, load_public_key, write_key_pair
+from ..signing import fingerprint, load_public_key, write_key_pair
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
-from .images import IMAGE_SUFFIXES, decode_image
-from .runtime import PROVIDER_CHOICES, Predictor
-from .signing import verify_key_path
+from ..errors import DataError
+from ..images import IMAGE_SUFFIXES, decode_image
+from ..runtime import PROVIDER_CHOICES, Predictor
+from ..signing import verify_key_path
 
 
 @dataclass(frozen=True)
