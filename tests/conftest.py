@@ -58,7 +58,7 @@ def digits_run_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def digits_model_path(digits_run_dir, tmp_path_factory) -> Path:
     """`ncguard export` of the digits run with its default score (etf), as one .onnx file."""
-    from export.cli import export_run
+    from export.run import export_run
 
     path, _ = export_run(str(digits_run_dir), str(tmp_path_factory.mktemp("digits-model") / "digits.onnx"))
     return path

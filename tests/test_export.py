@@ -17,7 +17,8 @@ import onnx
 import pytest
 import torch
 
-from export.cli import export_run, run_export
+from export.cli import run_export
+from export.run import export_run
 from export.parity import compare_scores
 from export.torch_export import check_parity, finish_graph, parity_inputs, torch_outputs, torch_to_onnx
 from ncguard.calibration import calibrate_threshold

@@ -5,7 +5,8 @@ import argparse
 import numpy as np
 import pytest
 
-from export.cli import export_run, run_export
+from export.cli import run_export
+from export.run import export_run
 from export.parity import compare_scores
 from ncguard.calibration import calibrate_threshold
 from ncguard.data import load_dataset

@@ -14,7 +14,7 @@ from ncguard.scores import Detector, SCORES, make_detector, one_layer
 from ncguard.scores.ddu import JITTER_LADDER, lift_small_eigenvalues
 from ncguard.scores.knn import default_k
 from ncguard.scores.vim import principal_dim
-from ncguard.stats import ClassStatistics
+from ncguard.stats import ClassStatistics, StatisticsBundle
 
 FEATURE_SCORES = sorted(name for name, cls in SCORES.items() if cls.uses_features)
 LOGIT_ONLY = sorted(name for name, cls in SCORES.items() if not cls.uses_features)
@@ -300,3 +300,37 @@ def test_ddu_lifts_round_off_variances_so_the_score_ignores_them():
     nudged[:, 3] += 1e-7  # float32-sized noise in the direction no class varies in
     np.testing.assert_allclose(detector.score(features=nudged), detector.score(features=queries), rtol=1e-6)
     np.testing.assert_array_equal(lift_small_eigenvalues(np.eye(3)), np.eye(3))  # a healthy covariance is untouched
+
+
+# ---------------------------------------------------------------------- the detector contract
+
+
+def test_a_single_score_follows_the_detector_contract(fitted):
+    """layers, the mapping and shorthand forms of score, calibrate from scores or features, is_ood, explain."""
+    stats, weight, bias, features, _ = fitted
+    detector = make_detector("vim").fit(one_layer(stats, weight, bias))
+    assert detector.layers == ("features", "logits") and detector.layer is None and detector.layer_ == "features"
+    logits = features @ weight.T + bias
+    scores = detector.score({"features": features, "logits": logits})
+    np.testing.assert_array_equal(scores, detector.score(features=features, logits=logits))
+    np.testing.assert_array_equal(detector.component_scores(features, logits)[:, 0], scores)
+    assert detector.component_names() == ["features:vim"]
+    threshold = detector.calibrate(scores, 0.9).threshold_
+    assert detector.calibrate({"features": features, "logits": logits}, 0.9).threshold_ == threshold
+    assert np.mean(detector.is_ood(features, logits)) <= 0.1 and detector.tpr_ == 0.9
+    assert set(detector.params()) == {"alpha_", "n_classes_", "origin_", "residual_basis_"}  # bookkeeping left out
+    with pytest.raises(ConfigError, match="calibrate"):
+        make_detector("etf").fit(stats).is_ood(features)
+    with pytest.raises(ConfigError, match="fit it first or name the layer"):
+        make_detector("etf").layers
+    assert make_detector("etf", layer="detection").layers == ("detection",) and make_detector("msp").layers == ("logits",)
+
+
+def test_the_classifier_reaches_only_the_layer_it_acts_on(fitted):
+    """A bundle's classifier acts on one layer; a score that needs it cannot read another one."""
+    stats, weight, bias, *_ = fitted
+    bundle = StatisticsBundle(layers={"detection": stats, "block1": stats}, weight=weight, bias=bias, classes=tuple("abcd"))
+    assert make_detector("vim").fit(bundle).layer_ == "detection"
+    with pytest.raises(ConfigError, match="cannot read layer 'block1'.*the classifier acts on 'detection'"):
+        make_detector("vim", layer="block1").fit(bundle)
+    assert make_detector("etf", layer="block1").fit(bundle).layer_ == "block1"

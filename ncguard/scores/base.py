@@ -85,7 +85,9 @@ def one_layer(stats: ClassStatistics, weight=None, bias=None, layer: str = ONE_L
     The shorthand for a model with one feature tensor (bring your own model, tests): the detector
     then reads `layer`, and `score(features=array)` means `score({layer: array})`.
     """
-    n_classes = int(check_statistics(stats, "any").means_.shape[0])
+    if not isinstance(stats, ClassStatistics) or not hasattr(stats, "means_"):
+        raise ConfigError("scores are fitted on finalized ClassStatistics (call fit or finalize first)")
+    n_classes = int(stats.means_.shape[0])
     return StatisticsBundle(
         layers={layer: stats}, weight=weight, bias=bias, classes=tuple(str(c) for c in range(n_classes)),
         meta={"classifier_layer": layer},
@@ -103,11 +105,11 @@ def classifier_layer(bundle: StatisticsBundle) -> str | None:
     return next(iter(bundle.layers)) if len(bundle.layers) == 1 else None
 
 
-def _as_bundle(statistics, layer: str | None = None) -> StatisticsBundle:
+def _as_bundle(statistics, layer: str | None = None, score: str = "fused") -> StatisticsBundle:
     """A bundle as is; a lone ClassStatistics as the one layer `layer` (default ONE_LAYER), no classifier."""
     if isinstance(statistics, StatisticsBundle):
         return statistics
-    return one_layer(statistics, layer=layer or ONE_LAYER)
+    return one_layer(check_statistics(statistics, score), layer=layer or ONE_LAYER)
 
 
 class Detector:
@@ -170,7 +172,7 @@ class Detector:
             return self
         if statistics is None:
             raise ConfigError(f"the {self.name!r} score is fitted on finalized ClassStatistics")
-        bundle = _as_bundle(statistics, self.layer)
+        bundle = _as_bundle(statistics, self.layer, self.name)
         layer = self.layer or classifier_layer(bundle)
         if layer is None:
             raise ConfigError(f"name the layer the {self.name!r} score reads: the statistics hold {', '.join(bundle.layers)} and no 'detection' layer")
