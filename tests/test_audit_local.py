@@ -173,8 +173,9 @@ def test_merged_aggregates_equal_one_pass(local_audit, sources, digits_model_pat
     ks = drift.ks_distance(expected.ood_score, reference.score_quantiles)
     assert d["score_ks"]["value"] - 1e-9 <= ks <= d["score_ks"]["upper_bound"] + 1e-9
     assert d["class_js"]["value"] == pytest.approx(drift.js_distance(drift.class_distribution(expected.class_index, 10), reference.class_priors), rel=1e-9)
+    # float32 features: ONNX Runtime's last bits depend on how rows are batched
     assert d["feature_mean_shift"]["value"] == pytest.approx(
-        drift.mean_shift(expected.features.mean(axis=0), reference.feature_mean, reference.feature_std), rel=1e-6
+        drift.mean_shift(expected.features.mean(axis=0), reference.feature_mean, reference.feature_std), rel=1e-5
     )
     histogram = summary["score_histogram"]
     bounds = np.asarray(histogram["upper_bounds"][:-1], dtype=np.float64)
@@ -253,7 +254,8 @@ def test_ctrl_c_leaves_finished_shards_and_resume_completes(digits_model_path, t
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--data", "no/such/file.npy"], "unknown audit source"),
+        (["--data", "no/such/file.npy"], "no such file or folder"),
+        (["--data", "cifar10"], "unknown audit source"),
         (["--data", "parquet:no/such.parquet#x"], "no such Parquet"),
         (["--data", "{bad_npy}"], "the model takes a batch"),
         (["--data", "parquet:{parquet}#nope"], "has no column 'nope'"),

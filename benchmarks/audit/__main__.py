@@ -5,13 +5,13 @@
 In one run, on the same synthetic .npy shards (digits rows plus uniform noise, 50,000 rows a file):
 - throughput at --rows, in --rounds interleaved rounds: a bare ONNX Runtime loop (the ceiling: read
   the same files, run one session with ncguard's options and default threads, discard the outputs),
-  the local engine with 2 threads, Ray with 1 and 2 workers (a local Ray started for the run), and a
+  the local engine with 2 worker processes and with 2 threads, Ray with 1 and 2 workers (a local Ray started for the run), and a
   closing bare loop. Each engine cell's ratio is against the mean of the bare loops just before and
   just after its round, so the shared machine's changing load hits both sides of a ratio alike; the
   table gives the median over rounds. Engines are timed end to end (start-up included) and in the
   steady state (from the first shard's start in any worker to the last shard written);
 - memory at each --memory-rows size: peak RSS of the driver and of the workers (the driver itself
-  for the local engine; the largest Ray actor for Ray), each cell in a fresh process.
+  for the thread pool; the largest worker process or Ray actor otherwise), each cell in a fresh process.
 Without --model, a digits model is trained (15 epochs) and exported first, as the tests do.
 Writes benchmarks/results/audit.{md,json}. Not a test. Heavy: run it with `nice` on a shared machine.
 """
@@ -173,6 +173,7 @@ def main() -> None:
     parser.add_argument("--model", help="an exported ncguard model; default: train and export a digits model first")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the throughput cells (default 1,000,000)")
     parser.add_argument("--memory-rows", default="100000,1000000", help="dataset sizes of the memory cells (default 100000,1000000)")
+    parser.add_argument("--describe", default="", help="how the --model file was made, for the report")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the throughput cells (default 2)")
     parser.add_argument("--smoke", action="store_true", help="a quick check: 20,000 throughput rows, one round, memory at 10,000 and 40,000")
     parser.add_argument("--out-dir", default=str(RESULTS))
@@ -196,7 +197,8 @@ def main() -> None:
         cells, bares = [], []
         for round_ in range(args.rounds):
             bares.append(cell("bare", model, datasets[args.rows], scratch, 1))
-            for kind, workers, label in (("local", 2, "local engine"), ("ray", 1, "Ray, 1 worker"), ("ray", 2, "Ray, 2 workers")):
+            for kind, workers, label in (("local", 2, "local engine (2 processes, the default)"), ("local-thread", 2, "local engine (2 threads, --local-pool thread)"),
+                                         ("ray", 1, "Ray, 1 worker"), ("ray", 2, "Ray, 2 workers")):
                 cells.append({**cell(kind, model, datasets[args.rows], scratch, workers), "label": label, "round": round_})
         bares.append(cell("bare", model, datasets[args.rows], scratch, 1))
         for entry in cells:
@@ -209,7 +211,7 @@ def main() -> None:
         memory = []
         for rows in sizes:
             print(f"memory at {rows:,} rows", flush=True)
-            for kind, workers, label in (("local", 2, "local engine, 2 threads"), ("ray", 2, "Ray, 2 workers")):
+            for kind, workers, label in (("local", 2, "local engine, 2 processes"), ("local-thread", 2, "local engine, 2 threads"), ("ray", 2, "Ray, 2 workers")):
                 reuse = next((r for r in throughput if r["kind"] == kind and r["workers"] == workers and r["rows"] == rows), None)
                 result = reuse or cell(kind, model, datasets[rows], scratch, workers)
                 memory.append({**result, "label": label})
@@ -217,7 +219,7 @@ def main() -> None:
             "args": " ".join(sys.argv[1:]) or "(defaults)",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-            "model": f"{meta.name} ({meta.score} score, input {list(shape)})" + ("" if args.model else ", digits, 15 epochs, trained for the run"),
+            "model": f"{meta.name} ({meta.score} score, input {list(shape)})" + (f", {args.describe}" if args.describe else "" if args.model else ", digits, 15 epochs, trained for the run"),
             "throughput": throughput,
             "cells": cells,
             "bare_runs": bares,

@@ -1,27 +1,41 @@
-"""The embedded engine: a small thread pool over one ONNX Runtime session, streaming shard by shard.
+"""The embedded engine: a small pool in this machine, streaming shard by shard, no extra service.
 
-Threads, not processes: ONNX Runtime, NumPy, image decoding and Parquet writing release the GIL, so
-`workers` threads each running the session with one intra-op thread keep `workers` cores busy
-without copying the model or the rows between processes. Concurrent `run` calls on one
-InferenceSession are thread-safe. At most 2 x workers shards are in flight, so memory stays
-bounded by the shard size whatever the dataset's size: the driver holds shard descriptions and
-the merged partial statistics, never the rows.
+Two pools run the same per-shard scoring:
+- `process` (default): `workers` worker processes (spawned, so nothing of the driver's state is
+  inherited), each with its own ONNX Runtime session of one intra-op thread, loaded once from the
+  model bytes. Each worker reads its shard, scores it, writes the shard's file itself and returns
+  only the partial statistics (a few KB). Processes, because the per-shard Python work (statistics,
+  the Arrow table; about a tenth of a shard's time with the digits model) holds the GIL, and on
+  busy shared cores a thread descheduled while holding it stalls the others; the benchmark
+  (benchmarks/results/audit.md) measures both pools. Spawned workers re-import the caller's main
+  module: from a script, call run_audit under `if __name__ == "__main__":` (the CLI does).
+- `thread`: `workers` threads sharing one session (concurrent `run` calls are thread-safe); one
+  process, no start-up, the model in memory once.
+At most 2 x workers shards are in flight, so memory stays bounded by the shard size whatever the
+dataset's size: the driver holds shard descriptions and merged partial statistics, never the rows.
+Ctrl-C: the driver stops submitting, workers finish the shard they are on (each file is written
+atomically), and finished shards stay for --resume.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures as futures
+import multiprocessing
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 from ..atomic import atomic_write
+from ..model_file import LoadedModel, load_model
 from ..runtime import Predictor
 from .partial import Binning, PartialStats
-from .scoring import ScoreOptions, score_shard
+from .scoring import ScoreOptions, predictor_from_bytes, score_shard
 from .sources import Shard
+
+POOLS = ("process", "thread")
 
 
 def write_table(path: Path, table) -> None:
@@ -35,41 +49,81 @@ def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+# ------------------------------------------------------------------------- worker-process side
+_WORKER: dict = {}
+
+
+def _init_worker(model_bytes: bytes, options: dict) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's: it stops the pool cleanly
+    predictor = predictor_from_bytes(model_bytes, threads=1)
+    _WORKER.update(predictor=predictor, binning=Binning.from_metadata(predictor.metadata), options=ScoreOptions(**options))
+
+
+def _score_in_worker(shard_json: str, path: str) -> tuple[str, dict]:
+    from .run import peak_rss_bytes
+
+    started = time.time()
+    table, partial = score_shard(Shard.from_json(shard_json), _WORKER["predictor"], _WORKER["binning"], _WORKER["options"])
+    write_table(Path(path), table)
+    return partial.to_json(), {"started": started, "pid": os.getpid(), "peak_rss": peak_rss_bytes(), "node": "local"}
+
+
 class LocalEngine:
     name = "local"
 
-    def __init__(self, model, *, workers: int | None = None, options: ScoreOptions = ScoreOptions()):
+    def __init__(self, model, *, workers: int | None = None, options: ScoreOptions = ScoreOptions(), pool: str = "process"):
         self.workers = int(workers or default_workers())
         self.options = options
-        self.predictor = Predictor(model, provider="cpu", threads=1)
-        self.binning = Binning.from_metadata(self.predictor.metadata)
+        self.pool = pool
+        self.model = model if isinstance(model, LoadedModel) else load_model(model)
+        self.binning = Binning.from_metadata(self.model.metadata)
+        self.predictor = Predictor(self.model, provider="cpu", threads=1) if pool == "thread" else None
+
+    def _executor(self):
+        if self.pool == "thread":
+            return futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="ncguard-audit")
+        return futures.ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker, initargs=(self.model.serialized, vars(self.options).copy()),
+        )
+
+    def _submit(self, executor, shard: Shard, path: Path):
+        if self.pool == "thread":
+            def work():
+                started = time.time()
+                table, partial = score_shard(shard, self.predictor, self.binning, self.options)
+                write_table(path, table)
+                return partial, {"started": started}
+
+            return executor.submit(work)
+        return executor.submit(_score_in_worker, shard.to_json(), str(path))
 
     def run(self, shards: Iterator[Shard], path_of: Callable[[Shard], Path], on_done: Callable[[Shard, PartialStats, dict], None]) -> None:
         """Score every shard, write its file, then call on_done(shard, partial, info) on this thread."""
 
-        def work(shard: Shard):
-            started = time.time()
-            table, partial = score_shard(shard, self.predictor, self.binning, self.options)
-            write_table(path_of(shard), table)
-            return shard, partial, {"started": started}
+        def finish(shard: Shard, future) -> None:
+            partial, info = future.result()
+            if isinstance(partial, str):
+                partial = PartialStats.from_json(partial, self.binning, self.options.time_bucket)
+            on_done(shard, partial, info)
 
-        pool = futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="ncguard-audit")
+        executor = self._executor()
         pending: collections.deque = collections.deque()
         try:
             for shard in shards:
-                pending.append(pool.submit(work, shard))
+                pending.append((shard, self._submit(executor, shard, path_of(shard))))
                 while len(pending) >= 2 * self.workers:
-                    on_done(*pending.popleft().result())
+                    finish(*pending.popleft())
             while pending:
-                on_done(*pending.popleft().result())
+                finish(*pending.popleft())
         except BaseException:
             # Ctrl-C or a failed shard: drop what has not started; shards being written finish
             # (their files appear whole) and finished ones stay for --resume.
-            for future in pending:
+            for _, future in pending:
                 future.cancel()
-            pool.shutdown(wait=True, cancel_futures=True)
+            executor.shutdown(wait=True, cancel_futures=True)
             raise
-        pool.shutdown(wait=True)
+        executor.shutdown(wait=True)
 
     def close(self) -> None:
         pass

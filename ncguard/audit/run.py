@@ -42,6 +42,7 @@ DRIFT_LIMITS = {"score_psi": 0.25, "score_ks": 0.20, "class_js": 0.20, "feature_
 @dataclass(frozen=True)
 class AuditOptions:
     engine: str = "local"
+    pool: str = "process"  # local engine: worker processes or threads (ncguard.audit.local)
     address: str | None = None
     workers: int | None = None
     features: bool = False
@@ -57,6 +58,8 @@ class AuditOptions:
     def validated(self) -> "AuditOptions":
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if self.pool not in ("process", "thread"):
+            raise ConfigError(f"unknown local pool {self.pool!r}; choose process or thread")
         if self.address and self.engine != "ray":
             raise ConfigError("--address names a Ray cluster; it needs --engine ray")
         if self.workers is not None and self.workers < 1:
@@ -119,7 +122,7 @@ def make_engine(model: LoadedModel, options: AuditOptions):
         return RayEngine(model, workers=options.workers, address=options.address, options=score)
     from .local import LocalEngine
 
-    return LocalEngine(model, workers=options.workers, options=score)
+    return LocalEngine(model, workers=options.workers, options=score, pool=options.pool)
 
 
 def run_audit(model_path, sources: list[str], out, options: AuditOptions = AuditOptions()) -> AuditResult:

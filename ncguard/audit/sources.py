@@ -122,6 +122,8 @@ def _classify(spec: str) -> tuple[str, str, str]:
 
     if _parse_builtin(spec) is not None:
         return "spec", spec, ""
+    if "/" in spec or os.sep in spec or path.suffix.lower() in (*ARRAY_SUFFIXES, *PARQUET_SUFFIXES, *IMAGE_SUFFIXES):
+        raise DataError(f"no such file or folder: {spec}")
     raise DataError(
         f"unknown audit source {spec!r}: expected a data SPEC ({', '.join(BUILTIN_NAMES)}), a .npy/.npz file, "
         "a folder of images or of .npy/.npz shards, or parquet:PATH#column"
