@@ -111,7 +111,7 @@ def bench_run(run_dir: str, repeats: int) -> dict:
     for label, session in sessions.items():
         variants[label] = lambda size, session=session: session.run(None, {INPUT_NAME: inputs[size]})
     # The score's head alone, fed the network's own features and logits: its cost without the network.
-    outputs = {size: torch_outputs(model, x, "detection") for size, x in inputs.items()}
+    outputs = {size: torch_outputs(model, x, ("detection",)) for size, x in inputs.items()}
     for name, detector in detectors.items():
         head = append_ood_head(head_graph(model), detector, {"detection": "features", "logits": "logits"})
         session = open_session(head.SerializeToString(), provider="cpu", threads=THREADS)

@@ -47,11 +47,7 @@ DETECTION_LAYER = "detection"
 
 def _extra_layers(layers) -> tuple[str, ...]:
     """The layers a score reads beyond what the network always outputs (logits, transfer features)."""
-    if layers is None:
-        return ()
-    if isinstance(layers, str):  # one layer name
-        layers = (layers,)
-    return tuple(layer for layer in dict.fromkeys(layers) if layer not in (LOGITS, TRANSFER_LAYER))
+    return tuple(layer for layer in dict.fromkeys(layers or ()) if layer not in (LOGITS, TRANSFER_LAYER))
 
 
 def network_tensors(layers) -> dict[str, str]:

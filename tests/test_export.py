@@ -46,7 +46,7 @@ def run(digits_run_dir):
 def network(run):
     """The trained network alone, exported once with its detection layer as an extra output."""
     model, _, _ = run
-    return torch_to_onnx(model, "detection")
+    return torch_to_onnx(model, ("detection",))
 
 
 @pytest.fixture(scope="module")
