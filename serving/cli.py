@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent  # the folder that holds the `serv
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of `ncguard serve` (ncguard/cli.py declares the same ones)."""
+    """The flags of `ncguard serve` (ncguard/cli registers the command; these are its flags)."""
     p.add_argument("model", help="exported .onnx model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=3000)

@@ -7,9 +7,8 @@ recomputed from the windows with the NumPy reference in ncguard.drift: in `obser
 service right after it by the monitor's own thread (DriftMonitor, background=True). Not at scrape
 time, because /metrics may be answered by any worker and reads only what each worker has written
 (multiprocess mode: see serving.metrics for how the workers' values are merged). The windows are
-NumPy ring buffers (serving.window), read back as views: with deques of rows
-(ncguard.drift.RollingWindow) rebuilding the 1000 x 256 feature window alone took about 1.3 ms
-per request.
+NumPy ring buffers (serving.window), read back as views: with deques of rows (the deque window
+ncguard once had) rebuilding the 1000 x 256 feature window alone took about 1.3 ms per request.
 Never imports torch.
 """
 

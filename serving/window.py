@@ -1,6 +1,6 @@
 """A rolling window held in one preallocated NumPy array, for the drift monitor's request path.
 
-ncguard.drift.RollingWindow keeps every value or row as its own Python object in a deque, so reading
+A deque window (what ncguard first had) keeps every value or row as its own Python object, so reading
 it back means rebuilding an array from up to `size` objects: for the default window of 1000
 transfer-feature rows of 256 values that took about 1.3 ms on every request, more than ONNX
 Runtime needs to score one input. Here a batch is copied into a ring buffer in place and the

@@ -127,7 +127,7 @@ def bench_predict_cli(model: Path, batches: list[int], *, calls: int, budget_s: 
     import subprocess
     import sys
 
-    from ncguard.predict_cli import format_table, gather_inputs, prediction_rows
+    from ncguard.cli.predict import format_table, gather_inputs, prediction_rows
     from ncguard.runtime import Predictor
 
     predictor = Predictor(model, provider="cpu")
