@@ -109,3 +109,82 @@ def test_study_size_is_seed_zero_and_the_variants_with_the_full_runs_flags():
     assert {s.name for s in study if s.role == "ablation"} == {s.name for s in full.values() if s.role == "ablation"}
     for spec in study:  # same names mean the same runs, so the two sizes can share a work folder
         assert train_flags(spec, BUDGETS["study"]) == train_flags(full[spec.name], BUDGETS["full"])
+
+
+def test_near_splits_hold_every_class_out_and_proxies_use_known_classes_only():
+    from benchmarks.quality.plan import BUDGETS, NEAR_SPLITS, PROXY_HELD_OUT, known_classes, model_specs
+
+    unseen = set()
+    for split, known in NEAR_SPLITS.items():
+        assert len(known) == 6 == len(set(known))
+        unseen |= set(range(10)) - set(known)
+        assert set(PROXY_HELD_OUT[split]) < set(known), "a proxy holds out known classes, never an unseen one"
+        assert set(known_classes("proxy", split)) == set(known) - set(PROXY_HELD_OUT[split])
+    assert unseen == set(range(10)), "every class is unseen in at least one split"
+    near = model_specs(BUDGETS["near"])
+    assert {s.task for s in near} == {"near", "proxy"}, "the near budget trains no 10-class model"
+    assert sorted(s.name for s in near if s.task == "near") == sorted(f"near-{k}-{h}-s0" for k in NEAR_SPLITS for h in ("etf", "plain"))
+    assert sorted(s.name for s in near if s.task == "proxy") == sorted(f"proxy-{k}-etf-s0" for k in NEAR_SPLITS)
+
+
+def test_near_training_sets_are_renumbered_known_classes(smoke_report):
+    from benchmarks.quality.plan import NEAR_SPLITS
+
+    train = load_dataset("fashion-mnist:train")
+    stored = np.load(smoke_report / "data" / "fmnist-near-b-train.npz")
+    assert list(stored["classes"]) == [train.classes[c] for c in NEAR_SPLITS["b"]]
+    assert set(np.unique(stored["y"])) <= set(range(6))
+
+
+def test_proxy_question_uses_only_the_proxys_held_out_known_classes():
+    from benchmarks.quality.plan import BUDGETS, PROXY_HELD_OUT, ModelSpec
+    from benchmarks.quality.select import proxy_inputs
+
+    train = load_dataset("fashion-mnist:train")
+    spec = ModelSpec("proxy-c-etf-s0", "etf", 0, task="proxy", split="c", role="proxy")
+    x = proxy_inputs(spec, BUDGETS["smoke"])
+    # every proxy-OOD image is a training image of one of the 2 held-out known classes
+    lookup = {img.tobytes(): label for img, label in zip(train.x[np.isin(train.y, PROXY_HELD_OUT["c"])], train.y[np.isin(train.y, PROXY_HELD_OUT["c"])])}
+    assert len(x) == BUDGETS["smoke"].ood_per_set and all(img.tobytes() in lookup for img in x)
+
+
+def test_choice_honours_the_block_weight_guard_and_prefers_cheap_ties():
+    from benchmarks.quality.select import Combination, choose, combinations
+
+    ddu, knn = ("detection", "ddu"), ("transfer", "knn")
+    metrics = {c.name: {"auroc": 0.5, "fpr95": 0.9} for c in combinations()}
+    metrics[Combination((knn,), 0.0).name] = {"auroc": 0.95, "fpr95": 0.2}  # best, but drops the blocks
+    metrics[Combination((knn,), 0.25).name] = {"auroc": 0.93, "fpr95": 0.3}
+    metrics[Combination((ddu, knn), 0.25).name] = {"auroc": 0.93, "fpr95": 0.3}  # a tie with more components
+    chosen, ranking = choose([metrics])
+    assert chosen == Combination((knn,), 0.25).name
+    assert choose([metrics], min_block_weight=0.0)[0] == Combination((knn,), 0.0).name
+    assert all(not name.startswith("blocks*0+") for name, _ in ranking)
+
+
+def test_near_models_meet_unseen_far_and_shifted_sets_and_the_default_combination_is_fused(smoke_report):
+    from benchmarks.quality.select import DEFAULT_COMBINATION, PROXY_OOD
+
+    result = json.loads((smoke_report / "results" / "near-b-etf-s0.json").read_text())
+    assert set(result["metrics"]["fused"]) == {"fmnist-held-out", *FAR_OOD, *COVARIATE_SHIFTS}
+    assert set(result["shift_accuracy"]) == set(COVARIATE_SHIFTS)
+    for name in ("ddu@transfer", "knn@transfer", "etf@block3", "mahalanobis@block1"):
+        assert name in result["metrics"], name  # every score on every layer
+    # the search space's copy of today's default is the shipped Fused score, computed independently
+    for set_name, fused in result["metrics"]["fused"].items():
+        combo = result["combinations"][DEFAULT_COMBINATION][set_name]
+        assert combo["auroc"] == pytest.approx(fused["auroc"], abs=1e-6) and combo["fpr95"] == pytest.approx(fused["fpr95"], abs=1e-6)
+    proxy = json.loads((smoke_report / "results" / "proxy-b-etf-s0.json").read_text())
+    assert DEFAULT_COMBINATION in proxy["proxy"] and proxy["n_proxy_ood"] > 0 and PROXY_OOD == "proxy-held-out"
+
+
+def test_near_report_has_a_table_per_split_and_the_choice(smoke_report):
+    report = smoke_report / "report"
+    text = (report / "near.md").read_text()
+    summary = json.loads((report / "near.json").read_text())
+    assert set(summary["splits"]) == {"a", "b"} and set(summary["selection"]) == {"a", "b", "pooled"}  # smoke: 2 splits
+    for split in "ab":
+        assert f"### Split {split}" in text
+        rows = summary["splits"][split]["rows"]
+        assert "ours, default fused" in rows and "ours, ID-only choice (this split's proxy)" in rows
+        assert summary["splits"][split]["oracle"]["fmnist-held-out"]["auroc_score"] in SCORES

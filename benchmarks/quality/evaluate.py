@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from ncguard.ood_metrics import ood_report
 from ncguard.scores import SCORES
 
 from .ood_sets import NEAR_OOD, far_ood_sets, shifted_sets
-from .plan import NEAR_OOD_KNOWN, Budget, ModelSpec
+from .select import combination_metrics
+from .plan import Budget, ModelSpec, known_classes
 
 LAYERS = ("block1", "block2", "block3", "transfer", "detection", "logits")
 BLOCKS = ("block1", "block2", "block3")
@@ -45,6 +47,9 @@ FUSED_CANDIDATES = (
     ("fused-blocks", BLOCK_MAHALANOBIS, "sum"),
 )
 CALIBRATION = "cal"  # the key of the run's held-out split in the feature cache
+# Feature scores that need no classifier, so they read any layer; the others (vim, nci, neco and the
+# logit scores) read the layer the classifier acts on.
+ANY_LAYER_SCORES = ("mahalanobis", "ddu", "knn", "etf")
 
 
 def layer_features(model, x: np.ndarray, desc: str) -> dict[str, np.ndarray]:
@@ -54,19 +59,28 @@ def layer_features(model, x: np.ndarray, desc: str) -> dict[str, np.ndarray]:
 
 
 def evaluation_inputs(spec: ModelSpec, budget: Budget) -> tuple[tuple[np.ndarray, np.ndarray], dict, dict]:
-    """((ID test x, y), {OOD set: x}, {shift: (x, y)}) for a model's task."""
+    """((ID test x, y), {OOD set: x}, {shift: (x, y)}) for a model's task.
+
+    A near-OOD model (6 known classes of a split) meets its split's 4 unseen classes
+    ("fmnist-held-out"), the far sets, and the covariate shifts of its known classes' test images
+    (labels renumbered as in training), so one run checks near and far OOD on the same model.
+    """
     test = load_dataset("fashion-mnist:test")
     rows = np.random.default_rng(1).permutation(len(test.y))
+    far = far_ood_sets(test, budget.ood_per_set)
     if spec.task == "near":
-        known = np.isin(test.y[rows], NEAR_OOD_KNOWN)
+        known_list = known_classes(spec.task, spec.split)
+        known = np.isin(test.y[rows], known_list)
         unseen = rows[~known][: budget.ood_per_set]
         rows = rows[known]
         remap = np.full(10, -1)
-        remap[list(NEAR_OOD_KNOWN)] = np.arange(len(NEAR_OOD_KNOWN))
+        remap[list(known_list)] = np.arange(len(known_list))
         id_rows = rows[: budget.id_test] if budget.id_test else rows
-        return (test.x[id_rows], remap[test.y[id_rows]]), {NEAR_OOD[0]: test.x[unseen]}, {}
+        known_test = test.subset(rows)
+        known_test = replace(known_test, y=remap[known_test.y])
+        shifts = shifted_sets(known_test, budget.ood_per_set)
+        return (test.x[id_rows], remap[test.y[id_rows]]), {NEAR_OOD[0]: test.x[unseen], **far}, shifts
     id_rows = rows[: budget.id_test] if budget.id_test else rows
-    far = far_ood_sets(test, budget.ood_per_set)
     shifts = shifted_sets(test, budget.ood_per_set)
     return (test.x[id_rows], test.y[id_rows]), far, shifts
 
@@ -111,10 +125,17 @@ def _scorers(bundle, calibration: dict[str, np.ndarray]):
             skipped[name] = str(exc)
             continue
         scorers[name] = _single(detector, layer)
+    # every score that reads features alone on every other layer ("every score on every layer")
     for layer in (*BLOCKS, "transfer"):
-        if layer in bundle.layers:
-            detector, _ = fit_detector("mahalanobis", bundle, layer)
-            scorers[f"mahalanobis@{layer}"] = _single(detector, layer)
+        if layer not in bundle.layers:
+            continue
+        for name in ANY_LAYER_SCORES:
+            try:
+                detector, _ = fit_detector(name, bundle, layer)
+            except NcguardError as exc:
+                skipped[f"{name}@{layer}"] = str(exc)
+                continue
+            scorers[f"{name}@{layer}"] = _single(detector, layer)
     for name, components, combine in FUSED_CANDIDATES:
         try:
             scorers[name] = _fused(bundle, calibration, components, combine)
@@ -130,6 +151,9 @@ def _single(detector, layer):
 def _fused(bundle, calibration, components, combine):
     from ncguard.scores.fused import Fused
 
+    if not hasattr(Fused, "fit_layers"):  # the restructured detectors: fit(statistics, held_out={layer: ..., "logits": ...})
+        detector = Fused(components=components, combine=combine).fit(bundle, held_out=calibration)
+        return lambda f: detector.score(f)
     detector = Fused(components=components, combine=combine).fit_layers(
         bundle.layers, bundle.weight, bundle.bias, "detection", {layer: calibration[layer] for layer in bundle.layers if layer in calibration}, calibration["logits"]
     )
@@ -225,12 +249,14 @@ def evaluate_run(spec: ModelSpec, run_dir: Path, budget: Budget) -> dict:
         "head": spec.head,
         "seed": spec.seed,
         "task": spec.task,
+        "split": spec.split,
         "role": spec.role,
         "settings": config["settings"],
         "id_accuracy": _accuracy(features["id"]["logits"], id_y),
         "n_id": int(len(id_y)),
         "shift_accuracy": {k: _accuracy(features[k]["logits"], y) for k, (_, y) in shifts.items()},
         "metrics": metrics,
+        "combinations": combination_metrics(bundle, calibration, features) if spec.task == "near" else None,
         "skipped_scores": skipped,
         "probe": probe_digits(model, budget.probe_folds) if spec.task == "full" else None,
         "training": _training_record(run_dir),

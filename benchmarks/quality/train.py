@@ -19,35 +19,45 @@ from ncguard.atomic import atomic_write
 from ncguard.data import load_dataset
 from ncguard.run_dir import RunFiles
 
-from .plan import NEAR_OOD_KNOWN, Budget, ModelSpec, model_specs, train_flags
+from .plan import Budget, ModelSpec, known_classes, model_specs, train_flags
 
 
 def training_sets(work: Path, budget: Budget) -> dict[str, str]:
-    """Data SPECs: {"full": all 10 classes, "near": the known 6}; subsets are .npz under `work`, written once.
+    """Data SPECs by ModelSpec.data_key: "full" (all 10 classes), "near-a" (split a's 6 known classes),
+    "proxy-a" (4 of them), ...; subsets are .npz under `work`, written once, labels renumbered 0..K-1
+    in the order of plan.known_classes.
 
     The full budget trains the 10-class models on the `fashion-mnist` SPEC itself: the command users run.
     """
-    paths = {"full": work / "data" / "fmnist-train.npz", "near": work / "data" / "fmnist-near6-train.npz"}
-    specs = {task: str(path) for task, path in paths.items()}
+    specs = {spec.data_key: spec for spec in model_specs(budget)}
+    specs.setdefault("full", ModelSpec("full", "etf", 0))  # the cost stage trains on it
+    paths = {key: work / "data" / _data_file(key) for key in specs}
+    out = {key: str(path) for key, path in paths.items()}
     if budget.train_limit is None:
-        specs["full"] = "fashion-mnist"
+        out["full"] = "fashion-mnist"
         del paths["full"]
-    if all(path.exists() for path in paths.values()):
-        return specs
+    missing = {key: path for key, path in paths.items() if not path.exists()}
+    if not missing:
+        return out
     train = load_dataset("fashion-mnist:train")
     rows = np.arange(len(train.y))
     if budget.train_limit is not None:
         rows = np.random.default_rng(0).permutation(rows)[: budget.train_limit]
-    known = np.isin(train.y[rows], NEAR_OOD_KNOWN)
-    subsets = {
-        "full": (train.x[rows], train.y[rows], train.classes),
-        "near": (train.x[rows][known], train.y[rows][known], tuple(train.classes[c] for c in NEAR_OOD_KNOWN)),
-    }
-    for task, (x, y, classes) in subsets.items():
-        if task not in paths:
-            continue
-        atomic_write(paths[task], lambda stream, x=x, y=y, classes=classes: np.savez(stream, x=x, y=y, classes=np.asarray(classes)))
-    return specs
+    x, y = train.x[rows], train.y[rows]
+    for key, path in missing.items():
+        spec = specs[key]
+        known = known_classes(spec.task, spec.split)
+        keep = np.isin(y, known)
+        remap = np.full(10, -1)
+        remap[list(known)] = np.arange(len(known))
+        classes = np.asarray([train.classes[c] for c in known])
+        atomic_write(path, lambda stream, x=x[keep], y=remap[y[keep]], classes=classes: np.savez(stream, x=x, y=y, classes=classes))
+    return out
+
+
+def _data_file(key: str) -> str:
+    # "fmnist-near6-train.npz" is the name the single near split (a) had before there were three
+    return {"full": "fmnist-train.npz", "near-a": "fmnist-near6-train.npz"}.get(key, f"fmnist-{key}-train.npz")
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -65,7 +75,7 @@ def train_all(work: Path, budget: Budget, only: set[str] | None = None) -> dict[
         run_dir = work / "runs" / spec.name
         if is_complete(run_dir):
             continue
-        timings[spec.name] = train_one(spec, budget, data[spec.task], run_dir)
+        timings[spec.name] = train_one(spec, budget, data[spec.data_key], run_dir)
     return timings
 
 

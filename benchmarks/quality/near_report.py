@@ -1,0 +1,208 @@
+"""The near-OOD page: per split, our scores against the plain model's per-split oracle, and the ID-only choice.
+
+Reads the per-model results of the near-OOD models (task "near": 6 known classes of a split of
+plan.NEAR_SPLITS) and of the proxies (task "proxy", benchmarks/quality/select.py); writes near.md
+and near.json. Seeds of one split and head are averaged (mean, and standard deviation when there
+are several). The baseline on each split is the quality report's oracle: the best standard score
+(ncguard.scores.SCORES, on the plain model's penultimate features or logits), chosen separately for
+AUROC and FPR95 on that split's unseen classes.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from ncguard.atomic import atomic_write
+from ncguard.scores import SCORES
+
+from .ood_sets import COVARIATE_SHIFTS, FAR_OOD, NEAR_OOD
+from .plan import NEAR_SPLITS, PROXY_HELD_OUT, Budget, known_classes
+from .report import OURS, PLAIN, _mean_sd, beats, oracle, row_table
+from .select import DEFAULT_COMBINATION, choose
+
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+HELD_OUT = NEAR_OOD[0]
+FAR_SETS = (*FAR_OOD, *COVARIATE_SHIFTS)
+
+
+def _names(classes) -> str:
+    return ", ".join(CLASSES[c] for c in classes)
+
+
+def _combo_table(results: list[dict], metric: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """row_table for the combinations of the search space ({combination: {set: (mean, sd)}})."""
+    return row_table([{"metrics": r["combinations"] or {}} for r in results], metric)
+
+
+def split_summary(split: str, near: list[dict], choices: dict[str, str]) -> dict:
+    """Everything the page says about one split: oracle, our rows, far-OOD check, every score."""
+    by_head = {head: [r for r in near if r["split"] == split and r["head"] == head] for head in (OURS, PLAIN)}
+    if not by_head[OURS] or not by_head[PLAIN]:
+        return {}
+    tables = {head: {m: row_table(rs, m) for m in ("auroc", "fpr95")} for head, rs in by_head.items()}
+    combos = {head: {m: _combo_table(rs, m) for m in ("auroc", "fpr95")} for head, rs in by_head.items()}
+    far_sets = [s for s in FAR_SETS if s in tables[PLAIN]["auroc"].get("ddu", {})]
+    best = oracle(tables[PLAIN]["auroc"], tables[PLAIN]["fpr95"], [HELD_OUT, *far_sets])
+    own_oracle = oracle(tables[OURS]["auroc"], tables[OURS]["fpr95"], [HELD_OUT])[HELD_OUT]
+
+    def row(head: str, name: str, kind: str) -> dict | None:
+        source = tables[head] if kind == "score" else combos[head]
+        if name not in source["auroc"] or HELD_OUT not in source["auroc"][name]:
+            return None
+        a, f = source["auroc"][name][HELD_OUT], source["fpr95"][name][HELD_OUT]
+        far = {s: (source["auroc"][name][s][0], source["fpr95"][name][s][0]) for s in far_sets if s in source["auroc"][name]}
+        far_beaten = {s: beats(*far[s], best[s]) for s in far}
+        return {
+            "head": head, "row": name, "auroc": a, "fpr95": f,
+            "beats_oracle": beats(a[0], f[0], best[HELD_OUT]),
+            "far_beaten": sum(far_beaten.values()), "far_sets": len(far),
+            "far_lost": [s for s, ok in far_beaten.items() if not ok],
+            "far_worst_auroc": min((v[0] for v in far.values()), default=float("nan")),
+        }
+
+    rows = {
+        "ours, default fused": row(OURS, "fused", "score"),
+        "plain, fused": row(PLAIN, "fused", "score"),
+    }
+    for label, name in choices.items():
+        if name:
+            rows[f"ours, {label}"] = row(OURS, name, "combo")
+    best_ours = max((r for r in tables[OURS]["auroc"] if HELD_OUT in tables[OURS]["auroc"][r]), key=lambda r: tables[OURS]["auroc"][r][HELD_OUT][0])
+    best_plain_any = max((r for r in tables[PLAIN]["auroc"] if HELD_OUT in tables[PLAIN]["auroc"][r]), key=lambda r: tables[PLAIN]["auroc"][r][HELD_OUT][0])
+    return {
+        "known": list(NEAR_SPLITS[split]),
+        "unseen": [c for c in range(10) if c not in NEAR_SPLITS[split]],
+        "models": {head: [r["model"] for r in rs] for head, rs in by_head.items()},
+        "seeds": {head: len(rs) for head, rs in by_head.items()},
+        "id_accuracy": {head: _mean_sd([r["id_accuracy"] for r in rs]) for head, rs in by_head.items()},
+        "oracle": best,
+        "ours_oracle": own_oracle,
+        "rows": {k: v for k, v in rows.items() if v},
+        "best_single_ours_by_auroc": {"row": best_ours, "auroc": tables[OURS]["auroc"][best_ours][HELD_OUT], "fpr95": tables[OURS]["fpr95"][best_ours][HELD_OUT]},
+        "best_any_plain_by_auroc": {"row": best_plain_any, "auroc": tables[PLAIN]["auroc"][best_plain_any][HELD_OUT], "fpr95": tables[PLAIN]["fpr95"][best_plain_any][HELD_OUT]},
+        "every_score": {head: {name: {"auroc": t["auroc"][name][HELD_OUT], "fpr95": tables[head]["fpr95"][name][HELD_OUT]} for name in t["auroc"] if HELD_OUT in t["auroc"][name]} for head, t in tables.items()},
+        "combinations": {head: {name: {"auroc": c["auroc"][name][HELD_OUT], "fpr95": c["fpr95"][name][HELD_OUT]} for name in c["auroc"] if HELD_OUT in c["auroc"][name]} for head, c in combos.items()},
+        "far_sets": far_sets,
+    }
+
+
+def write_near_report(work: Path, out: Path, budget: Budget) -> Path | None:
+    from .report import load_results
+
+    results = load_results(work)
+    near = [r for r in results if r["task"] == "near"]
+    proxies = {r["split"]: r for r in results if r["task"] == "proxy"}
+    if not near:
+        return None
+    splits = [s for s in NEAR_SPLITS if any(r["split"] == s for r in near)]
+    selection = {}
+    for split, proxy in proxies.items():
+        chosen, ranking = choose([proxy["proxy"]])
+        unguarded, _ = choose([proxy["proxy"]], min_block_weight=0.0)
+        default_rank = next((i for i, (name, _) in enumerate(ranking) if name == DEFAULT_COMBINATION), None)
+        selection[split] = {"chosen": chosen, "unguarded": unguarded, "top": ranking[:8], "default_rank": default_rank,
+                            "default_objective": dict(ranking).get(DEFAULT_COMBINATION), "candidates": len(ranking),
+                            "proxy_classes": list(known_classes("proxy", split)), "proxy_held_out": list(PROXY_HELD_OUT[split])}
+    pooled = pooled_unguarded = None
+    if proxies:
+        pooled, pooled_ranking = choose([p["proxy"] for p in proxies.values()])
+        pooled_unguarded, _ = choose([p["proxy"] for p in proxies.values()], min_block_weight=0.0)
+        selection["pooled"] = {"chosen": pooled, "unguarded": pooled_unguarded, "top": pooled_ranking[:8], "proxies": sorted(proxies)}
+    summaries = {}
+    for split in splits:
+        choices = {
+            "ID-only choice (this split's proxy)": selection.get(split, {}).get("chosen"),
+            "ID-only choice, unguarded (block weight may be 0)": selection.get(split, {}).get("unguarded"),
+            "ID-only choice pooled over all proxies": pooled,
+        }
+        summary = split_summary(split, near, choices)
+        if summary:
+            summaries[split] = summary
+    payload = {"budget": budget.name, "machine": f"{platform.machine()}, Python {platform.python_version()}", "splits": summaries, "selection": selection,
+               "trained": sorted(r["model"] for r in results if r["task"] in ("near", "proxy")),
+               "training": {r["model"]: r["training"] for r in results if r["task"] in ("near", "proxy")}}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "near.json", json.dumps(payload, indent=1, sort_keys=True, default=float))
+    atomic_write(out / "near.md", "\n".join(_markdown(payload, budget)) + "\n")
+    return out / "near.md"
+
+
+def _cell(mean_sd) -> str:
+    mean, sd = mean_sd
+    return f"{mean:.3f}" + (f" ± {sd:.3f}" if sd else "")
+
+
+def _markdown(payload: dict, budget: Budget) -> list[str]:
+    summaries, selection = payload["splits"], payload["selection"]
+    lines = [
+        f"# Near OOD: {len(summaries)} 6/4 class splits of Fashion-MNIST",
+        "",
+        f"Written by `python -m benchmarks.quality --size {budget.name}` ({payload['machine']}, 2 shared CPU cores). "
+        f"Models trained: {', '.join(payload['trained'])} (`ncguard train` defaults, {'default' if budget.epochs is None else budget.epochs} epochs, "
+        "`--head etf` is ours, `--head plain` the plain cross-entropy baseline). Seeds per split and head: "
+        + ", ".join(f"{s}: {v['seeds'][OURS]}/{v['seeds'][PLAIN]}" for s, v in summaries.items()) + ".",
+        "",
+        "## Splits",
+        "",
+        "| split | known (trained on) | unseen (near OOD) | ID-only proxy: trained on | proxy's held-out known classes |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for split in NEAR_SPLITS:
+        unseen = [c for c in range(10) if c not in NEAR_SPLITS[split]]
+        lines.append(f"| {split} | {_names(NEAR_SPLITS[split])} | {_names(unseen)} | {_names(known_classes('proxy', split))} | {_names(PROXY_HELD_OUT[split])} |")
+    lines += ["", "Why these splits: see `NEAR_SPLITS` in benchmarks/quality/plan.py (chosen from the class names only: every class is unseen at least once, "
+              "every split hides an upper-body garment whose look-alikes stay known, a shoe while another shoe stays known, and one class with no close look-alike).", ""]
+    lines += ["## Per split: our scores vs the plain model's per-split oracle (unseen classes)", "",
+              "Oracle: for each split separately, the best of the standard scores on the plain model (AUROC and FPR95 chosen separately, so it is optimistic). "
+              "**beats** = better on both metrics. Far: of the far-OOD and covariate-shift sets (scored against the same 6 known classes), on how many the row also beats the plain model's per-set oracle.", ""]
+    for split, s in summaries.items():
+        o = s["oracle"][HELD_OUT]
+        lines += [f"### Split {split}: unseen {_names(s['unseen'])}", "",
+                  f"ID accuracy (6 classes): ours {_cell(s['id_accuracy'][OURS])}, plain {_cell(s['id_accuracy'][PLAIN])}.", "",
+                  "| row | AUROC | FPR95 | beats the oracle | far sets beaten | far sets lost |", "| --- | ---: | ---: | --- | ---: | --- |",
+                  f"| plain, oracle of standard scores | {o['auroc']:.3f} ({o['auroc_score']}) | {o['fpr95']:.3f} ({o['fpr95_score']}) | | | |"]
+        oo = s["ours_oracle"]
+        lines.append(f"| ours, oracle of standard scores (for comparison only) | {oo['auroc']:.3f} ({oo['auroc_score']}) | {oo['fpr95']:.3f} ({oo['fpr95_score']}) | | | |")
+        for label, r in s["rows"].items():
+            name = f"{label} (`{r['row']}`)" if r["row"] not in ("fused",) else label
+            lines.append(f"| {name} | {_cell(r['auroc'])} | {_cell(r['fpr95'])} | {'**beats**' if r['beats_oracle'] else 'no'} | {r['far_beaten']}/{r['far_sets']} | {', '.join(r['far_lost']) or '-'} |")
+        b, p = s["best_single_ours_by_auroc"], s["best_any_plain_by_auroc"]
+        lines += ["", f"Best row of any kind by AUROC (picked with the unseen classes, so not a method): ours `{b['row']}` {_cell(b['auroc'])} / {_cell(b['fpr95'])}; "
+                  f"plain `{p['row']}` {_cell(p['auroc'])} / {_cell(p['fpr95'])}.", ""]
+    lines += ["## The ID-only choice of components", "",
+              "benchmarks/quality/select.py: a proxy model (our head, seed 0) trained on 4 of the split's 6 known classes; the other 2 known classes "
+              "(training images) play the unseen ones. Search space: the default's block components (Mahalanobis on block1 and block3) with weight "
+              "w in {0, 0.1, 0.25, 0.5, 1}, plus one or two semantic components (DDU, ETF, KNN, Mahalanobis on the detection or the transfer layer, "
+              "ViM on the detection layer) with weight 1, each standardized on held-out ID data; objective: (AUROC + 1 - FPR95) / 2 on the proxy; "
+              "guard fixed in advance: w >= 0.1 (the proxy cannot value the far-OOD components). `blocks*1+detection:ddu` is today's default `fused`.", ""]
+    for key, sel in selection.items():
+        title = f"Proxy of split {key}" if key != "pooled" else "Pooled over the proxies " + ", ".join(sel["proxies"]) + " (one combination for every split: the product-default candidate)"
+        lines += [f"### {title}", ""]
+        if key != "pooled":
+            lines += [f"Trained on {_names(sel['proxy_classes'])}; held out: {_names(sel['proxy_held_out'])}. "
+                      f"Chosen: `{sel['chosen']}`; unguarded: `{sel['unguarded']}`; the default ranks "
+                      + (f"{sel['default_rank'] + 1} of {sel['candidates']} (objective {sel['default_objective']:.4f})." if sel["default_rank"] is not None else "n/a."), ""]
+        else:
+            lines += [f"Chosen: `{sel['chosen']}`; unguarded: `{sel['unguarded']}`.", ""]
+        lines += ["| rank | combination | proxy objective |", "| ---: | --- | ---: |"]
+        lines += [f"| {i + 1} | `{name}` | {value:.4f} |" for i, (name, value) in enumerate(sel["top"])]
+        lines.append("")
+    lines += ["## Every score on every layer (unseen classes, AUROC / FPR95)", "",
+              "`NAME` is the score on the layer the classifier reads (ours: the detection layer z; plain: the penultimate features h, which are also its `transfer`); "
+              "`NAME@LAYER` the same score on another layer (block1-3: per-channel mean and std of a conv block); `fused*`: the multi-layer candidates of evaluate.py.", ""]
+    for split, s in summaries.items():
+        rows = sorted(set(s["every_score"][OURS]) | set(s["every_score"][PLAIN]), key=lambda r: (r not in SCORES, r))
+        lines += [f"### Split {split}", "", "| score | ours AUROC / FPR95 | plain AUROC / FPR95 |", "| --- | --- | --- |"]
+        for row in rows:
+            cells = []
+            for head in (OURS, PLAIN):
+                m = s["every_score"][head].get(row)
+                cells.append(f"{_cell(m['auroc'])} / {_cell(m['fpr95'])}" if m else "n/a")
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Every combination of the search space on every split and both heads is in near.json (`splits.*.combinations`).", ""]
+    return lines
