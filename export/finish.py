@@ -26,8 +26,8 @@ from export.parity import ParityResult, compare, compare_logits, compare_scores
 from export.score_graph import append_ood_head
 from ncguard.calibration import expected_calibration_error
 from ncguard.drift import reference_quantiles
-from ncguard.errors import DataError
-from ncguard.model_file import OUTPUT_NAMES, DriftReference, ModelMetadata, stamp
+from ncguard.errors import DataError, ModelError
+from ncguard.model_file import COMPONENTS_OUTPUT, OUTPUT_NAMES, DriftReference, ModelMetadata, stamp
 from ncguard.runtime import open_session, run_batched
 from ncguard.scores import LOGITS, Detector
 from ncguard.stats import StatisticsBundle
@@ -58,7 +58,8 @@ class ExportReport:
 
 
 def finish_contract(network: onnx.ModelProto, detector: Detector, tensors: Mapping[str, str]) -> onnx.ModelProto:
-    """Append softmax(logits / T) and the OOD score to a network with outputs `logits` and `features`.
+    """Append softmax(logits / T), the OOD score and its parts (`ood_components`) to a network with
+    outputs `logits` and `features`.
 
     `tensors` maps each layer the detector reads (`detector.layers`) to its tensor. The result
     has exactly the contract's outputs, in their order. `network` gains the softmax nodes (it is
@@ -75,9 +76,9 @@ def finish_contract(network: onnx.ModelProto, detector: Detector, tensors: Mappi
     probabilities.CopyFrom(logits_info)
     probabilities.name = "probabilities"
     graph.output.append(probabilities)
-    model = append_ood_head(network, detector, tensors, output="ood_score")
+    model = append_ood_head(network, detector, tensors, output="ood_score", components_output=COMPONENTS_OUTPUT)
     by_name = {o.name: o for o in model.graph.output}
-    ordered = [by_name[name] for name in OUTPUT_NAMES]
+    ordered = [by_name[name] for name in (*OUTPUT_NAMES, COMPONENTS_OUTPUT)]
     del model.graph.output[:]
     model.graph.output.extend(ordered)
     return model
@@ -137,13 +138,26 @@ def check_parity(session, detector: Detector, reference: Mapping[str, np.ndarray
     """The finished graph (ONNX Runtime) against the reference on inputs `x`: logits and labels, the
     `features` output, and the OOD score against the detector's NumPy formula on the reference's
     own features. `reference` holds "logits", "features" and every layer the detector reads."""
-    logits, features, ood_score = run_batched(session, x, ["logits", "features", "ood_score"])
+    logits, features, ood_score, components = run_batched(session, x, ["logits", "features", "ood_score", COMPONENTS_OUTPUT])
     width = sum(int(reference[layer].shape[1]) for layer in feature_layers(detector)) or None
-    return [
+    mapping = {layer: reference[layer] for layer in detector.layers}
+    results = [
         compare_logits(reference[LOGITS], logits),
         compare("the features", reference["features"], features),
-        compare_scores(detector.name, detector.score({layer: reference[layer] for layer in detector.layers}), ood_score, width=width),
+        compare_scores(detector.name, detector.score(mapping), ood_score, width=width),
     ]
+    names = detector.component_names()
+    if components.shape != (len(x), len(names)):
+        raise ModelError(f"parity check failed for the OOD components: shape {components.shape} from the graph, {(len(x), len(names))} expected")
+    if len(names) > 1:
+        # each part on its own score's scale ((z * sigma + mu) = the component's raw score), where
+        # its own tolerance applies; a single score's one part is the score, checked above
+        raw = detector.component_scores(mapping) * detector.sigma_ + detector.mu_
+        graph_raw = components.astype(np.float64) * detector.sigma_ + detector.mu_
+        for k, name in enumerate(names):
+            layer, score = name.split(":", 1)
+            results.append(compare_scores(score, raw[:, k], graph_raw[:, k], width=int(reference[layer].shape[1]) if layer in reference else None))
+    return results
 
 
 def finish_model(
@@ -219,6 +233,7 @@ def finish_model(
             **(extra or {}),
         },
         temperature=temperature,
+        ood_components=detector.component_names(),
     )
     report = ExportReport(detector.name, "+".join(layers) or None, detector.threshold_, providers, parity, temperature, calibration_error)
     return stamp(graph, metadata), report

@@ -63,8 +63,10 @@ def append_ood_head(
     features: str | None = None,
     logits: str | None = None,
     output: str = "ood_score",
+    components_output: str | None = "ood_components",
 ) -> onnx.ModelProto:
-    """A copy of `model` with a graph output `output` (float32 [N]) holding `detector`'s score.
+    """A copy of `model` with a graph output `output` (float32 [N]) holding `detector`'s score, and
+    `components_output` (float32 [N, K]) its parts (`Detector.component_scores`; None: no such output).
 
     `inputs` maps each layer the detector reads (`detector.layers`, "logits" among them) to an
     existing tensor of the graph (an input, output or intermediate); `features=` names the tensor of
@@ -91,8 +93,9 @@ def append_ood_head(
     model = copy.deepcopy(model)
     graph = model.graph
     known = all_names(graph)
-    if output in {o.name for o in graph.output} or output in known:
-        raise ModelError(f"the model already has a tensor named {output!r}; choose another output name")
+    for name in (output, components_output):
+        if name is not None and (name in {o.name for o in graph.output} or name in known):
+            raise ModelError(f"the model already has a tensor named {name!r}; choose another output name")
     types = _tensor_types(model)
     builder = GraphBuilder(graph, opset)
     matrices = {}
@@ -104,9 +107,15 @@ def append_ood_head(
         if tensor not in known:
             raise ModelError(f"the model has no tensor named {tensor!r} to read {what} from")
         matrices[layer] = _as_float_matrix(builder, tensor, types, what if layer == LOGITS else layer)
-    score = detector.build_graph(builder, matrices)
-    graph.node.append(helper.make_node("Identity", [score], [output], name=builder.fresh("output")))
-    value = helper.make_tensor_value_info(output, TensorProto.FLOAT, None)
-    value.type.tensor_type.shape.dim.append(_batch_dim(model, *tensors.values(), types=types))
-    graph.output.append(value)
+    score, components = detector.build_component_graph(builder, matrices)
+    batch = _batch_dim(model, *tensors.values(), types=types)
+    for tensor, name, width in ((score, output, None), (components, components_output, len(detector.component_names()))):
+        if name is None:
+            continue
+        graph.node.append(helper.make_node("Identity", [tensor], [name], name=builder.fresh("output")))
+        value = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+        value.type.tensor_type.shape.dim.append(copy.deepcopy(batch))
+        if width is not None:
+            value.type.tensor_type.shape.dim.add().dim_value = width
+        graph.output.append(value)
     return model

@@ -37,6 +37,9 @@ UNSEALED_KEYS = (CHECKSUM_KEY, SIGNATURE_KEY)  # the seals themselves are not pa
 SIGNATURE_DOMAIN = b"ncguard model signature v1\0"  # a signature over a model can never be mistaken for one over other bytes
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("logits", "probabilities", "ood_score", "features")
+# Each part of the OOD score, [N, K], named by ModelMetadata.ood_components (what drove a decision).
+# Optional when loading: files exported before it existed have no such output.
+COMPONENTS_OUTPUT = "ood_components"
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,8 @@ class ModelMetadata:
     # softmax temperature folded into `probabilities` (ncguard.temperature); files written before it
     # existed have none and load as 1.0, what their graphs compute
     temperature: float = 1.0
+    # "layer:score" of each column of the `ood_components` output (older files: none, no such output)
+    ood_components: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.classes:
@@ -95,7 +100,7 @@ class ModelMetadata:
 
     @classmethod
     def from_props(cls, props: dict[str, str]) -> "ModelMetadata":
-        missing = [k for k in cls.__dataclass_fields__ if PREFIX + k not in props and k not in ("run_id", "extra", "temperature")]
+        missing = [k for k in cls.__dataclass_fields__ if PREFIX + k not in props and k not in ("run_id", "extra", "temperature", "ood_components")]
         if missing:
             raise ModelError(
                 "not an ncguard model: metadata is missing " + ", ".join(PREFIX + k for k in missing)
@@ -164,6 +169,7 @@ _METADATA_TYPES = {
     "version": (lambda v: isinstance(v, str), "a string"),
     "extra": (lambda v: isinstance(v, dict), "an object"),
     "temperature": (lambda v: _number(v) and v > 0, "a positive number"),
+    "ood_components": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of component names (strings)"),
 }
 
 
@@ -288,4 +294,6 @@ def load_model(path: str | os.PathLike, *, verify_key=None) -> LoadedModel:
     missing = [name for name in OUTPUT_NAMES if name not in outputs]
     if missing:
         raise ModelError(f"{path} lacks the outputs {missing} (outputs: {outputs})")
+    if metadata.ood_components and COMPONENTS_OUTPUT not in outputs:
+        raise ModelError(f"{path} names OOD components in its metadata but has no {COMPONENTS_OUTPUT!r} output")
     return LoadedModel(proto=proto, metadata=metadata, serialized=data)

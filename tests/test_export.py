@@ -24,7 +24,7 @@ from export.torch_export import check_parity, finish_graph, parity_inputs, torch
 from ncguard.calibration import calibrate_threshold
 from ncguard.data import load_dataset
 from ncguard.errors import ConfigError, ModelError
-from ncguard.model_file import INPUT_NAME, OUTPUT_NAMES, load_model
+from ncguard.model_file import COMPONENTS_OUTPUT, INPUT_NAME, OUTPUT_NAMES, load_model
 from ncguard.ood_data import load_ood_dataset
 from ncguard.ood_metrics import auroc
 from ncguard.runtime import Predictor, open_session, run_batched
@@ -64,7 +64,7 @@ def test_the_file_meets_the_model_artifact_contract(digits_model_path, digits_ru
     onnx.checker.check_model(proto, full_check=True)
     assert proto.ir_version <= 10
     assert [i.name for i in proto.graph.input] == [INPUT_NAME]
-    assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES)
+    assert [o.name for o in proto.graph.output] == [*OUTPUT_NAMES, COMPONENTS_OUTPUT]
     batch_dims = [v.type.tensor_type.shape.dim[0] for v in [*proto.graph.input, *proto.graph.output]]
     assert all(d.dim_param and not d.dim_value for d in batch_dims)  # dynamic batch axis everywhere
     assert all(t.data_location != onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
@@ -88,6 +88,10 @@ def test_the_file_meets_the_model_artifact_contract(digits_model_path, digits_ru
     assert meta.drift_reference.score_quantiles[0] == pytest.approx(graph_scores.min())
     assert meta.drift_reference.score_quantiles[-1] == pytest.approx(graph_scores.max())
     assert np.mean(graph_scores <= meta.threshold) >= 0.95
+    # the score's parts are named in the metadata and come out of the graph beside it
+    assert meta.ood_components == detector.component_names()
+    components = Predictor(loaded).session.run([COMPONENTS_OUTPUT], {INPUT_NAME: calibration_x[:20].astype(np.float32)})[0]
+    assert components.shape == (20, len(meta.ood_components))
 
 
 @pytest.mark.parametrize("name", sorted(SCORES))

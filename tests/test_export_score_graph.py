@@ -139,7 +139,7 @@ def test_head_appends_to_a_foreign_classifier(name, opset):
     detector = make_detector(name).fit(one_layer(stats, weight, np.zeros(3)))
     wrapped = append_ood_head(model, detector, features="embedding", logits="class_logits")
     onnx.checker.check_model(wrapped, full_check=True)
-    assert [o.name for o in wrapped.graph.output] == ["class_logits", "probs", "ood_score"]
+    assert [o.name for o in wrapped.graph.output] == ["class_logits", "probs", "ood_score", "ood_components"]
     assert wrapped.graph.output[2].type.tensor_type.shape.dim[0].dim_param == "batch"
     session = ort.InferenceSession(wrapped.SerializeToString(), providers=["CPUExecutionProvider"])
     logits, score = session.run(["class_logits", "ood_score"], {"pixels": x})

@@ -53,9 +53,15 @@ def test_fused_graph_matches_reference(fitted_parts, components, combine, opset)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     for layers in (test_id, test_ood):
         feeds = {**{layer: x.astype(np.float32) for layer, x in layers.items()}, "logits": logits_of(layers).astype(np.float32)}
-        graph_scores = session.run(["ood_score"], feeds)[0]
+        graph_scores, graph_components = session.run(["ood_score", "ood_components"], feeds)
         assert graph_scores.dtype == np.float32 and graph_scores.shape == (len(feeds["logits"]),)
         reference = fused.score({layer: value.astype(np.float64) for layer, value in feeds.items()})
         width = sum(widths[layer] for layer in fused.layers if layer != "logits")
         result = compare_scores("fused", reference, graph_scores, width=width)
         assert result.worst_ratio < 0.1, result.describe()
+        # the parts: standardized components, in component_names order, that combine to the score
+        parts = fused.component_scores({layer: value.astype(np.float64) for layer, value in feeds.items()})
+        assert graph_components.shape == parts.shape == (len(feeds["logits"]), len(fused.component_names()))
+        np.testing.assert_allclose(graph_components, parts, rtol=1e-3, atol=1e-3 * (1 + np.abs(parts).max()))
+        combined = graph_components.sum(axis=1) if combine == "sum" else graph_components.max(axis=1)
+        np.testing.assert_allclose(combined, graph_scores, rtol=1e-5, atol=1e-4)

@@ -270,6 +270,15 @@ class Detector:
 
     # ------------------------------------------------------------------ ONNX
 
+    def build_component_graph(self, builder, inputs: Mapping[str, str]) -> tuple[str, str]:
+        """Append the score and its parts: (float32 [N] score, float32 [N, K] `component_scores`).
+
+        What the exported graph's `ood_score` and `ood_components` outputs hold, so a served
+        decision can say which part drove it. A single score is its own one part.
+        """
+        score = self.build_graph(builder, inputs)
+        return score, builder.node("Unsqueeze", [score, builder.axes(1)], "ood_components")
+
     def build_graph(self, builder, inputs: Mapping[str, str], scale: float = 1.0) -> str:
         """Append `scale` * this score to `builder`'s graph (ncguard.scores.graph.GraphBuilder).
 

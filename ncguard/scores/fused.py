@@ -219,28 +219,32 @@ class Fused(Detector):
     # ------------------------------------------------------------------ ONNX
 
     def build_graph(self, builder, inputs: Mapping[str, str], scale: float = 1.0) -> str:
-        """Each component with its own builder, combined as (s - mu) / sigma.
+        """The combined score alone (see `build_component_graph`, which also gives the parts)."""
+        score, _ = self.build_component_graph(builder, inputs, scale)
+        return score
 
-        For "sum" the standardization is folded into constants, so it costs no node per component:
-        sum_l (s_l - mu_l) / sigma_l = sum_l s_l / sigma_l - sum_l mu_l / sigma_l, and each component
-        takes its 1 / sigma_l as its graph's `scale` (Mahalanobis folds it into its precision).
+    def build_component_graph(self, builder, inputs: Mapping[str, str], scale: float = 1.0) -> tuple[str, str]:
+        """Each component with its own builder, standardized as (s - mu) / sigma into one [N, K]
+        tensor, then combined: (score [N], components [N, K]).
+
+        The standardization costs no node per component: each component takes its 1 / sigma_l as
+        its graph's `scale` (Mahalanobis folds it into its precision), the K scaled scores are
+        stacked, and one Sub takes mu_l / sigma_l off all of them; "sum" and "max" are then one
+        reduction over the stack.
         """
         self._require_fitted()
         missing = [layer for layer in self.layers if not inputs.get(layer)]
         if missing:
             raise ConfigError(f"the 'fused' score reads {', '.join(missing)}: name the tensor(s) that hold them")
-        parts = []
-        for (layer, score), detector, mu, sigma in zip(self.components_, self.detectors_, self.mu_, self.sigma_):
-            if self.combine == "sum":
-                parts.append(detector.build_graph(builder, inputs, scale=scale / float(sigma)))
-                continue
-            name = f"{layer}_{score}"
-            centred = builder.node("Sub", [detector.build_graph(builder, inputs), builder.constant(f"{name}_mu", float(mu))], f"{name}_centred")
-            parts.append(builder.node("Div", [centred, builder.constant(f"{name}_sigma", float(sigma))], f"{name}_z"))
-        if self.combine == "max":
-            return builder.scale(builder.node("Max", parts, "fused"), scale, hint="fused_scaled")
-        offset = -scale * float(np.sum(np.asarray(self.mu_, dtype=np.float64) / np.asarray(self.sigma_, dtype=np.float64)))
-        return builder.node("Sum", [*parts, builder.constant("fused_offset", [offset])], "fused")
+        mu, sigma = np.asarray(self.mu_, dtype=np.float64), np.asarray(self.sigma_, dtype=np.float64)
+        parts = [
+            builder.node("Unsqueeze", [detector.build_graph(builder, inputs, scale=scale / float(s)), builder.axes(1)], f"{layer}_{score}_scaled")
+            for (layer, score), detector, s in zip(self.components_, self.detectors_, sigma)
+        ]
+        stacked = builder.node("Concat", parts, "components_scaled", axis=1) if len(parts) > 1 else parts[0]
+        components = builder.node("Sub", [stacked, builder.constant("components_offset", scale * mu / sigma)], "ood_components")
+        reduce = "ReduceSum" if self.combine == "sum" else "ReduceMax"
+        return builder.reduce(reduce, components, 1, hint="fused"), components
 
     def params(self) -> dict[str, np.ndarray]:
         """The numeric learned arrays (mu_, sigma_); the components' own live in `detectors_`."""
