@@ -15,7 +15,13 @@ a model with the same contract as `ncguard export` (DESIGN.md section 3):
    model's confidence is calibrated even when the original's was not.
 
 The features are stored as the bundle's `transfer` layer: they are the model's transfer features
-(the `features` output the drift gauges watch) and the layer the score reads.
+(the `features` output the drift gauges watch), the layer the classifier acts on, and the layer a
+single score reads. `features` may name several tensors (`--features A,B,C`, early blocks first,
+the penultimate layer last): the ones before the last become layers "block1", "block2", ... (a
+feature map read through its per-channel mean and std, ncguard.pooling, as ncguard's own models
+give their convolutional blocks to the `fused` score), and the default score is then `fused`
+(ncguard.scores.defaults), whose default components read them as for a trained run: Mahalanobis
+on the first and the last block, DDU on the penultimate layer.
 
 Scores that combine features with the classifier (vim, nci) need its weight and bias. A foreign
 graph does not say which initializers those are, so they are recovered by least squares from the
@@ -36,8 +42,8 @@ import onnx
 from tqdm import tqdm
 
 from export.finish import TRANSFER_LAYER, ExportReport, finish_model
-from export.graph_reading import check_matrix
-from export.graph_surgery import InputTransform, Network, build_network
+from export.graph_reading import check_layer, check_matrix
+from export.graph_surgery import InputTransform, Network, build_network, feature_list, layer_names
 from export.parity import allowed_error
 from ncguard.calibration import DEFAULT_TPR, check_open_unit, split_for_calibration
 from ncguard.data import Dataset, iter_batches
@@ -45,7 +51,8 @@ from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import INPUT_NAME
 from ncguard.runtime import open_session
 from ncguard.scores import LOGITS, SCORE_NAMES, build_detector
-from ncguard.scores.defaults import FOREIGN, default_score
+from ncguard.pooling import channel_mean_std
+from ncguard.scores.defaults import FOREIGN, FOREIGN_MULTI, default_score
 from ncguard.stats import ClassStatistics, StatisticsBundle
 
 log = logging.getLogger("ncguard.fit")
@@ -98,6 +105,7 @@ class FitReport(ExportReport):
     classifier_recovered: bool = False
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    layers: dict[str, dict] = field(default_factory=dict)  # layer -> {"tensor", "width", "pooled"}
 
 
 def _run(session, names: list[str], x: np.ndarray) -> list[np.ndarray]:
@@ -107,19 +115,34 @@ def _run(session, names: list[str], x: np.ndarray) -> list[np.ndarray]:
         raise DataError(f"ONNX Runtime could not run the model on the data (shape {list(x.shape)}): {exc}") from None
 
 
-def _checked_batch(network: Network, session, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(logits [n, C], features [n, D]) for one chunk, after checking the raw tensors' shapes."""
-    names = ["logits", "features", Network.probe("logits"), Network.probe("features")]
-    logits, features, logits_shape, features_shape = _run(session, names, x)
+def layer_features(raw: np.ndarray, pooled: bool) -> np.ndarray:
+    """A layer's [n, D] features from its raw tensor: the per-channel statistics of a feature map
+    (the formula `Network.finished` writes as nodes), else the tensor flattened."""
+    return channel_mean_std(raw) if pooled else raw.reshape(len(raw), -1)
+
+
+def _checked_batch(network: Network, session, x: np.ndarray, kinds: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(logits [n, C], {layer: features [n, D]}) for one chunk, after checking the raw tensors' shapes.
+
+    `kinds` gathers each layer's (width, pooled) from the first chunk; later chunks must agree.
+    """
+    layers = list(network.feature_tensors)
+    logits, logits_shape, *raws = _run(session, ["logits", Network.probe("logits"), *map(Network.raw, layers)], x)
     check_matrix(network.logits_tensor, [int(d) for d in logits_shape], "--logits", rows=len(x))
-    check_matrix(network.features_tensor, [int(d) for d in features_shape], "--features", rows=len(x))
+    features = {}
+    for layer, raw in zip(layers, raws):
+        tensor = network.feature_tensors[layer]
+        width, pooled = check_layer(tensor, list(raw.shape), "--features", rows=len(x))
+        if kinds.setdefault(layer, (width, pooled)) != (width, pooled):
+            raise ModelError(f"--features {tensor!r} changed shape between batches (now {list(raw.shape)}); ncguard needs a fixed feature width")
+        features[layer] = layer_features(raw, pooled)
     return logits, features
 
 
-def _stream(network: Network, session, x: np.ndarray, index: np.ndarray, batch_size: int, desc: str):
+def _stream(network: Network, session, x: np.ndarray, index: np.ndarray, batch_size: int, desc: str, kinds: dict):
     batches = iter_batches(len(index), batch_size)
     for rows in tqdm(batches, total=math.ceil(len(index) / batch_size), desc=desc, unit="batch", leave=False, disable=None):
-        yield rows, *_checked_batch(network, session, x[index[rows]])
+        yield rows, *_checked_batch(network, session, x[index[rows]], kinds)
 
 
 def _check_classes(n_classes: int, data: Dataset, logits_tensor: str) -> None:
@@ -149,26 +172,30 @@ def _check_width(width: int, features_tensor: str) -> None:
         )
 
 
-def _fit_statistics(network, session, data, fit_index, *, batch_size, per_class_covariance, seed):
-    """(finalized ClassStatistics, finalized LinearReadout, fit accuracy), one streaming pass."""
+def _fit_statistics(network, session, data, fit_index, kinds, *, batch_size, per_class_covariance, seed):
+    """({layer: finalized ClassStatistics}, finalized LinearReadout on the last layer, fit accuracy), one
+    streaming pass."""
     stats = readout = None
+    last = next(reversed(network.feature_tensors))
     correct = 0
-    for rows, logits, features in _stream(network, session, data.x, fit_index, batch_size, "fitting class statistics"):
+    for rows, logits, features in _stream(network, session, data.x, fit_index, batch_size, "fitting class statistics", kinds):
         if stats is None:
             _check_classes(logits.shape[1], data, network.logits_tensor)
-            _check_width(features.shape[1], network.features_tensor)
-            stats = ClassStatistics(logits.shape[1], per_class_covariance=per_class_covariance, seed=seed)
+            for layer, values in features.items():
+                _check_width(values.shape[1], network.feature_tensors[layer])
+            stats = {layer: ClassStatistics(logits.shape[1], per_class_covariance=per_class_covariance, seed=seed) for layer in features}
             readout = LinearReadout()
         labels = data.y[fit_index[rows]]
-        stats.partial_fit(features, labels)
-        readout.partial_fit(features, logits)
+        for layer, values in features.items():
+            stats[layer].partial_fit(values, labels)
+        readout.partial_fit(features[last], logits)
         correct += int((logits.argmax(axis=1) == labels).sum())
-    return stats.finalize(), readout.finalize(), correct / len(fit_index)
+    return {layer: s.finalize() for layer, s in stats.items()}, readout.finalize(), correct / len(fit_index)
 
 
-def _gather(network, session, x: np.ndarray, batch_size: int, desc: str) -> tuple[np.ndarray, np.ndarray]:
-    parts = list(_stream(network, session, x, np.arange(len(x)), batch_size, desc))
-    return np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+def _gather(network, session, x: np.ndarray, batch_size: int, desc: str, kinds: dict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    parts = list(_stream(network, session, x, np.arange(len(x)), batch_size, desc, kinds))
+    return np.concatenate([p[1] for p in parts]), {layer: np.concatenate([p[2][layer] for p in parts]) for layer in network.feature_tensors}
 
 
 def _fit_score(score: str, bundle: StatisticsBundle, held_out: dict, readout_ratio: float, features_tensor: str):
@@ -195,7 +222,7 @@ def fit_existing_model(
     source: onnx.ModelProto,
     data: Dataset,
     *,
-    features: str,
+    features: str | list[str],
     logits: str | None = None,
     score: str | None = None,
     tpr: float = DEFAULT_TPR,
@@ -207,41 +234,53 @@ def fit_existing_model(
     name: str = "ncguard-model",
     source_label: str = "",
 ) -> tuple[onnx.ModelProto, FitReport]:
-    """The stamped ONNX model (not yet written) and what was fitted and checked (module docstring)."""
+    """The stamped ONNX model (not yet written) and what was fitted and checked (module docstring).
+
+    `features` is one tensor name, "A,B,C", or a list of names (early blocks first, the penultimate
+    layer last).
+    """
     tpr = check_open_unit(tpr, "--tpr")  # before the data pass, not after it
-    score = score or default_score(FOREIGN)
+    names = feature_list(features)
+    score = score or default_score(FOREIGN if len(names) == 1 else FOREIGN_MULTI)
     if score not in SCORE_NAMES:
         raise ConfigError(f"unknown score {score!r}; choose one of: {', '.join(SCORE_NAMES)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive integer, got {batch_size!r}")
     network = build_network(
-        source, features=features, logits=logits, input_shape=data.input_shape, transform=transform, data_name=data.name
+        source, features=dict(zip(layer_names(len(names), TRANSFER_LAYER), names)), logits=logits,
+        input_shape=data.input_shape, transform=transform, data_name=data.name,
     )
     fit_index, calibration_index = split_for_calibration(len(data), calibration_fraction, seed)
     session = open_session(network.model.SerializeToString(), provider=provider)
+    kinds: dict[str, tuple[int, bool]] = {}
     stats, readout, accuracy = _fit_statistics(
-        network, session, data, fit_index, batch_size=batch_size, per_class_covariance=score in ("ddu", "fused"), seed=seed
+        network, session, data, fit_index, kinds, batch_size=batch_size, per_class_covariance=score in ("ddu", "fused"), seed=seed
     )
     calibration_x = data.x[calibration_index]
-    held_out_logits, held_out_features = _gather(network, session, calibration_x, batch_size, "held-out logits")
-    readout_ratio = readout.worst_ratio(held_out_features, held_out_logits)
+    held_out_logits, held_out_features = _gather(network, session, calibration_x, batch_size, "held-out logits", kinds)
+    readout_ratio = readout.worst_ratio(held_out_features[TRANSFER_LAYER], held_out_logits)
     linear = readout_ratio <= 1.0
-    n_classes, width = stats.means_.shape
+    n_classes, width = stats[TRANSFER_LAYER].means_.shape
+    tensors = {layer: network.feature_tensors[layer] for layer in stats}
     bundle = StatisticsBundle(
-        layers={TRANSFER_LAYER: stats},
+        layers=stats,
         weight=readout.weight_ if linear else None,
         bias=readout.bias_ if linear else None,
         classes=tuple(str(c) for c in data.classes),
-        meta={"source_model": source_label, "features_tensor": network.features_tensor, "logits_tensor": network.logits_tensor},
+        meta={
+            "source_model": source_label, "features_tensor": network.features_tensor, "logits_tensor": network.logits_tensor,
+            "classifier_layer": TRANSFER_LAYER, **({"feature_tensors": tensors} if len(tensors) > 1 else {}),
+        },
     )
-    held_out = {TRANSFER_LAYER: held_out_features, LOGITS: held_out_logits}
+    held_out = {**held_out_features, LOGITS: held_out_logits}
     detector = _fit_score(score, bundle, held_out, readout_ratio, network.features_tensor)
     log.info("fitting score %s on %s", score, ", ".join(detector.layers))
+    finished, graph_tensors = network.finished(n_classes, kinds)
 
     def reference(x: np.ndarray) -> dict[str, np.ndarray]:
-        """The bare network's own outputs: what the finished graph must reproduce."""
-        out_logits, out_features = _gather(network, session, x, batch_size, "parity reference")
-        return {LOGITS: out_logits, "features": out_features, TRANSFER_LAYER: out_features}
+        """The bare network's own outputs, each layer read through NumPy: what the finished graph must reproduce."""
+        out_logits, out_features = _gather(network, session, x, batch_size, "parity reference", kinds)
+        return {LOGITS: out_logits, "features": out_features[TRANSFER_LAYER], **out_features}
 
     warnings = []
     chance = 1.0 / n_classes
@@ -251,10 +290,19 @@ def fit_existing_model(
             "classes are labelled in the model's output order and that --input-scale/--input-mean/--input-std match "
             "what the model expects"
         )
+    unread = [layer for layer in stats if layer not in detector.layers]
+    if unread:
+        warnings.append(
+            f"score {score} reads {', '.join(layer for layer in detector.layers if layer != LOGITS) or 'the logits'} only; "
+            f"the features of {', '.join(repr(tensors[layer]) for layer in unread)} go unused (--score fused reads them all)"
+        )
+    layers = {
+        layer: {"tensor": tensors[layer], "width": int(kinds[layer][0]), "pooled": bool(kinds[layer][1])} for layer in stats
+    }
     proto, report = finish_model(
-        network.finished(n_classes, width),
+        finished,
         detector,
-        {TRANSFER_LAYER: "features", LOGITS: "logits"},
+        {**{layer: graph_tensors[layer] for layer in detector.layers if layer != LOGITS}, LOGITS: "logits"},
         reference,
         bundle,
         calibration_x,
@@ -271,6 +319,7 @@ def fit_existing_model(
             "source_model": source_label,
             "source_sha256": source_digest(source),
             "features_tensor": network.features_tensor,
+            **({"feature_layers": layers} if len(layers) > 1 or kinds[TRANSFER_LAYER][1] else {}),
             "logits_tensor": network.logits_tensor,
             "input_transform": transform.as_dict(),
             "data": data.name,
@@ -283,5 +332,6 @@ def fit_existing_model(
         **{f.name: getattr(report, f.name) for f in fields(ExportReport)},
         n_classes=int(n_classes), width=int(width), n_fit=int(len(fit_index)), n_calibration=int(len(calibration_index)),
         fit_accuracy=float(accuracy), classifier_recovered=bool(linear), notes=list(network.notes), warnings=warnings,
+        layers=layers,
     )
     return proto, report

@@ -4,9 +4,11 @@ rewriting lives in export.graph_surgery.
 
 Flattening rule (documented for users): a tensor read as logits or features must have the batch
 axis first, and after it at most one axis longer than 1, e.g. [N, D], [N, D, 1, 1] (after global
-pooling) or [N, 1, D]; it is flattened to [N, D]. A feature map such as [N, 64, 7, 7] is refused:
-flattening it would give thousands of correlated pixels-by-channels coordinates in which class
-means and covariances mean little; pick the pooled tensor after it instead.
+pooling) or [N, 1, D]; it is flattened to [N, D]. A feature map is not flattened: that would give
+thousands of correlated pixels-by-channels coordinates in which class means and covariances mean
+little. Read as features, a feature map [N, C, H, W] or [N, C, L] is pooled to its per-channel mean
+and standard deviation, [N, 2C] (`ncguard.pooling.channel_mean_std`, the statistics ncguard's own
+models give the `fused` score for their convolutional blocks); logits must be [N, C].
 """
 
 from __future__ import annotations
@@ -146,6 +148,40 @@ def matrix_width(shape, *, rows: int | None = None) -> int | None:
     return int(np.prod(rest, dtype=np.int64)) if rest else 1
 
 
+MAP_RANKS = (3, 4)  # [N, C, L] and [N, C, H, W]: the feature maps read through their channel statistics
+
+
+def is_feature_map(shape, *, rows: int | None = None) -> bool:
+    """Whether a tensor of this shape is a feature map that a features layer pools per channel: 3 or 4
+    axes, the batch axis first (of `rows` entries when known), and more than one long axis after it."""
+    if shape is None or len(shape) not in MAP_RANKS:
+        return False
+    if rows is not None and isinstance(shape[0], int) and shape[0] != rows:
+        return False
+    long_axes = [d for d in shape[1:] if not (isinstance(d, int) and d == 1)]
+    return len(long_axes) > 1 and all(isinstance(d, int) for d in long_axes)
+
+
+def layer_width(shape, *, rows: int | None = None) -> tuple[int | None, bool]:
+    """(D, pooled) of a tensor read as a features layer: a feature map gives its per-channel mean and
+    std, D = 2C (pooled True); anything else must be [N, D] under the flattening rule (ValueError
+    saying why not). D is None when the shape does not tell it yet."""
+    if is_feature_map(shape, rows=rows):
+        return 2 * int(shape[1]), True
+    try:
+        return matrix_width(shape, rows=rows), False
+    except ValueError as exc:
+        raise ValueError(f"{exc}; feature maps are taken with {MAP_RANKS[0]} or {MAP_RANKS[1]} axes ([N, C, L], [N, C, H, W])") from None
+
+
+def check_layer(tensor: str, shape, flag: str, rows: int | None = None) -> tuple[int | None, bool]:
+    """`layer_width`, or ModelError naming the tensor and its shape."""
+    try:
+        return layer_width(shape, rows=rows)
+    except ValueError as exc:
+        raise ModelError(f"{flag} {tensor!r} has shape {format_shape(shape)}, which is neither [N, D] nor a feature map: {exc}") from None
+
+
 def check_matrix(tensor: str, shape, flag: str, rows: int | None = None) -> int | None:
     """The tensor's width under the flattening rule, or ModelError naming the tensor and its shape."""
     try:
@@ -164,11 +200,15 @@ class TensorInfo:
     shape: list | None
     op: str  # the producing node's op type, "input" or "initializer"
     node: str = ""
-    width: int | None = None  # D under the flattening rule, when known
-    usable: bool = False  # a float tensor that passes the flattening rule (as far as its shape is known)
+    width: int | None = None  # D as a features layer (2C for a pooled feature map), when known
+    usable: bool = False  # a float tensor fit can read as features (as far as its shape is known)
+    pooled: bool = False  # a feature map, read through its per-channel mean and std
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": self.shape, "op": self.op, "node": self.node, "width": self.width, "usable": self.usable}
+        return {
+            "name": self.name, "dtype": self.dtype, "shape": self.shape, "op": self.op, "node": self.node,
+            "width": self.width, "usable": self.usable, "pooled": self.pooled,
+        }
 
 
 @dataclass
@@ -181,6 +221,8 @@ class ModelDescription:
     tensors: list[TensorInfo]  # every float intermediate tensor, in graph order
     suggested_logits: str | None = None
     suggested_features: str | None = None
+    # several tensors for a multi-layer score: an early block, a late block, the penultimate layer
+    suggested_feature_set: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -193,11 +235,11 @@ def _tensor_info(name: str, types: dict, op: str, node: str = "") -> TensorInfo:
     shape = shape_of(type_proto)
     is_float = type_proto is not None and type_proto.tensor_type.elem_type in FLOAT_TYPES
     try:
-        width = matrix_width(shape)
+        width, pooled = layer_width(shape)
         usable = is_float and shape is not None and (width is not None or len(shape) >= 2)
     except ValueError:
-        width, usable = None, False
-    return TensorInfo(name, elem_type_name(type_proto), shape, op, node, width, usable)
+        width, usable, pooled = None, False, False
+    return TensorInfo(name, elem_type_name(type_proto), shape, op, node, width, usable, pooled)
 
 
 def logits_candidate(model: onnx.ModelProto, name: str | None = None) -> tuple[str, list[str]]:
@@ -286,4 +328,27 @@ def describe_model(model: onnx.ModelProto) -> ModelDescription:
     description.suggested_logits = logits
     description.notes += notes
     description.suggested_features = penultimate_tensor(model, logits)
+    description.suggested_feature_set = suggested_feature_set(description)
     return description
+
+
+# Ops whose output ends a convolutional block's step (activation, pooling, residual sum): the block
+# outputs worth reading; a bare Conv or BatchNorm output is an intermediate of the same step.
+BLOCK_OUTPUT_OPS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSwish", "HardSigmoid", "Gelu", "Tanh",
+                    "Mish", "Elu", "Selu", "MaxPool", "AveragePool", "LpPool", "Add", "Mul")
+
+
+def suggested_feature_set(description: ModelDescription) -> list[str]:
+    """[early block, late block, penultimate] for `--features A,B,C`, or [] without a penultimate tensor.
+
+    The shape of ncguard's own default `fused` score: the first and the last block output among the
+    feature maps (activation, pooling or residual outputs, in graph order; any feature map when no
+    such op made one), pooled per channel, and the penultimate layer. The first block sees pixel
+    statistics (noise, photos, contrast), the last one shapes, the penultimate layer the classes.
+    """
+    if not description.suggested_features:
+        return []
+    maps = [t for t in description.tensors if t.usable and t.pooled]
+    blocks = [t for t in maps if t.op in BLOCK_OUTPUT_OPS] or maps
+    chosen = list(dict.fromkeys(t.name for t in (blocks[:1] + blocks[-1:])))
+    return [*chosen, description.suggested_features] if chosen else []

@@ -2,10 +2,17 @@
 
 What a foreign graph needs before ncguard can finish it (export.finish): one input named `input`
 taking the readers' float32 [N, *shape] data (with the model's own scaling and dtype applied in
-the graph), and two outputs, `logits` [N, C] and `features` [N, D], taken from tensors the user
-names (a graph output, an intermediate tensor, or a node, meaning its first output) and flattened
-under export.graph_reading's rule. Everything is done with the onnx library: shape inference for
-shapes, helper nodes for the new edges.
+the graph), an output `logits` [N, C], and one named layer per features tensor the user names (a
+graph output, an intermediate tensor, or a node, meaning its first output). The last one named is
+the contract's `features` output; the layers before it (`--features A,B,C`: early blocks) are read
+by a multi-layer score.
+
+Two stages, so the NumPy side can check the graph: `build_network` exposes each features tensor as
+it is (cast to float32; `Network.raw`), and ncguard fit reads it through NumPy, flattened or, for a
+feature map, pooled per channel (ncguard.pooling); `Network.finished` then writes the same
+flattening or pooling as nodes, giving the detector one named [N, D] tensor per layer, and the
+parity check of export.finish holds the graph to the NumPy values. Everything is done with the onnx
+library: shape inference for shapes, helper nodes for the new edges.
 """
 
 from __future__ import annotations
@@ -18,15 +25,17 @@ import onnx
 from onnx import TensorProto, helper
 
 from export.graph_reading import (
-    FLOAT_TYPES, check_matrix, elem_type_name, format_shape, graph_inputs, logits_candidate, resolve_tensor, shape_of, subgraphs, tensor_names,
+    FLOAT_TYPES, check_layer, check_matrix, elem_type_name, format_shape, graph_inputs, logits_candidate, resolve_tensor, shape_of, subgraphs, tensor_names,
 )
 from export.score_graph import _tensor_types, default_opset
 from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import INPUT_NAME, OUTPUT_NAMES
+from ncguard.pooling import channel_mean_std_graph
 from ncguard.scores.graph import MIN_OPSET, GraphBuilder
 
 PREFIX = "ncguard_byom"
-PROBE_SUFFIX = "_shape"  # extra outputs holding the raw shapes of the logits and features tensors
+PROBE_SUFFIX = "_shape"  # extra output holding the raw shape of the logits tensor
+FEATURES_OUTPUT = "features"  # the contract's output: the last features layer
 
 
 # ---------------------------------------------------------------------- input transform
@@ -197,28 +206,78 @@ def check_input_shape(source_input: onnx.ValueInfoProto, input_shape: tuple[int,
 
 @dataclass
 class Network:
-    """The reshaped graph: input `input`, outputs `logits` and `features` (plus their raw-shape probes)."""
+    """The reshaped graph: input `input`, outputs `logits` (plus its raw-shape probe) and each features
+    layer's tensor as the model computes it (`raw`, float32, any shape)."""
 
     model: onnx.ModelProto
     source_input: str
     logits_tensor: str  # names in the original model
-    features_tensor: str
+    feature_tensors: dict[str, str]  # layer -> tensor in the original model, the `features` output's layer last
     notes: list[str] = field(default_factory=list)
     batch_dim: onnx.TensorShapeProto.Dimension | None = None
+
+    @property
+    def features_tensor(self) -> str:
+        """The original tensor behind the contract's `features` output (the last one named)."""
+        return next(reversed(self.feature_tensors.values()))
 
     @staticmethod
     def probe(name: str) -> str:
         return f"{PREFIX}/{name}{PROBE_SUFFIX}"
 
-    def finished(self, n_classes: int, width: int) -> onnx.ModelProto:
-        """A copy without the shape probes, with the outputs' widths declared and dead nodes pruned."""
+    @staticmethod
+    def raw(layer: str) -> str:
+        """The output holding layer `layer`'s tensor unflattened (float32)."""
+        return f"{PREFIX}/raw/{layer}"
+
+    def finished(self, n_classes: int, layers: dict[str, tuple[int, bool]]) -> tuple[onnx.ModelProto, dict[str, str]]:
+        """(a copy with outputs `logits` and `features` only, every layer's tensor) for export.finish.
+
+        `layers` holds each layer's (width, pooled), as read from the data: a layer is flattened to
+        [N, width], or pooled per channel (`ncguard.pooling.channel_mean_std_graph`) when pooled.
+        The last layer is also the `features` output. Probes go and dead nodes are pruned; the other
+        layers' tensors stay graph outputs so pruning keeps them for the detector, until
+        export.finish.finish_contract keeps exactly the contract's outputs.
+        """
         model = copy.deepcopy(self.model)
         graph = model.graph
-        outputs = [_matrix_value_info("logits", self.batch_dim, n_classes), _matrix_value_info("features", self.batch_dim, width)]
+        builder = GraphBuilder(graph, default_opset(model), prefix=PREFIX)
+        tensors = {}
+        for layer in self.feature_tensors:
+            _, pooled = layers[layer]
+            hint = f"layer/{layer}"
+            if pooled:
+                tensors[layer] = channel_mean_std_graph(builder, self.raw(layer), hint=hint)
+            else:
+                tensors[layer] = builder.node("Flatten", [self.raw(layer)], hint, axis=1)
+        last = next(reversed(self.feature_tensors))
+        graph.node.append(helper.make_node("Identity", [tensors[last]], [FEATURES_OUTPUT], name=builder.fresh("features_node")))
+        tensors[last] = FEATURES_OUTPUT
+        outputs = [
+            _matrix_value_info("logits", self.batch_dim, n_classes),
+            _matrix_value_info(FEATURES_OUTPUT, self.batch_dim, layers[last][0]),
+            *(_matrix_value_info(tensors[layer], self.batch_dim, layers[layer][0]) for layer in self.feature_tensors if layer != last),
+        ]
         del graph.output[:]
         graph.output.extend(outputs)
         prune(graph)
-        return model
+        return model, tensors
+
+
+def feature_list(features) -> list[str]:
+    """`--features`: one name, "A,B,C", or a sequence of names -> the list (ConfigError if empty or repeated)."""
+    names = [part.strip() for part in features.split(",")] if isinstance(features, str) else [str(f).strip() for f in features]
+    if not names or not all(names):
+        raise ConfigError(f"--features needs tensor names, separated by commas (e.g. relu,max_pool2d,relu_1), got {features!r}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"--features names {', '.join(repeated)} more than once")
+    return names
+
+
+def layer_names(count: int, last: str) -> list[str]:
+    """Layer names for `count` features tensors: "block1", "block2", ... then `last` (the `features` output)."""
+    return [*(f"block{i}" for i in range(1, count)), last]
 
 
 def _checked_opset(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
@@ -239,19 +298,20 @@ def _checked_opset(model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
 def build_network(
     model: onnx.ModelProto,
     *,
-    features: str,
+    features: dict[str, str],
     logits: str | None,
     input_shape: tuple[int, ...],
     transform: InputTransform,
     data_name: str = "data",
 ) -> Network:
-    """The model reshaped to the contract's input and the two outputs the finishing steps need.
+    """The model reshaped to the contract's input, `logits`, and the raw tensor of each features layer.
 
-    The original input becomes an internal tensor fed from `input` through `transform`; names
-    that collide with the contract's (`input`, `logits`, ...) are renamed first, so a model that
-    already uses them keeps working. The raw shapes of the two tensors are extra outputs (probes)
-    so the first batch can check them against the flattening rule even where shape inference
-    could not tell.
+    `features` maps layer names to the tensors (or nodes) the user named, the `features` output's
+    layer last. The original input becomes an internal tensor fed from `input` through `transform`;
+    names that collide with the contract's (`input`, `logits`, ...) are renamed first, so a model
+    that already uses them keeps working. The raw shape of the logits is an extra output (a probe)
+    so the first batch can check it against the flattening rule even where shape inference could
+    not tell; the layers' raw tensors show their own shapes.
     """
     notes: list[str] = []
     model = _checked_opset(copy.deepcopy(model), notes)
@@ -265,15 +325,16 @@ def build_network(
     source = inputs[0]
     transform.check(tuple(input_shape))
     check_input_shape(source, tuple(input_shape), data_name)
-    features_tensor = resolve_tensor(model, features, "--features")
+    feature_tensors = {layer: resolve_tensor(model, name, "--features") for layer, name in features.items()}
     logits_tensor, logit_notes = logits_candidate(model, logits)
     notes += logit_notes
     types = _tensor_types(model)
     elems = {}
-    for contract_name, flag, tensor in (("features", "--features", features_tensor), ("logits", "--logits", logits_tensor)):
-        check_matrix(tensor, shape_of(types.get(tensor)), flag)
-        elems[contract_name] = types[tensor].tensor_type.elem_type if tensor in types else TensorProto.UNDEFINED
-        if elems[contract_name] not in (*FLOAT_TYPES, TensorProto.UNDEFINED):
+    for key, flag, tensor in (*((layer, "--features", t) for layer, t in feature_tensors.items()), ("logits", "--logits", logits_tensor)):
+        shape = shape_of(types.get(tensor))
+        check_matrix(tensor, shape, flag) if key == "logits" else check_layer(tensor, shape, flag)
+        elems[key] = types[tensor].tensor_type.elem_type if tensor in types else TensorProto.UNDEFINED
+        if elems[key] not in (*FLOAT_TYPES, TensorProto.UNDEFINED):
             raise ModelError(f"{flag} {tensor!r} holds {elem_type_name(types[tensor])} values, not floats")
 
     taken = tensor_names(graph)
@@ -284,7 +345,6 @@ def build_network(
             _rename(graph, name, new)
             renamed[name] = new
     source_name = renamed.get(source.name, source.name)
-    features_name = renamed.get(features_tensor, features_tensor)
     logits_name = renamed.get(logits_tensor, logits_tensor)
 
     source_elem = source.type.tensor_type.elem_type
@@ -305,12 +365,18 @@ def build_network(
     graph.node.extend(original_nodes)
 
     del graph.output[:]
-    for contract_name, tensor in (("logits", logits_name), ("features", features_name)):
-        cast = elems[contract_name] != TensorProto.FLOAT  # also when inference could not tell the type
-        value = builder.node("Cast", [tensor], f"{contract_name}_float", to=TensorProto.FLOAT) if cast else tensor
-        graph.node.append(helper.make_node("Flatten", [value], [contract_name], axis=1, name=builder.fresh(f"{contract_name}_node")))
-        graph.output.append(_matrix_value_info(contract_name, batch, None))
-        probe = Network.probe(contract_name)
-        graph.node.append(helper.make_node("Shape", [tensor], [probe], name=builder.fresh(f"{contract_name}_shape_node")))
-        graph.output.append(helper.make_tensor_value_info(probe, TensorProto.INT64, [None]))
-    return Network(model, source.name, logits_tensor, features_tensor, notes, batch)
+
+    def as_float(key: str, tensor: str) -> str:
+        cast = elems[key] != TensorProto.FLOAT  # also when inference could not tell the type
+        return builder.node("Cast", [tensor], f"{key}_float", to=TensorProto.FLOAT) if cast else tensor
+
+    graph.node.append(helper.make_node("Flatten", [as_float("logits", logits_name)], ["logits"], axis=1, name=builder.fresh("logits_node")))
+    graph.output.append(_matrix_value_info("logits", batch, None))
+    probe = Network.probe("logits")
+    graph.node.append(helper.make_node("Shape", [logits_name], [probe], name=builder.fresh("logits_shape_node")))
+    graph.output.append(helper.make_tensor_value_info(probe, TensorProto.INT64, [None]))
+    for layer, tensor in feature_tensors.items():
+        value = as_float(layer, renamed.get(tensor, tensor))
+        graph.node.append(helper.make_node("Identity", [value], [Network.raw(layer)], name=builder.fresh(f"{layer}_raw_node")))
+        graph.output.append(helper.make_tensor_value_info(Network.raw(layer), TensorProto.FLOAT, None))
+    return Network(model, source.name, logits_tensor, feature_tensors, notes, batch)

@@ -23,7 +23,7 @@ from export.parity import compare_scores
 from ncguard.calibration import calibrate_threshold, split_for_calibration
 from ncguard.cli import main
 from ncguard.data import load_dataset
-from ncguard.model_file import INPUT_NAME, OUTPUT_NAMES, load_model
+from ncguard.model_file import COMPONENTS_OUTPUT, INPUT_NAME, OUTPUT_NAMES, load_model
 from ncguard.runtime import Predictor
 from ncguard.scores import build_detector
 from ncguard.stats import ClassStatistics, StatisticsBundle
@@ -118,13 +118,91 @@ def wrapped(plain, tmp_path_factory):
     return out, result
 
 
+MULTI_FEATURES = ("relu", "max_pool2d", "relu_1")  # an early block [N, 16, 8, 8], a late one [N, 16, 4, 4], the penultimate layer
+
+
+@pytest.fixture(scope="module")
+def wrapped_multi(plain, tmp_path_factory):
+    """`ncguard fit plain.onnx --features relu,max_pool2d,relu_1 --data digits --out multi.onnx`, torch blocked."""
+    _, source = plain
+    out = tmp_path_factory.mktemp("multi") / "multi.onnx"
+    result = run_blocked_cli("fit", str(source), "--features", ",".join(MULTI_FEATURES), "--data", "digits", "--out", str(out), "--provider", "cpu")
+    assert result.returncode == 0, result.stderr
+    return out, result
+
+
+def torch_layers(model: PlainClassifier, x: np.ndarray) -> dict[str, np.ndarray]:
+    """The three tensors as torch computes them, feature maps pooled by plain NumPy (float64, two-pass
+    mean and std): a reference independent of ncguard.pooling's one-pass formula."""
+    with torch.no_grad():
+        relu = torch.relu(model.conv(torch.from_numpy(x)))
+        pooled = torch.nn.functional.max_pool2d(relu, 2)
+        penultimate = model.penultimate(torch.from_numpy(x))
+
+    def mean_std(maps):
+        flat = maps.numpy().astype(np.float64).reshape(len(maps), maps.shape[1], -1)
+        return np.concatenate([flat.mean(axis=2), flat.std(axis=2)], axis=1)
+
+    return {"block1": mean_std(relu), "block2": mean_std(pooled), "transfer": penultimate.numpy().astype(np.float64)}
+
+
+def test_multi_layer_fit_defaults_to_fused_on_pooled_blocks(wrapped_multi):
+    path, result = wrapped_multi
+    meta = load_model(path).metadata
+    assert meta.score == "fused"  # ncguard.scores.defaults: foreign-multi
+    assert meta.ood_components == ["block1:mahalanobis", "block2:mahalanobis", "transfer:ddu"]
+    layers = meta.extra["feature_layers"]
+    assert layers == {
+        "block1": {"tensor": "relu", "width": 32, "pooled": True},
+        "block2": {"tensor": "max_pool2d", "width": 32, "pooled": True},
+        "transfer": {"tensor": "relu_1", "width": 48, "pooled": False},
+    }
+    assert meta.extra["features_tensor"] == "relu_1" and meta.extra["score_layer"] == ["block1", "block2", "transfer"]
+    assert "per-channel mean and std" in result.stdout and "parity: the 'fused' OOD score" in result.stdout
+    assert len(meta.drift_reference.feature_mean) == 48  # the `features` output is still the penultimate layer
+
+
+def test_multi_layer_scores_and_threshold_match_the_numpy_reference_on_torch_features(plain, wrapped_multi, digits):
+    """In-graph pooling and the fused graph against a fused detector fitted on torch's own tensors."""
+    model, _ = plain
+    path, _ = wrapped_multi
+    train, test = digits
+    train_layers, test_layers = torch_layers(model, train.x), torch_layers(model, test.x)
+    fit_index, calibration_index = split_for_calibration(len(train), 0.1, 0)
+    stats = {layer: ClassStatistics(10, seed=0).fit(values[fit_index], train.y[fit_index]) for layer, values in train_layers.items()}
+    bundle = StatisticsBundle(stats, classes=train.classes, meta={"classifier_layer": "transfer"})
+    held_out = {layer: values[calibration_index] for layer, values in train_layers.items()}
+    detector = build_detector("fused", bundle).fit(bundle, held_out)
+
+    predictor = Predictor(path, provider="cpu")
+    result = predictor.predict(test.x)
+    features, = ort_outputs(path, test.x, INPUT_NAME, ["features"])
+    np.testing.assert_allclose(features, test_layers["transfer"], rtol=1e-5, atol=1e-5)
+    compare_scores("fused", detector.score(test_layers), result.ood_score)  # raises outside the float32 tolerance
+    threshold = calibrate_threshold(detector.score(held_out), 0.95)
+    assert predictor.metadata.threshold == pytest.approx(threshold, rel=1e-3, abs=1e-3)
+
+
+def test_multi_layer_model_flags_ood_inputs(wrapped_multi, digits):
+    from ncguard.ood_data import load_ood_dataset
+    from ncguard.ood_metrics import auroc
+
+    path, _ = wrapped_multi
+    _, test = digits
+    predictor = Predictor(path, provider="cpu")
+    id_scores = predictor.predict(test.x).ood_score
+    for spec in ("noise:uniform", "inverted:digits:test"):
+        ood_scores = predictor.predict(load_ood_dataset(spec, test).x).ood_score
+        assert auroc(id_scores, ood_scores) > 0.9, spec
+
+
 def test_fit_writes_a_model_with_the_export_contract(wrapped):
     path, result = wrapped
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # one self-contained file
     loaded = load_model(path)  # checksum and metadata verified
     graph = loaded.proto.graph
     assert [i.name for i in graph.input] == [INPUT_NAME]
-    assert [o.name for o in graph.output] == list(OUTPUT_NAMES)
+    assert [o.name for o in graph.output] == [*OUTPUT_NAMES, COMPONENTS_OUTPUT]
     meta = loaded.metadata
     assert meta.classes == [str(c) for c in range(10)]
     assert meta.input_shape == [1, 8, 8] and meta.input_scale == 16.0
@@ -208,10 +286,13 @@ def test_inspect_lists_the_penultimate_tensor_and_suggests_it(plain, capsys):
     assert document["suggested_features"] == "relu_1"
     by_name = {t["name"]: t for t in document["candidates"]}
     assert by_name["relu_1"]["shape"][1:] == [48] and by_name["relu_1"]["op"] == "Relu"
-    assert "max_pool2d" not in by_name  # a feature map [N, 16, 4, 4] is not a candidate
-    assert main(["inspect", str(source), "--all"]) == 0
+    # a feature map [N, 16, 4, 4] is a candidate read through its per-channel mean and std: 2 x 16 wide
+    assert by_name["max_pool2d"]["pooled"] and by_name["max_pool2d"]["width"] == 32 and not by_name["relu_1"]["pooled"]
+    # the multi-layer set: the first block output (relu, 8x8), the last (max_pool2d, 4x4), the penultimate layer
+    assert document["suggested_feature_set"] == ["relu", "max_pool2d", "relu_1"]
+    assert main(["inspect", str(source)]) == 0
     table = capsys.readouterr().out
-    assert "max_pool2d" in table and "suggested --features" in table
+    assert "32 (pooled)" in table and "--features relu,max_pool2d,relu_1" in table and "suggested set #2" in table
 
 
 def fit_cli(capsys, *argv) -> tuple[int, str]:
@@ -227,8 +308,11 @@ def test_fit_errors_name_the_problem(plain, tmp_path, capsys):
     code, err = fit_cli(capsys, *base, "--features", "relu1")
     assert code == 2 and "no tensor or node of that name" in err and "relu_1" in err  # close names suggested
 
-    code, err = fit_cli(capsys, *base, "--features", "max_pool2d")
-    assert code == 2 and "which is not [N, D]" in err and "max_pool2d" in err
+    code, err = fit_cli(capsys, *base, "--features", "relu_1,relu_1")
+    assert code == 2 and "names relu_1 more than once" in err
+
+    code, err = fit_cli(capsys, *base, "--features", "relu,,relu_1")
+    assert code == 2 and "--features needs tensor names" in err
 
     code, err = fit_cli(capsys, *base, "--features", "node_relu_1", "--logits", "nothing_like_it")
     assert code == 2 and "--logits 'nothing_like_it'" in err
@@ -308,7 +392,7 @@ def test_contract_names_already_in_the_model_are_renamed_not_clobbered(digits_we
     train, test = digits
     source = linear_graph(digits_weight, input_name="input", hidden_name="features", output_name="logits")
     proto, report = fit_graph(source, train, features="features", score="mahalanobis")
-    assert [o.name for o in proto.graph.output] == list(OUTPUT_NAMES)
+    assert [o.name for o in proto.graph.output] == [*OUTPUT_NAMES, COMPONENTS_OUTPUT]
     (original,) = run_graph(source, test.x, "input", ["logits"])
     logits, features = run_graph(proto, test.x, INPUT_NAME, ["logits", "features"])
     np.testing.assert_allclose(logits, original, rtol=1e-6, atol=1e-6)
@@ -418,6 +502,32 @@ def test_flattening_rule_refuses_feature_maps_and_missing_batch_axes(shape, rows
 
     with pytest.raises(ValueError, match=reason):
         matrix_width(shape, rows=rows)
+
+
+@pytest.mark.parametrize("shape, expected", [
+    (["N", 64, 7, 7], (128, True)), (["N", 8, 30], (16, True)), (["N", 512, 1, 1], (512, False)), (["N", 1, 7], (7, False)),
+])
+def test_features_layers_pool_feature_maps_and_flatten_the_rest(shape, expected):
+    from export.graph_reading import layer_width
+
+    assert layer_width(shape) == expected
+
+
+@pytest.mark.parametrize("shape, rows, reason", [
+    (["N", 2, 3, 4, 5], None, "feature maps are taken with 3 or 4 axes"),
+    ([1, 64, 7, 7], 10, "not the batch axis"),
+])
+def test_features_layers_refuse_other_shapes(shape, rows, reason):
+    from export.graph_reading import layer_width
+
+    with pytest.raises(ValueError, match=reason):
+        layer_width(shape, rows=rows)
+
+
+def test_a_foreign_model_read_at_several_tensors_defaults_to_fused():
+    from ncguard.scores.defaults import FOREIGN, FOREIGN_MULTI, default_score
+
+    assert default_score(FOREIGN) == "knn" and default_score(FOREIGN_MULTI) == "fused"
 
 
 def test_linear_readout_recovers_an_affine_classifier_and_rejects_a_curved_one():

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ncguard import pooling
 from ncguard.errors import ConfigError, DataError
 
 from .backbones import Backbone, build_backbone
@@ -62,18 +63,10 @@ def normalization_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def channel_mean_std(maps: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] -> [N, 2C]: per-channel mean, then per-channel (population) standard deviation.
-
-    One pass over [N, C, H*W], var = E[x^2] - E[x]^2 (clamped at 0 against round-off): in ONNX Runtime
-    this was the cheapest form measured (about half the cost of the centred two-pass form at batch 64;
-    reducing the 4-d maps over (2, 3) directly was up to 2x slower with two threads), and these
-    statistics are most of what the multi-layer score costs in the served graph. Block outputs are
-    post-ReLU values of order 1, so float32 loses nothing that matters here.
-    """
-    flat = maps.flatten(2)
-    mean = flat.mean(dim=2)
-    variance = (flat * flat).mean(dim=2) - mean * mean
-    return torch.cat([mean, variance.clamp_min(0.0).sqrt()], dim=1)
+    """[N, C, H, W] -> [N, 2C]: per-channel mean and (population) standard deviation, by the core's
+    one formula (`ncguard.pooling.channel_mean_std`, run on torch tensors): `ncguard fit` pools a
+    foreign model's feature maps with the same lines, so both kinds of model read blocks alike."""
+    return pooling.channel_mean_std(maps, torch)
 
 
 class DualHeadModel(nn.Module):

@@ -1,4 +1,4 @@
-"""`ncguard fit EXISTING.onnx --features NAME --data SPEC --out MODEL.onnx`: bring your own model.
+"""`ncguard fit EXISTING.onnx --features NAME[,NAME...] --data SPEC --out MODEL.onnx`: bring your own model.
 
 Adds the OOD score, the threshold and the drift reference to a classifier you already have, without
 retraining, and writes a model with the same contract as `ncguard export`, so `ncguard serve`,
@@ -11,6 +11,10 @@ expects something else, say how to get there from [0, 1]; the graph then does it
 e.g. `--input-scale 255` for a model trained on raw 0-255 pixels (uint8 inputs are rounded and
 clipped), or `--input-mean 0.485,0.456,0.406 --input-std 0.229,0.224,0.225` for ImageNet-style
 normalization done outside the model.
+
+Several --features tensors (early blocks first, the penultimate layer last) give a multi-layer
+score, `fused` by default (ncguard.scores.defaults): feature maps are read through their per-channel
+mean and std, as ncguard's own models give their blocks to it.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from ..errors import ConfigError
 from ..model_file import load_model, save_model, sign_model
 from ..signing import fingerprint, load_private_key
 from ..runtime import PROVIDER_CHOICES, check_provider
-from ..scores import SCORES
-from ..scores.defaults import FOREIGN, default_score
+from ..scores import SCORE_NAMES
+from ..scores.defaults import FOREIGN, FOREIGN_MULTI, default_score
 
 
 
@@ -44,12 +48,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     score = default_score(FOREIGN)
 
     p.add_argument("model", help="the existing ONNX classifier (nothing of ncguard inside)")
-    p.add_argument("--features", required=True, metavar="NAME",
-                   help="tensor or node whose output holds the features, e.g. the penultimate layer (see `ncguard inspect`)")
+    p.add_argument("--features", required=True, metavar="NAME[,NAME...]",
+                   help="tensor or node whose output holds the features, e.g. the penultimate layer; or several, comma-separated, "
+                        "early blocks first and the penultimate layer last (feature maps are pooled per channel; default score "
+                        f"then {default_score(FOREIGN_MULTI)}). `ncguard inspect` suggests both")
     p.add_argument("--data", required=True, metavar="SPEC", help="labelled in-distribution data, classes in the model's output order")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--logits", default=None, metavar="NAME", help="tensor or node holding the logits (default: the model's logits-like output)")
-    p.add_argument("--score", default=score, help=f"OOD score (default {score}); one of " + ", ".join(sorted(SCORES)))
+    p.add_argument("--score", default=None,
+                   help=f"OOD score (default {score} for one --features tensor, {default_score(FOREIGN_MULTI)} for several); one of "
+                        + ", ".join(SCORE_NAMES))
     p.add_argument("--tpr", type=float, default=DEFAULT_TPR, help="fraction of held-out in-distribution inputs the threshold keeps")
     p.add_argument("--input-scale", type=float, default=1.0, metavar="FACTOR",
                    help="the model takes FACTOR times the readers' [0, 1] pixels (e.g. 255)")
@@ -67,6 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from export.byom import fit_existing_model
+    from export.finish import TRANSFER_LAYER
     from export.graph_reading import load_onnx
     from export.graph_surgery import InputTransform
 
@@ -104,10 +113,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"wrote {path}: {report.n_classes} classes, {report.width} features from {args.features!r}")
+    print(f"wrote {path}: {report.n_classes} classes, {report.width} features from {report.layers[TRANSFER_LAYER]['tensor']!r}")
+    for layer, info in report.layers.items():
+        if len(report.layers) > 1 or info["pooled"]:
+            how = "per-channel mean and std of the feature map" if info["pooled"] else "flattened"
+            print(f"  layer {layer}: {info['tensor']!r}, {info['width']} features ({how})")
     print(f"fitted on {report.n_fit} inputs of {data.name} (model accuracy on them {report.fit_accuracy:.2%}); "
           f"threshold {report.threshold:.6g} keeps {args.tpr:.0%} of {report.n_calibration} held-out inputs")
-    print(f"score {report.score} on {'the features' if report.layer else 'the logits'}; "
+    print(f"score {report.score} on {'layer ' + report.layer.replace('+', ', ') if report.layer else 'the logits'}; "
           f"classifier {'recovered (vim, nci available)' if report.classifier_recovered else 'not affine in the features'}; "
           f"checked on ONNX Runtime provider {report.providers[0]}")
     for line in report.describe():

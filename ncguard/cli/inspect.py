@@ -5,7 +5,10 @@ tensors that are [N, D] under the flattening rule of export.graph_reading (batch
 most one longer axis after it, e.g. [N, 512] or [N, 512, 1, 1]). `--all` lists every float
 tensor with its shape instead (feature maps included, marked unusable). The suggested `--logits`
 is the model's logits-like output (the input of a final Softmax), and the suggested `--features`
-the tensor feeding the final linear layer. Shapes come from ONNX shape inference. Torch-free.
+the tensor feeding the final linear layer. Feature maps ([N, C, H, W], [N, C, L]) are candidates
+too, read through their per-channel mean and std (width 2C): the suggested multi-layer set is an
+early block, a late block and the penultimate layer (export.graph_reading.suggested_feature_set),
+for `--features A,B,C` and the `fused` score. Shapes come from ONNX shape inference. Torch-free.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def format_description(description, *, show_all: bool = False) -> str:
             marks.append("suggested --logits")
         if name == description.suggested_features:
             marks.append("suggested --features")
+        if name in description.suggested_feature_set:
+            marks.append(f"suggested set #{description.suggested_feature_set.index(name) + 1}")
         return "<- " + ", ".join(marks) if marks else ""
 
     lines = [f"opset {description.opset}, IR version {description.ir_version}" + (f", made by {description.producer}" if description.producer else "")]
@@ -38,16 +43,22 @@ def format_description(description, *, show_all: bool = False) -> str:
     lines.append("outputs:")
     lines.append(_table([[t.name, t.dtype, format_shape(t.shape), t.op, mark(t.name)] for t in description.outputs]))
     tensors = description.tensors if show_all else description.candidates
-    title = "float tensors (every one; 'no' = not [N, D] after flattening)" if show_all else "candidate feature tensors ([N, D] after flattening; --all lists every float tensor)"
+    title = ("float tensors (every one; 'no' = neither [N, D] after flattening nor a feature map)" if show_all else
+             "candidate feature tensors ([N, D] after flattening, or a feature map pooled to its per-channel mean and std; "
+             "--all lists every float tensor)")
     lines.append(f"{title}:")
     if tensors:
         rows = [["name", "shape", "width", "op", "node", *(["usable"] if show_all else []), ""]]
         for t in tensors:
             usable = ["yes" if t.usable else "no"] if show_all else []
-            rows.append([t.name, format_shape(t.shape), "?" if t.width is None else str(t.width), t.op, t.node, *usable, mark(t.name)])
+            width = ("?" if t.width is None else str(t.width)) + (" (pooled)" if t.pooled else "")
+            rows.append([t.name, format_shape(t.shape), width, t.op, t.node, *usable, mark(t.name)])
         lines.append(_table(rows))
     else:
         lines.append("  (none found by shape inference; `ncguard fit` still checks the tensor you name when it runs)")
+    if description.suggested_feature_set:
+        lines.append(f"suggested multi-layer set (early block, late block, penultimate; score fused): "
+                     f"--features {','.join(description.suggested_feature_set)}")
     for note in description.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -76,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             "candidates": [t.as_dict() for t in tensors],
             "suggested_logits": description.suggested_logits,
             "suggested_features": description.suggested_features,
+            "suggested_feature_set": description.suggested_feature_set,
             "notes": description.notes,
         }, indent=2))
     else:

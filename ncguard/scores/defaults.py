@@ -19,15 +19,19 @@ Why each entry:
   best on digits, 0.987-0.997, but miss noise, <= 0.80). Digits (tiny CNN, 3 seeds; noise, inverted
   digits, 4 classes held out of training): knn 0.989, ddu 0.991, vim 0.966. Unlike ddu it needs no
   per-class covariance (C x D x D floats in memory and in the graph), so it scales to many classes.
+- foreign-multi -> "fused": given blocks as well as the penultimate layer, the foreign model gets the
+  trained models' default, block statistics beside the class-level score (see
+  benchmarks/results/quality.md, bring-your-own rows, for the measured comparison with knn).
 """
 
 from __future__ import annotations
 
 from ..errors import ConfigError
 
-FOREIGN = "foreign"  # a classifier ncguard did not train (ncguard fit)
+FOREIGN = "foreign"  # a classifier ncguard did not train (ncguard fit), read at one tensor
+FOREIGN_MULTI = "foreign-multi"  # the same, read at several tensors (ncguard fit --features A,B,C)
 
-DEFAULT_SCORES = {"etf": "fused", "plain": "fused", "l2": "ddu", FOREIGN: "knn"}
+DEFAULT_SCORES = {"etf": "fused", "plain": "fused", "l2": "ddu", FOREIGN: "knn", FOREIGN_MULTI: "fused"}
 
 
 def default_score(head: str | None) -> str:
