@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError, DataError, ModelError
-from .model_file import INPUT_NAME, OUTPUT_NAMES, LoadedModel, load_model
+from .model_file import COMPONENTS_OUTPUT, INPUT_NAME, OUTPUT_NAMES, LoadedModel, load_model
 
 log = logging.getLogger("ncguard.runtime")
 
@@ -62,6 +62,9 @@ class Predictions:
     confidence: np.ndarray  # [N] probability of the predicted class
     is_ood: np.ndarray  # [N] bool: score above the calibrated threshold
     finite: np.ndarray  # [N] bool: every output of the row is finite (see Predictor.predict)
+    # [N] index into Predictor.component_names of the part of the score that is largest, i.e. what
+    # drove the decision (fused: the most unusual standardized component); 0 for a single score
+    driver: np.ndarray | None = None
 
 
 def session_options(threads: int | None = None):
@@ -122,6 +125,10 @@ class Predictor:
         self.metadata = self.model.metadata
         self.session = open_session(self.model.serialized, provider=provider, threads=threads)
         self.providers_ = self.session.get_providers()
+        # files exported before the ood_components output have one part: the score itself
+        has_parts = bool(self.metadata.ood_components)
+        self._outputs = (*OUTPUT_NAMES, COMPONENTS_OUTPUT) if has_parts else OUTPUT_NAMES
+        self.component_names = list(self.metadata.ood_components) if has_parts else [self.metadata.score]
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -154,7 +161,9 @@ class Predictor:
         and otherwise they are marked in `Predictions.finite` for the caller to refuse one by one."""
         x = self.check_input(x)
         with np.errstate(invalid="ignore", over="ignore"):
-            logits, probabilities, ood_score, features = run_batched(self.session, x, OUTPUT_NAMES, batch_size)
+            outputs = run_batched(self.session, x, self._outputs, batch_size)
+        logits, probabilities, ood_score, features = outputs[:4]
+        driver = outputs[4].argmax(axis=1) if len(outputs) > 4 else np.zeros(len(x), dtype=np.int64)
         finite = np.isfinite(logits).all(axis=1) & np.isfinite(probabilities).all(axis=1) & np.isfinite(ood_score) & np.isfinite(features).all(axis=1)
         if strict and not finite.all():
             raise DataError(overflow_message(np.flatnonzero(~finite)), reason="overflow")
@@ -168,6 +177,7 @@ class Predictor:
             confidence=probabilities[np.arange(len(x)), class_index],
             is_ood=ood_score > self.metadata.threshold,
             finite=finite,
+            driver=driver,
         )
 
 

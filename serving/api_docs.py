@@ -17,7 +17,7 @@ client reads, so `client.predict(inputs=[...])` posts `{"inputs": [...]}` to /pr
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 import pydantic
 
@@ -40,6 +40,10 @@ class Prediction(pydantic.BaseModel):
     confidence: float = pydantic.Field(description="the predicted class's probability")
     ood_score: float = pydantic.Field(description="out-of-distribution score; higher is more unusual")
     is_ood: bool = pydantic.Field(description="whether the score is above the model's threshold")
+    ood_driver: Optional[str] = pydantic.Field(
+        description="for an OOD decision, the part of the score that drove it, as layer:score (for the default model, "
+        "block1/block3 = the input looks different at the pixel level, detection = it looks like no known class); null otherwise"
+    )
 
 
 class PredictResponse(pydantic.BaseModel):

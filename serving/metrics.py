@@ -95,6 +95,13 @@ class ModelMetrics:
         self.ood = prometheus_client.Counter(
             "ncguard_ood", "Inputs whose OOD score is above the model's threshold", labelnames=model, registry=registry
         )
+        # component values come from the model file's metadata, never from requests (bounded)
+        self.ood_by_component = prometheus_client.Counter(
+            "ncguard_ood_decisions",
+            "OOD decisions by the part of the score that drove them (e.g. block1:mahalanobis = pixel-level statistics, detection:ddu = no known class)",
+            labelnames=("model", "component"),
+            registry=registry,
+        )
         self.ood_score = prometheus_client.Histogram(
             "ncguard_ood_score",
             "OOD scores of served inputs; buckets at the model's in-distribution score quantiles",

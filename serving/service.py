@@ -223,6 +223,8 @@ class NcguardService:
         metrics = model_metrics(score_buckets(reference.score_quantiles, self.metadata.threshold))
         self.monitor = DriftMonitor(self.metadata, metrics, window=settings.drift_window, min_samples=settings.drift_min_samples, background=True).start()
         start_rejection_counts(self.model_name)
+        self.component_names = self.predictor.component_names
+        self._ood_by_component = [metrics.ood_by_component.labels(model=self.model_name, component=name) for name in self.component_names]
         counters = service_metrics()
         self._shed_counter = counters.shed.labels(model=self.model_name)
         self._batch_rows = counters.batch_rows.labels(model=self.model_name)
@@ -247,7 +249,8 @@ class NcguardService:
         log.info("serving %s (%s, score %s, threshold %.6g) from %s", self.model_name, self.metadata.version, self.metadata.score, self.metadata.threshold, path)
 
     def score(self, inputs: np.ndarray) -> np.ndarray:
-        """float32 rows -> float64 [N, 5]: class index, confidence, OOD score, is-OOD, finite.
+        """float32 rows -> float64 [N, 6]: class index, confidence, OOD score, is-OOD, finite, and the
+        index of the part of the score that drove it (into `component_names`).
 
         Runs in the batcher's scoring thread; every scored row also goes to the monitor.
         """
@@ -259,9 +262,14 @@ class NcguardService:
                 self.monitor.observe(result.class_index, result.ood_score, result.is_ood, result.features)
             else:
                 self.monitor.observe(result.class_index[ok], result.ood_score[ok], result.is_ood[ok], result.features[ok])
+            flagged = result.is_ood & ok
+            if flagged.any():
+                for index, count in enumerate(np.bincount(result.driver[flagged], minlength=len(self._ood_by_component))):
+                    if count:
+                        self._ood_by_component[index].inc(int(count))
         except Exception:  # monitoring must never cost a client its prediction
             log.exception("the drift monitor failed on a batch of %d; the predictions are still returned", len(inputs))
-        rows = np.stack([result.class_index, result.confidence, result.ood_score, result.is_ood, ok], axis=1).astype(np.float64)
+        rows = np.stack([result.class_index, result.confidence, result.ood_score, result.is_ood, ok, result.driver], axis=1).astype(np.float64)
         rows[~ok, :4] = 0.0  # JSON has no NaN or infinity; `_respond` refuses these rows
         return rows
 
@@ -283,15 +291,16 @@ class NcguardService:
         return self._respond(await self.batcher.submit(x))
 
     def _respond(self, table: np.ndarray) -> Response:
-        """The [N, 5] table -> the JSON answer, or a refusal naming the rows that overflowed."""
+        """The [N, 6] table of `score` -> the JSON answer, or a refusal naming the rows that overflowed."""
         overflowed = np.flatnonzero(table[:, 4] == 0)
         if len(overflowed):
             return self.refuse(Rejected("overflow", overflow_message(overflowed)))
-        classes = self.metadata.classes
+        classes, parts = self.metadata.classes, self.component_names
         indices = table[:, 0].astype(np.int64).tolist()  # whole columns to Python at once: no per-cell NumPy scalars
+        drivers = table[:, 5].astype(np.int64).tolist()
         rows = [
-            {"label": classes[index], "class_index": index, "confidence": confidence, "ood_score": score, "is_ood": flag}
-            for index, confidence, score, flag in zip(indices, table[:, 1].tolist(), table[:, 2].tolist(), (table[:, 3] != 0).tolist())
+            {"label": classes[index], "class_index": index, "confidence": confidence, "ood_score": score, "is_ood": flag, "ood_driver": parts[driver] if flag else None}
+            for index, confidence, score, flag, driver in zip(indices, table[:, 1].tolist(), table[:, 2].tolist(), (table[:, 3] != 0).tolist(), drivers)
         ]
         return FastJSONResponse({"predictions": rows, "model": self.model_name, "threshold": self.metadata.threshold})
 

@@ -305,6 +305,7 @@ def test_dashboard_has_a_panel_for_every_monitored_quantity():
         "ncguard_http_requests_total",
         "ncguard_http_request_duration_seconds_bucket",
         "ncguard_shed_requests_total",
+        "ncguard_ood_decisions_total",
         "ncguard_ood_rate{",
         "ncguard_ood_score_bucket",
         "ncguard_predictions_total",

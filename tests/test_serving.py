@@ -79,8 +79,34 @@ def test_one_unbatched_input_is_one_prediction(server, predictor):
     body = response.json()
     assert set(body) == {"predictions", "model", "threshold"}
     (row,) = body["predictions"]
-    assert set(row) == {"label", "class_index", "confidence", "ood_score", "is_ood"}
+    assert set(row) == {"label", "class_index", "confidence", "ood_score", "is_ood", "ood_driver"}
     assert row["class_index"] == int(predictor.predict(x).class_index[0])
+
+
+def test_ood_decisions_name_the_part_of_the_score_that_drove_them(server, predictor):
+    """Each OOD answer names the largest standardized component (ncguard predict's rule), and
+    ncguard_ood_decisions_total counts the decisions by that component."""
+    assert len(predictor.component_names) > 1  # the served default, fused, is made of parts
+    x = id_and_ood_inputs(predictor, n=40)
+    local = predictor.predict(x)
+    before = _ood_decisions(server.metrics())
+    response = httpx.post(f"{server.url}/predict", json={"inputs": x.tolist()})
+    rows = response.json()["predictions"]
+    expected = [predictor.component_names[d] if flag else None for d, flag in zip(local.driver, local.is_ood)]
+    assert [row["ood_driver"] for row in rows] == expected
+    assert any(expected) and not all(expected)
+    after = _ood_decisions(server.metrics())
+    for name in predictor.component_names:
+        assert after.get(name, 0) - before.get(name, 0) == expected.count(name)
+
+
+def _ood_decisions(text: str) -> dict[str, float]:
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("ncguard_ood_decisions_total{"):
+            component = line.split('component="', 1)[1].split('"', 1)[0]
+            counts[component] = counts.get(component, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
 
 
 def test_predict_image_matches_local_decoding_and_predictor(server, predictor):

@@ -40,7 +40,7 @@ def test_openapi_document_publishes_the_public_routes_with_their_schemas(server)
     assert "Retry-After" in predict["responses"]["503"]["headers"]
     schemas = spec["components"]["schemas"]
     assert {"PredictResponse", "Prediction", "ModelInfo", "ErrorResponse", "PredictRequest"} <= set(schemas)
-    assert set(schemas["Prediction"]["properties"]) == {"label", "class_index", "confidence", "ood_score", "is_ood"}
+    assert set(schemas["Prediction"]["properties"]) == {"label", "class_index", "confidence", "ood_score", "is_ood", "ood_driver"}
     assert not any("infer" in path for path in spec["paths"])  # no internal route is published
 
 

@@ -98,7 +98,8 @@ def gather_inputs(files: list[str], input_shape: tuple[int, ...]) -> Inputs:
 
 
 def prediction_rows(predictor: Predictor, inputs: Inputs) -> list[dict]:
-    """One JSON-ready dict per input: source, kind, label, class_index, confidence, ood_score, is_ood."""
+    """One JSON-ready dict per input: source, kind, label, class_index, confidence, ood_score, is_ood,
+    and for an OOD decision `ood_driver`, the part of the score that drove it (ncguard.runtime)."""
     result = predictor.predict(inputs.x)
     classes = predictor.metadata.classes
     rows = []
@@ -112,6 +113,7 @@ def prediction_rows(predictor: Predictor, inputs: Inputs) -> list[dict]:
             confidence=float(result.confidence[i]),
             ood_score=float(result.ood_score[i]),
             is_ood=bool(result.is_ood[i]),
+            ood_driver=predictor.component_names[int(result.driver[i])] if result.is_ood[i] else None,
         )
         rows.append(row)
     return rows
@@ -122,7 +124,7 @@ def format_table(rows: list[dict]) -> str:
     header = ["input", *(["kind"] if show_kind else []), "label", "confidence", "ood_score", "decision"]
     table = [header]
     for row in rows:
-        decision = "OOD" if row["is_ood"] else "in-distribution"
+        decision = f"OOD ({row['ood_driver']})" if row["is_ood"] else "in-distribution"
         cells = [row["input"], *([row.get("kind", "")] if show_kind else [])]
         table.append([*cells, row["label"], f"{row['confidence']:.3f}", f"{row['ood_score']:.5g}", decision])
     widths = [max(len(r[c]) for r in table) for c in range(len(header))]

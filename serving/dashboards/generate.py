@@ -170,6 +170,13 @@ ROWS = (
                 unit="percentunit",
             ),
             Panel(
+                "OOD decisions by driving component",
+                "OOD-flagged inputs per second by the part of the score that drove the decision: for the default model, an early "
+                "block (block1, block3) means the input looks different at the pixel level, the detection layer that it looks like no known class.",
+                (Query(f"sum by (component) (rate(ncguard_ood_decisions_total{{{MODEL}}}[{RATE}]))", "{{component}}"),),
+                unit="reqps",
+            ),
+            Panel(
                 "OOD score distribution",
                 "Served OOD scores per histogram bucket; buckets sit at the model's in-distribution score quantiles, "
                 "then at its threshold and above the largest in-distribution score.",
