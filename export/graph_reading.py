@@ -332,18 +332,20 @@ def describe_model(model: onnx.ModelProto) -> ModelDescription:
     return description
 
 
-# Ops whose output ends a convolutional block's step (activation, pooling, residual sum): the block
-# outputs worth reading; a bare Conv or BatchNorm output is an intermediate of the same step.
+# Ops whose output ends a convolutional block's step (activation, pooling): the block outputs worth
+# reading. A bare Conv, BatchNorm or arithmetic output is an intermediate of a step: exporters
+# decompose BatchNorm and adaptive pooling into Add/Mul/Div chains (torch's dynamo exporter writes
+# a 7x7 -> 4x4 adaptive average as a run of Adds), and residual sums are followed by an activation.
 BLOCK_OUTPUT_OPS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSwish", "HardSigmoid", "Gelu", "Tanh",
-                    "Mish", "Elu", "Selu", "MaxPool", "AveragePool", "LpPool", "Add", "Mul")
+                    "Mish", "Elu", "Selu", "MaxPool", "AveragePool", "LpPool")
 
 
 def suggested_feature_set(description: ModelDescription) -> list[str]:
     """[early block, late block, penultimate] for `--features A,B,C`, or [] without a penultimate tensor.
 
     The shape of ncguard's own default `fused` score: the first and the last block output among the
-    feature maps (activation, pooling or residual outputs, in graph order; any feature map when no
-    such op made one), pooled per channel, and the penultimate layer. The first block sees pixel
+    feature maps (activation or pooling outputs, in graph order; any feature map when no such op
+    made one), pooled per channel, and the penultimate layer. The first block sees pixel
     statistics (noise, photos, contrast), the last one shapes, the penultimate layer the classes.
     """
     if not description.suggested_features:
