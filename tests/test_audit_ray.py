@@ -201,3 +201,17 @@ def test_ray_cluster_audit_equals_the_local_engine_and_one_pass(ray_cluster, aud
     resumed = json.loads((ray_out / "summary.json").read_text())
     assert (resumed["run"]["shards_scored"], resumed["run"]["shards_resumed"]) == (2, 12)
     assert resumed["per_class"] == summary["per_class"] and resumed["score_histogram"] == summary["score_histogram"]
+
+
+def test_ray_engine_without_address_starts_and_stops_its_own_ray(digits_model_path, tmp_path):
+    """No --address: a local Ray is started for the run (one CPU per worker) and stopped at its end."""
+    out = tmp_path / "out"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    args = [digits_model_path, "--data", "digits:test", "--out", out, "--engine", "ray", "--workers", "1", "--shard-rows", "150", "--no-report", "--quiet"]
+    result = subprocess.run([sys.executable, "-m", "ncguard", "audit", *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    local = run_audit(digits_model_path, ["digits:test"], tmp_path / "local", AuditOptions(shard_rows=150, quiet=True, report=False))
+    assert summary["rows"] == 450 and summary["run"]["worker_processes"] == 1
+    assert summary["per_class"] == json.loads(json.dumps(local.summary["per_class"]))
+    assert summary["score_histogram"] == local.summary["score_histogram"]

@@ -6,7 +6,8 @@ In one run, on the same synthetic .npy shards (digits rows plus uniform noise, 5
 - throughput at --rows, in --rounds interleaved rounds: a bare ONNX Runtime loop (the ceiling: read
   the same files, run one session with ncguard's options and default threads, discard the outputs),
   the local engine with 2 worker processes and with 2 threads, Ray with 1 and 2 workers (a local Ray started for the run), and a
-  closing bare loop. Each engine cell's ratio is against the mean of the bare loops just before and
+  closing bare loop; plus the bare loop with one intra-op thread (what one Ray actor or one worker
+  process runs), for scale. Each engine cell's ratio is against the mean of the bare loops just before and
   just after its round, so the shared machine's changing load hits both sides of a ratio alike; the
   table gives the median over rounds. Engines are timed end to end (start-up included) and in the
   steady state (from the first shard's start in any worker to the last shard written);
@@ -197,7 +198,7 @@ def main() -> None:
         cells, bares = [], []
         for round_ in range(args.rounds):
             bares.append(cell("bare", model, datasets[args.rows], scratch, 1))
-            for kind, workers, label in (("local", 2, "local engine (2 processes, the default)"), ("local-thread", 2, "local engine (2 threads, --local-pool thread)"),
+            for kind, workers, label in (("bare-1", 1, "bare loop, 1 intra-op thread"), ("local", 2, "local engine (2 processes, the default)"), ("local-thread", 2, "local engine (2 threads, --local-pool thread)"),
                                          ("ray", 1, "Ray, 1 worker"), ("ray", 2, "Ray, 2 workers")):
                 cells.append({**cell(kind, model, datasets[args.rows], scratch, workers), "label": label, "round": round_})
         bares.append(cell("bare", model, datasets[args.rows], scratch, 1))

@@ -1,6 +1,6 @@
 """One measurement in a fresh process, so that peak RSS (ru_maxrss) describes this cell alone.
 
-    python -m benchmarks.audit.one bare|local|local-thread|ray MODEL SHARD_DIR OUT_DIR WORKERS
+    python -m benchmarks.audit.one bare|bare-1|local|local-thread|ray MODEL SHARD_DIR OUT_DIR WORKERS
 
 Prints one JSON line: rows, seconds, rows/s (end to end and steady state), driver and worker peak RSS.
 """
@@ -17,15 +17,16 @@ import numpy as np
 from ncguard.audit.run import peak_rss_bytes
 
 
-def bare(model: str, shards: Path) -> dict:
-    """The ceiling: one ONNX Runtime session (ncguard's options, default threads) over the same .npy
-    files, batch by batch, outputs discarded. No Parquet, no statistics, no per-row bookkeeping."""
+def bare(model: str, shards: Path, threads: int | None = None) -> dict:
+    """The ceiling: one ONNX Runtime session (ncguard's options; default intra-op threads, or
+    `threads`) over the same .npy files, batch by batch, outputs discarded. No Parquet, no
+    statistics, no per-row bookkeeping."""
     from ncguard.model_file import INPUT_NAME, OUTPUT_NAMES, load_model
     from ncguard.runtime import open_session
 
     from ncguard.audit.scoring import DEFAULT_BATCH_SIZE
 
-    session = open_session(load_model(model).serialized, provider="cpu")
+    session = open_session(load_model(model).serialized, provider="cpu", threads=threads)
     rows = 0
     started = time.perf_counter()
     for path in sorted(shards.glob("*.npy")):
@@ -63,6 +64,8 @@ def main(argv: list[str]) -> None:
     kind, model, shards, out, workers = argv
     if kind == "bare":
         result = bare(model, Path(shards))
+    elif kind == "bare-1":
+        result = bare(model, Path(shards), threads=1)
     else:
         result = engine(kind, model, Path(shards), Path(out), int(workers))
     print(json.dumps({"kind": kind, "workers": int(workers), **result}))
