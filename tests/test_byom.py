@@ -435,6 +435,27 @@ def test_old_opset_is_converted(digits_weight, digits, tmp_path):
     assert saved_and_loaded(proto, tmp_path).metadata.score == "etf"
 
 
+def test_a_one_dimensional_feature_map_is_pooled_in_graph_beside_a_flat_layer(digits_weight, digits, tmp_path):
+    """A hand-built graph (no torch): the 8x8 digit read as an [N, C=8, L=8] sequence map, then the linear
+    classifier. `--features rows,flat` gives block1 = its per-channel mean and std and the default fused
+    score; finish_model's parity check holds the in-graph pooling to the NumPy one."""
+    from onnx import helper, numpy_helper
+
+    train, test = digits
+    source = linear_graph(digits_weight)
+    graph = source.graph
+    graph.initializer.append(numpy_helper.from_array(np.array([0, 8, 8], dtype=np.int64), "rows_shape"))
+    graph.node.insert(0, helper.make_node("Reshape", ["pixels", "rows_shape"], ["rows"], name="as_rows"))
+    proto, report = fit_graph(source, train, features="rows,flat")
+    assert report.score == "fused" and report.layers["block1"] == {"tensor": "rows", "width": 16, "pooled": True}
+    assert report.layers["transfer"] == {"tensor": "flat", "width": 64, "pooled": False}
+    loaded = saved_and_loaded(proto, tmp_path)
+    assert loaded.metadata.ood_components == ["block1:mahalanobis", "transfer:ddu"]
+    (features,) = run_graph(proto, test.x, INPUT_NAME, ["features"])
+    np.testing.assert_allclose(features, test.x.reshape(len(test), -1), rtol=1e-6, atol=1e-6)
+    assert any("'mahalanobis' OOD score" in line for line in report.describe())  # the pooled block's part, checked
+
+
 def test_model_errors_for_unusable_graphs(digits_weight, digits):
     from onnx import helper
 
