@@ -85,6 +85,7 @@ def summarize_cells(cells: list[dict], bares: list[dict]) -> list[dict]:
     rows = [{"label": "bare ONNX Runtime loop", "kind": "bare", "workers": 1, "rows": bares[0]["rows"],
              "rows_per_s": float(np.median([b["rows_per_s"] for b in bares])), "steady_rows_per_s": float(np.median([b["rows_per_s"] for b in bares])),
              "ratio": 1.0, "steady_ratio": 1.0, "runs": [round(b["rows_per_s"]) for b in bares],
+             "cpu_us_per_row": float(np.median([b["cpu_seconds"] / b["rows"] * 1e6 for b in bares])),
              "driver_peak_rss": max(b["driver_peak_rss"] for b in bares), "worker_peak_rss": max(b["worker_peak_rss"] for b in bares)}]
     for label in dict.fromkeys(c["label"] for c in cells):
         group = [c for c in cells if c["label"] == label]
@@ -95,6 +96,7 @@ def summarize_cells(cells: list[dict], bares: list[dict]) -> list[dict]:
             "ratio": float(np.median([c["ratio"] for c in group])),
             "steady_ratio": float(np.median([c["steady_ratio"] for c in group])),
             "runs": [round(c["steady_ratio"], 2) for c in group],
+            "cpu_us_per_row": float(np.median([c["cpu_seconds"] / c["rows"] * 1e6 for c in group])),
             "driver_peak_rss": max(c["driver_peak_rss"] for c in group), "worker_peak_rss": max(c["worker_peak_rss"] for c in group),
         })
     return rows
@@ -116,21 +118,23 @@ def markdown(results: dict) -> str:
         "",
         f"## Throughput ({t[0]['rows']:,} rows)",
         "",
-        "| path | workers | rows/s end to end | ratio to bare | rows/s steady state | ratio to bare | steady ratio per round |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| path | workers | rows/s end to end | ratio to bare | rows/s steady state | ratio to bare | steady ratio per round | CPU µs per row |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for row in t:
         runs = ", ".join(f"{v:,}" for v in row["runs"]) + " rows/s" if row["kind"] == "bare" else ", ".join(f"{v:.2f}" for v in row["runs"])
         lines.append(
             f"| {row['label']} | {row['workers']} | {row['rows_per_s']:,.0f} | {row['ratio']:.2f} | "
-            f"{row['steady_rows_per_s']:,.0f} | {row['steady_ratio']:.2f} | {runs} |"
+            f"{row['steady_rows_per_s']:,.0f} | {row['steady_ratio']:.2f} | {runs} | {row['cpu_us_per_row']:.0f} |"
         )
     lines += [
         "",
         f"Medians over {len(results['bare_runs']) - 1} round(s). A ratio compares a cell with the mean of the bare loops run just before and "
         f"after its round (the bare row lists every bare run: their spread is the machine's noise). End to end includes start-up "
         "(loading the model; for Ray, starting a local Ray and its actors: several seconds); the steady state runs from the first "
-        "shard's start in any worker to the last shard written.",
+        "shard's start in any worker to the last shard written. CPU µs per row: user + system CPU time of the cell (driver and "
+        "worker processes, start-up included; for Ray not its raylet and GCS daemons) per row, which the other users' load "
+        "does not change: the cost of the engine's own work beside ONNX Runtime's.",
         "",
         "## Peak memory",
         "",

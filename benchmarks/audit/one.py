@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+import resource
+
 from ncguard.audit.run import peak_rss_bytes
 
 
@@ -38,7 +40,17 @@ def bare(model: str, shards: Path, threads: int | None = None) -> dict:
     seconds = time.perf_counter() - started
     rss = peak_rss_bytes()
     return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "steady_rows_per_s": rows / seconds,
-            "driver_peak_rss": rss, "worker_peak_rss": rss}
+            "driver_peak_rss": rss, "worker_peak_rss": rss, "cpu_seconds": cpu_seconds()}
+
+
+def cpu_seconds(children: bool = False) -> float:
+    """User + system CPU seconds of this process (and of its reaped children)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    total = own.ru_utime + own.ru_stime
+    if children:
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        total += reaped.ru_utime + reaped.ru_stime
+    return total
 
 
 def engine(kind: str, model: str, shards: Path, out: Path, workers: int) -> dict:
@@ -57,6 +69,9 @@ def engine(kind: str, model: str, shards: Path, out: Path, workers: int) -> dict
         "driver_peak_rss": peak_rss_bytes(),
         "worker_peak_rss": run["worker_peak_rss_bytes"],
         "worker_processes": run["worker_processes"],
+        # local: this process plus its (reaped) worker processes; Ray: this driver plus the actors
+        # (Ray's own daemons, raylet and GCS, are not counted)
+        "cpu_seconds": cpu_seconds(children=True) if engine_name == "local" else cpu_seconds() + (run["worker_cpu_seconds"] or 0.0),
     }
 
 

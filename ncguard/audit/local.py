@@ -65,7 +65,7 @@ def _score_in_worker(shard_json: str, path: str) -> tuple[str, dict]:
     started = time.time()
     table, partial = score_shard(Shard.from_json(shard_json), _WORKER["predictor"], _WORKER["binning"], _WORKER["options"])
     write_table(Path(path), table)
-    return partial.to_json(), {"started": started, "pid": os.getpid(), "peak_rss": peak_rss_bytes(), "node": "local"}
+    return partial.to_json(), {"started": started, "pid": os.getpid(), "peak_rss": peak_rss_bytes(), "node": "local", "cpu": time.process_time()}
 
 
 class LocalEngine:

@@ -53,7 +53,7 @@ class ShardScorer:
     def __call__(self, batch):
         import pyarrow as pa
 
-        out = {"shard": [], "parquet": [], "partial": [], "rows": [], "node": [], "pid": [], "peak_rss": [], "started": []}
+        out = {"shard": [], "parquet": [], "partial": [], "rows": [], "node": [], "pid": [], "peak_rss": [], "started": [], "cpu": []}
         for text in batch.column("shard").to_pylist():
             out["started"].append(time.time())
             shard = Shard.from_json(text)
@@ -65,6 +65,7 @@ class ShardScorer:
             out["node"].append(self.node)
             out["pid"].append(os.getpid())
             out["peak_rss"].append(peak_rss_bytes())
+            out["cpu"].append(time.process_time())  # this actor's CPU seconds so far
         return pa.table({
             "shard": pa.array(out["shard"], pa.string()),
             "parquet": pa.array(out["parquet"], pa.binary()),
@@ -74,6 +75,7 @@ class ShardScorer:
             "pid": pa.array(out["pid"], pa.int64()),
             "peak_rss": pa.array(out["peak_rss"], pa.int64()),
             "started": pa.array(out["started"], pa.float64()),
+            "cpu": pa.array(out["cpu"], pa.float64()),
         })
 
 
@@ -129,7 +131,7 @@ class RayEngine:
                 shard = Shard.from_json(row["shard"])
                 atomic_write(path_of(shard), row["parquet"])
                 partial = PartialStats.from_json(row["partial"], self.binning, self.options.time_bucket)
-                on_done(shard, partial, {"node": row["node"], "pid": row["pid"], "peak_rss": row["peak_rss"], "started": row["started"]})
+                on_done(shard, partial, {"node": row["node"], "pid": row["pid"], "peak_rss": row["peak_rss"], "started": row["started"], "cpu": row["cpu"]})
 
     def close(self) -> None:
         if self.ray.is_initialized():

@@ -144,7 +144,7 @@ def run_audit(model_path, sources: list[str], out, options: AuditOptions = Audit
 
     total = PartialStats(binning, options.time_bucket)
     per_source = [PartialStats(binning, options.time_bucket) for _ in sources]
-    counters = {"scored": 0, "resumed": 0, "nodes": {}, "worker_peak_rss": 0, "workers": set()}
+    counters = {"scored": 0, "resumed": 0, "nodes": {}, "worker_peak_rss": 0, "workers": set(), "cpu": {}}
     finished: list[tuple[float, float, int]] = []  # (started, written, rows) per scored shard, wall-clock seconds
 
     def path_of(shard: Shard) -> Path:
@@ -172,6 +172,8 @@ def run_audit(model_path, sources: list[str], out, options: AuditOptions = Audit
             counters["nodes"][info["node"]] = counters["nodes"].get(info["node"], 0) + 1
             counters["workers"].add((info["node"], info["pid"]))
             counters["worker_peak_rss"] = max(counters["worker_peak_rss"], int(info["peak_rss"]))
+            key = (info["node"], info["pid"])
+            counters["cpu"][key] = max(counters["cpu"].get(key, 0.0), float(info.get("cpu", 0.0)))
         progress.shard_done(partial.rows_ + sum(partial.rejected_.values()))
 
     progress.stage(f"{options.engine} engine, {len(sources)} source(s) -> {out}")
@@ -200,6 +202,8 @@ def run_audit(model_path, sources: list[str], out, options: AuditOptions = Audit
         "worker_peak_rss_bytes": counters["worker_peak_rss"] or driver_rss,
         "shards_per_node": counters["nodes"],
         "worker_processes": len(counters["workers"]) or None,
+        # CPU seconds of the worker processes (their whole life: start-up included), None for threads
+        "worker_cpu_seconds": round(sum(counters["cpu"].values()), 3) if counters["cpu"] else None,
     }
     from .summary import build_summary
 
