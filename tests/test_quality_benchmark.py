@@ -123,7 +123,8 @@ def test_near_splits_hold_every_class_out_and_proxies_use_known_classes_only():
     assert unseen == set(range(10)), "every class is unseen in at least one split"
     near = model_specs(BUDGETS["near"])
     assert {s.task for s in near} == {"near", "proxy"}, "the near budget trains no 10-class model"
-    assert sorted(s.name for s in near if s.task == "near") == sorted(f"near-{k}-{h}-s0" for k in NEAR_SPLITS for h in ("etf", "plain"))
+    assert sorted(s.name for s in near if s.task == "near") == sorted(f"near-{k}-{h}-s{seed}" for k in NEAR_SPLITS for h in ("etf", "plain") for seed in (0, 1))
+    assert [s.seed for s in near] == sorted(s.seed for s in near), "every seed-0 model (and proxy) before any seed-1 model"
     assert sorted(s.name for s in near if s.task == "proxy") == sorted(f"proxy-{k}-etf-s0" for k in NEAR_SPLITS)
 
 

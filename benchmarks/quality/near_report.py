@@ -73,7 +73,14 @@ def split_summary(split: str, near: list[dict], choices: dict[str, str]) -> dict
             rows[f"ours, {label}"] = row(OURS, name, "combo")
     best_ours = max((r for r in tables[OURS]["auroc"] if HELD_OUT in tables[OURS]["auroc"][r]), key=lambda r: tables[OURS]["auroc"][r][HELD_OUT][0])
     best_plain_any = max((r for r in tables[PLAIN]["auroc"] if HELD_OUT in tables[PLAIN]["auroc"][r]), key=lambda r: tables[PLAIN]["auroc"][r][HELD_OUT][0])
+    hindsight = {}
+    for name in combos[OURS]["auroc"]:
+        r = row(OURS, name, "combo")
+        if r:
+            hindsight[name] = {"beats_oracle": r["beats_oracle"], "far_beaten": r["far_beaten"], "far_sets": r["far_sets"],
+                               "objective": 0.5 * (r["auroc"][0] + 1 - r["fpr95"][0])}
     return {
+        "hindsight": hindsight,
         "known": list(NEAR_SPLITS[split]),
         "unseen": [c for c in range(10) if c not in NEAR_SPLITS[split]],
         "models": {head: [r["model"] for r in rs] for head, rs in by_head.items()},
@@ -156,6 +163,7 @@ def _markdown(payload: dict, budget: Budget) -> list[str]:
         lines.append(f"| {split} | {_names(NEAR_SPLITS[split])} | {_names(unseen)} | {_names(known_classes('proxy', split))} | {_names(PROXY_HELD_OUT[split])} |")
     lines += ["", "Why these splits: see `NEAR_SPLITS` in benchmarks/quality/plan.py (chosen from the class names only: every class is unseen at least once, "
               "every split hides an upper-body garment whose look-alikes stay known, a shoe while another shoe stays known, and one class with no close look-alike).", ""]
+    lines += _summary_table(summaries)
     lines += ["## Per split: our scores vs the plain model's per-split oracle (unseen classes)", "",
               "Oracle: for each split separately, the best of the standard scores on the plain model (AUROC and FPR95 chosen separately, so it is optimistic). "
               "**beats** = better on both metrics. Far: of the far-OOD and covariate-shift sets (scored against the same 6 known classes), on how many the row also beats the plain model's per-set oracle.", ""]
@@ -191,6 +199,7 @@ def _markdown(payload: dict, budget: Budget) -> list[str]:
         lines += ["| rank | combination | proxy objective |", "| ---: | --- | ---: |"]
         lines += [f"| {i + 1} | `{name}` | {value:.4f} |" for i, (name, value) in enumerate(sel["top"])]
         lines.append("")
+    lines += _hindsight(summaries)
     lines += ["## Every score on every layer (unseen classes, AUROC / FPR95)", "",
               "`NAME` is the score on the layer the classifier reads (ours: the detection layer z; plain: the penultimate features h, which are also its `transfer`); "
               "`NAME@LAYER` the same score on another layer (block1-3: per-channel mean and std of a conv block); `fused*`: the multi-layer candidates of evaluate.py.", ""]
@@ -206,3 +215,54 @@ def _markdown(payload: dict, budget: Budget) -> list[str]:
         lines.append("")
     lines += ["Every combination of the search space on every split and both heads is in near.json (`splits.*.combinations`).", ""]
     return lines
+
+
+SUMMARY_ROWS = ("ours, default fused", "ours, ID-only choice (this split's proxy)", "ours, ID-only choice pooled over all proxies", "plain, fused")
+
+
+def _summary_table(summaries: dict) -> list[str]:
+    """One line per split: the oracle and the rows that matter, AUROC / FPR95, with the far-OOD check."""
+    present = [label for label in SUMMARY_ROWS if any(label in s["rows"] for s in summaries.values())]
+    lines = ["## Summary", "",
+             "Unseen classes of each split, AUROC / FPR95; **beats** = better than the plain model's per-split oracle on both; "
+             "(far k/9) = on how many of the 9 far-OOD and covariate-shift sets the same row beats the plain model's per-set oracle.", "",
+             "| split | plain, oracle of standard scores | " + " | ".join(present) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in present) + " |"]
+    for split, s in summaries.items():
+        o = s["oracle"][HELD_OUT]
+        cells = []
+        for label in present:
+            r = s["rows"].get(label)
+            cells.append("n/a" if r is None else
+                         f"{r['auroc'][0]:.3f} / {r['fpr95'][0]:.3f}{' **beats**' if r['beats_oracle'] else ''} (far {r['far_beaten']}/{r['far_sets']})")
+        lines.append(f"| {split} | {o['auroc']:.3f} ({o['auroc_score']}) / {o['fpr95']:.3f} ({o['fpr95_score']}) | " + " | ".join(cells) + " |")
+    chosen = {s["rows"][label]["row"] for s in summaries.values() for label in ("ours, ID-only choice pooled over all proxies",) if label in s["rows"]}
+    if chosen:
+        lines += ["", "Pooled ID-only choice: " + ", ".join(f"`{c}`" for c in sorted(chosen)) + " (benchmarks/quality/select.py)."]
+    return lines + [""]
+
+
+def _hindsight(summaries: dict) -> list[str]:
+    """Could any one combination of the search space have won everywhere? Looked up with the unseen
+    classes, so this bounds what an ID-only choice from this space could reach; it is not a method."""
+    names = set.intersection(*(set(s["hindsight"]) for s in summaries.values())) if summaries else set()
+    if not names:
+        return []
+
+    def key(name):
+        h = [s["hindsight"][name] for s in summaries.values()]
+        return (sum(x["beats_oracle"] for x in h), sum(x["far_beaten"] for x in h), float(np.mean([x["objective"] for x in h])))
+
+    ranked = sorted(names, key=key, reverse=True)
+    n, far = len(summaries), sum(s["hindsight"][ranked[0]]["far_sets"] for s in summaries.values())
+    winners = [name for name in ranked if key(name)[0] == n and key(name)[1] == far]
+    lines = ["## Hindsight: could one combination of the search space win everywhere?", "",
+             "Looked up with the unseen classes (so not a method, and not used by the choice above): the combinations of our model ranked by "
+             f"splits where they beat the plain oracle on the unseen classes, then far sets beaten (of {far}), then the mean objective over splits. "
+             + (f"{len(winners)} combination(s) beat the oracle on every split and every far set." if winners else
+                "None beats the oracle on every split and every far set."), "",
+             "| combination | splits beaten | far sets beaten | mean (AUROC + 1 - FPR95) / 2 |", "| --- | ---: | ---: | ---: |"]
+    for name in ranked[:10]:
+        beaten, far_beaten, value = key(name)
+        lines.append(f"| `{name}` | {beaten}/{n} | {far_beaten}/{far} | {value:.4f} |")
+    return lines + [""]
