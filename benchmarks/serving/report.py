@@ -167,7 +167,8 @@ def markdown(report: dict) -> str:
         f"score {model['score']}). {report['machine']}. {report['when']}.",
         "",
         "Written by `" + report["command"] + "`. Every ratio is to the raw ONNX Runtime session at the same batch size, "
-        f"in the same run (1-minute load average {report.get('load_average_before', float('nan')):.2f} when it started; on shared machines "
+        f"in the same run (1-minute load average {report.get('load_average_before', float('nan')):.2f} when it started and "
+        f"{report.get('load_average_after', float('nan')):.2f} when it ended, on 2 cores; on shared machines "
         "absolute numbers drift, so the ratios are the result). "
         "HTTP: one `ncguard serve` worker on 127.0.0.1, default settings; each client sends the same request back to back; "
         "client and server share the 2 cores, so HTTP numbers include the client's own cost.",
