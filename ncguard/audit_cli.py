@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="local", help="local (embedded, default) or ray")
     parser.add_argument("--address", help="Ray cluster address (ray engine; e.g. 10.0.0.5:6379 or auto); default: start a local Ray for the run")
     parser.add_argument("--workers", type=int, help="scoring threads (local) or Ray actors (ray); default: the CPU count (local), 2 (ray)")
-    parser.add_argument("--local-pool", choices=("process", "thread"), default="process", help="local engine: worker processes (default) or threads sharing one session")
+    parser.add_argument("--local-pool", choices=("thread", "process"), default="thread", help="local engine: threads sharing one session (default) or worker processes")
     parser.add_argument("--features", action="store_true", help="also write each row's transfer-feature vector")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted audit in DIR: finished shards are kept, not rescored")
     parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help=f"rows (or image files) per shard (default {DEFAULT_SHARD_ROWS})")

@@ -5,7 +5,7 @@
 In one run, on the same synthetic .npy shards (digits rows plus uniform noise, 50,000 rows a file):
 - throughput at --rows, in --rounds interleaved rounds: a bare ONNX Runtime loop (the ceiling: read
   the same files, run one session with ncguard's options and default threads, discard the outputs),
-  the local engine with 2 worker processes and with 2 threads, Ray with 1 and 2 workers (a local Ray started for the run), and a
+  the local engine with 2 threads (its default) and with 2 worker processes, Ray with 1 and 2 workers (a local Ray started for the run), and a
   closing bare loop; plus the bare loop with one intra-op thread (what one Ray actor or one worker
   process runs), for scale. Each engine cell's ratio is against the mean of the bare loops just before and
   just after its round, so the shared machine's changing load hits both sides of a ratio alike; the
@@ -146,6 +146,8 @@ def markdown(results: dict) -> str:
     lines += ["", "## Goals", ""]
     for goal in results["goals"]:
         lines.append(f"- {goal}")
+    if results.get("notes"):
+        lines += ["", "## Notes", "", results["notes"]]
     lines.append("")
     return "\n".join(lines)
 
@@ -182,7 +184,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the throughput cells (default 2)")
     parser.add_argument("--smoke", action="store_true", help="a quick check: 20,000 throughput rows, one round, memory at 10,000 and 40,000")
     parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--notes", default="", help="a paragraph appended to the Markdown report")
+    parser.add_argument("--render", metavar="AUDIT_JSON", help="only rewrite the Markdown from a saved audit.json (with --notes)")
     args = parser.parse_args()
+    if args.render:
+        from ncguard.atomic import atomic_write
+
+        results = json.loads(Path(args.render).read_text())
+        results["notes"] = args.notes or results.get("notes", "")
+        atomic_write(Path(args.render), json.dumps(results, indent=2) + "\n")
+        atomic_write(Path(args.out_dir) / "audit.md", markdown(results))
+        return
     if args.smoke:
         args.rows, args.memory_rows, args.rounds = 20_000, "10000,40000", 1
     sizes = sorted({int(v) for v in args.memory_rows.split(",") if v})
@@ -202,7 +214,7 @@ def main() -> None:
         cells, bares = [], []
         for round_ in range(args.rounds):
             bares.append(cell("bare", model, datasets[args.rows], scratch, 1))
-            for kind, workers, label in (("bare-1", 1, "bare loop, 1 intra-op thread"), ("local", 2, "local engine (2 processes, the default)"), ("local-thread", 2, "local engine (2 threads, --local-pool thread)"),
+            for kind, workers, label in (("bare-1", 1, "bare loop, 1 intra-op thread"), ("local", 2, "local engine (2 threads, the default)"), ("local-process", 2, "local engine (2 processes, --local-pool process)"),
                                          ("ray", 1, "Ray, 1 worker"), ("ray", 2, "Ray, 2 workers")):
                 cells.append({**cell(kind, model, datasets[args.rows], scratch, workers), "label": label, "round": round_})
         bares.append(cell("bare", model, datasets[args.rows], scratch, 1))
@@ -216,7 +228,7 @@ def main() -> None:
         memory = []
         for rows in sizes:
             print(f"memory at {rows:,} rows", flush=True)
-            for kind, workers, label in (("local", 2, "local engine, 2 processes"), ("local-thread", 2, "local engine, 2 threads"), ("ray", 2, "Ray, 2 workers")):
+            for kind, workers, label in (("local", 2, "local engine, 2 threads"), ("local-process", 2, "local engine, 2 processes"), ("ray", 2, "Ray, 2 workers")):
                 reuse = next((r for r in throughput if r["kind"] == kind and r["workers"] == workers and r["rows"] == rows), None)
                 result = reuse or cell(kind, model, datasets[rows], scratch, workers)
                 memory.append({**result, "label": label})
@@ -230,6 +242,7 @@ def main() -> None:
             "bare_runs": bares,
             "bare_rows_per_s": float(np.mean(bare_runs)),
             "memory": memory,
+            "notes": args.notes,
         }
         results["goals"] = goals(results)
         from ncguard.atomic import atomic_write

@@ -1,6 +1,6 @@
 """One measurement in a fresh process, so that peak RSS (ru_maxrss) describes this cell alone.
 
-    python -m benchmarks.audit.one bare|bare-1|local|local-thread|ray MODEL SHARD_DIR OUT_DIR WORKERS
+    python -m benchmarks.audit.one bare|bare-1|local|local-process|ray MODEL SHARD_DIR OUT_DIR WORKERS
 
 Prints one JSON line: rows, seconds, rows/s (end to end and steady state), driver and worker peak RSS.
 """
@@ -57,7 +57,7 @@ def engine(kind: str, model: str, shards: Path, out: Path, workers: int) -> dict
     from ncguard.audit import AuditOptions, run_audit
 
     started = time.perf_counter()
-    pool = "thread" if kind == "local-thread" else "process"
+    pool = "process" if kind == "local-process" else "thread"
     engine_name = "local" if kind.startswith("local") else kind
     result = run_audit(model, [str(shards)], out, AuditOptions(engine=engine_name, pool=pool, workers=workers, report=False, quiet=True))
     seconds = time.perf_counter() - started

@@ -1,16 +1,16 @@
 """The embedded engine: a small pool in this machine, streaming shard by shard, no extra service.
 
 Two pools run the same per-shard scoring:
-- `process` (default): `workers` worker processes (spawned, so nothing of the driver's state is
-  inherited), each with its own ONNX Runtime session of one intra-op thread, loaded once from the
-  model bytes. Each worker reads its shard, scores it, writes the shard's file itself and returns
-  only the partial statistics (a few KB). Processes, because the per-shard Python work (statistics,
-  the Arrow table; about a tenth of a shard's time with the digits model) holds the GIL, and on
-  busy shared cores a thread descheduled while holding it stalls the others; the benchmark
-  (benchmarks/results/audit.md) measures both pools. Spawned workers re-import the caller's main
-  module: from a script, call run_audit under `if __name__ == "__main__":` (the CLI does).
-- `thread`: `workers` threads sharing one session (concurrent `run` calls are thread-safe); one
-  process, no start-up, the model in memory once.
+- `thread` (default): `workers` threads sharing one ONNX Runtime session of one intra-op thread per
+  call (concurrent `run` calls on one InferenceSession are thread-safe, and ONNX Runtime, NumPy and
+  Parquet writing release the GIL). One process, no start-up, the model in memory once. In the
+  benchmark (benchmarks/results/audit.md) it used less CPU per row than the process pool, within
+  about a tenth of a bare one-thread ONNX Runtime loop, and the least memory in total.
+- `process`: `workers` worker processes (spawned, so nothing of the driver's state is inherited),
+  each with its own session, loaded once from the model bytes; each reads, scores and writes its
+  shards and returns only the partial statistics (a few KB). For models whose per-row Python work
+  (image decoding of large files, say) would hold the GIL. Spawned workers re-import the caller's
+  main module: from a script, call run_audit under `if __name__ == "__main__":` (the CLI does).
 At most 2 x workers shards are in flight, so memory stays bounded by the shard size whatever the
 dataset's size: the driver holds shard descriptions and merged partial statistics, never the rows.
 Ctrl-C: the driver stops submitting, workers finish the shard they are on (each file is written
@@ -71,7 +71,7 @@ def _score_in_worker(shard_json: str, path: str) -> tuple[str, dict]:
 class LocalEngine:
     name = "local"
 
-    def __init__(self, model, *, workers: int | None = None, options: ScoreOptions = ScoreOptions(), pool: str = "process"):
+    def __init__(self, model, *, workers: int | None = None, options: ScoreOptions = ScoreOptions(), pool: str = "thread"):
         self.workers = int(workers or default_workers())
         self.options = options
         self.pool = pool

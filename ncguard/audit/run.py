@@ -42,7 +42,7 @@ DRIFT_LIMITS = {"score_psi": 0.25, "score_ks": 0.20, "class_js": 0.20, "feature_
 @dataclass(frozen=True)
 class AuditOptions:
     engine: str = "local"
-    pool: str = "process"  # local engine: worker processes or threads (ncguard.audit.local)
+    pool: str = "thread"  # local engine: threads or worker processes (ncguard.audit.local)
     address: str | None = None
     workers: int | None = None
     features: bool = False
