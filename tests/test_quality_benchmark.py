@@ -112,7 +112,7 @@ def test_study_size_is_seed_zero_and_the_variants_with_the_full_runs_flags():
 
 
 def test_near_splits_hold_every_class_out_and_proxies_use_known_classes_only():
-    from benchmarks.quality.plan import BUDGETS, NEAR_SPLITS, PROXY_HELD_OUT, known_classes, model_specs
+    from benchmarks.quality.plan import BUDGETS, NEAR_SPLITS, PROXY_HELD_OUT, known_classes, model_specs, train_flags
 
     unseen = set()
     for split, known in NEAR_SPLITS.items():
@@ -125,6 +125,10 @@ def test_near_splits_hold_every_class_out_and_proxies_use_known_classes_only():
     assert {s.task for s in near} == {"near", "proxy"}, "the near budget trains no 10-class model"
     assert sorted(s.name for s in near if s.task == "near") == sorted(f"near-{k}-{h}-s{seed}" for k in NEAR_SPLITS for h in ("etf", "plain") for seed in (0, 1))
     assert [s.seed for s in near] == sorted(s.seed for s in near), "every seed-0 model (and proxy) before any seed-1 model"
+    full = {s.name: s for s in model_specs(BUDGETS["full"])}
+    for spec in near:  # the near size trains the full size's near-OOD runs: same names, same flags
+        assert train_flags(spec, BUDGETS["near"]) == train_flags(full[spec.name], BUDGETS["full"])
+        assert "--epochs" in train_flags(spec, BUDGETS["near"])
     assert sorted(s.name for s in near if s.task == "proxy") == sorted(f"proxy-{k}-etf-s0" for k in NEAR_SPLITS)
 
 

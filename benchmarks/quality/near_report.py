@@ -149,7 +149,7 @@ def _markdown(payload: dict, budget: Budget) -> list[str]:
         f"# Near OOD: {len(summaries)} 6/4 class splits of Fashion-MNIST",
         "",
         f"Written by `python -m benchmarks.quality --size {budget.name}` ({payload['machine']}, 2 shared CPU cores). "
-        f"Models trained: {', '.join(payload['trained'])} (`ncguard train` defaults, {'default' if budget.epochs is None else budget.epochs} epochs, "
+        f"Models trained: {', '.join(payload['trained'])} (`ncguard train` defaults but {_epochs(budget)} epochs, "
         "`--head etf` is ours, `--head plain` the plain cross-entropy baseline). Seeds per split and head: "
         + ", ".join(f"{s}: {v['seeds'][OURS]}/{v['seeds'][PLAIN]}" for s, v in summaries.items()) + ".",
         "",
@@ -266,3 +266,8 @@ def _hindsight(summaries: dict) -> list[str]:
         beaten, far_beaten, value = key(name)
         lines.append(f"| `{name}` | {beaten}/{n} | {far_beaten}/{far} | {value:.4f} |")
     return lines + [""]
+
+
+def _epochs(budget: Budget) -> str:
+    epochs = budget.near_epochs if budget.near_epochs is not None else budget.epochs
+    return "its default number of" if epochs is None else str(epochs)
