@@ -166,3 +166,42 @@ def mean_shift(window_features_mean, ref_mean, ref_std, eps: float = 1e-8) -> fl
     if np.any(ref_std < 0):
         raise DataError("ref_std has negative entries; standard deviations are non-negative")
     return float(np.mean(np.abs(window_mean - ref_mean) / (ref_std + eps)))
+
+
+# Alert thresholds of the drift distances, shared by the service's alert rules and dashboards
+# (serving.dashboards.generate, which says how they were measured) and `ncguard audit`'s report.
+OOD_RATE_MARGIN = 0.10  # above 1 - TPR, the rate the threshold lets through on ID data
+PSI_LIMIT = 0.25  # the usual rule of thumb: > 0.25 means the distribution has moved
+KS_LIMIT = 0.20
+JS_LIMIT = 0.20
+FEATURE_SHIFT_LIMIT = 0.25  # in reference standard deviations, averaged over features
+DRIFT_LIMITS = {"score_psi": PSI_LIMIT, "score_ks": KS_LIMIT, "class_js": JS_LIMIT, "feature_mean_shift": FEATURE_SHIFT_LIMIT}
+
+
+# Histogram buckets, read off the reference score quantiles: dense where in-distribution scores
+# fall, so the histogram shows a shift within the ID range, plus the threshold and a ladder above
+# the largest ID score (multiples of the ID score range), where OOD inputs land.
+BUCKET_PROBABILITIES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
+BEYOND_REFERENCE = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+BUCKET_DIGITS = 6  # significant digits of a bucket bound: readable `le` labels, distinct bounds
+
+
+def score_buckets(score_quantiles, threshold: float) -> tuple[float, ...]:
+    """Upper bounds of the ncguard_ood_score histogram buckets (sorted, distinct; +Inf is implied).
+
+    `score_quantiles` are the model's reference quantiles at probabilities linspace(0, 1, n)
+    (ncguard.drift.reference_quantiles); the nearest stored quantile stands for each probability.
+    """
+    quantiles = np.asarray(score_quantiles, dtype=np.float64)
+    if quantiles.ndim != 1 or quantiles.size < 2 or not np.isfinite(quantiles).all():
+        raise DataError(f"score_quantiles must be at least 2 finite values, got {quantiles.size}")
+    if not np.isfinite(threshold):
+        raise DataError(f"the threshold must be a finite number, got {threshold!r}")
+    positions = np.rint(np.asarray(BUCKET_PROBABILITIES) * (quantiles.size - 1)).astype(int)
+    lowest, highest = quantiles[0], quantiles[-1]
+    spread = highest - lowest
+    if spread <= 0:  # a constant reference: give the ladder a scale of its own
+        spread = max(abs(highest), 1.0)
+    bounds = np.concatenate([quantiles[positions], [threshold], highest + spread * np.asarray(BEYOND_REFERENCE)])
+    rounded = {float(f"{bound:.{BUCKET_DIGITS}g}") for bound in bounds}
+    return tuple(sorted(rounded))

@@ -139,6 +139,9 @@ def test_per_row_results_equal_the_predictor(local_audit, sources, digits_model_
     np.testing.assert_allclose(ok.column("confidence").to_numpy(), expected.confidence, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(ok.column("class_index").to_numpy(), expected.class_index)
     np.testing.assert_array_equal(ok.column("is_ood").to_numpy(), expected.is_ood)
+    names = Predictor(digits_model_path).component_names
+    assert ok.column("ood_driver").to_pylist() == [names[d] if flag else None for d, flag in zip(expected.driver, expected.is_ood)]
+    assert any(ok.column("ood_driver").to_pylist())
     features = np.asarray(ok.column("features").to_pylist(), dtype=np.float32)
     np.testing.assert_allclose(features, expected.features, rtol=1e-4, atol=1e-5)
     assert ok.column("label").to_pylist() == [meta.classes[v] if v >= 0 else None for v in labels]

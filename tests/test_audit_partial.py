@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ncguard import drift
-from ncguard.audit.partial import Binning, PartialStats, ks_bounds, psi_from_counts, score_buckets
+from ncguard.audit.partial import Binning, PartialStats, ks_bounds, psi_from_counts
 from ncguard.model_file import DriftReference, ModelMetadata
 
 N_CLASSES, DIM = 4, 6
@@ -104,25 +104,6 @@ def test_rejections_and_time_buckets_merge():
     merged = PartialStats.from_json(a.to_json(), binning).merge(b)
     assert merged.rejected_ == {"not_finite": 3, "overflow": 1}
     assert merged.time_ == {"1970-01-01": [1, 0, 1, 1], "1970-01-02": [2, 1, 2, 1]}
-
-
-def test_the_service_buckets_and_alert_limits_are_the_same_as_the_audit_s():
-    """The audit repeats serving.monitor.score_buckets and the dashboard limits (the core may not
-    import serving/); these pins keep the copies equal."""
-    pytest.importorskip("prometheus_client")
-    from ncguard.audit.run import DRIFT_LIMITS, OOD_RATE_MARGIN
-    from serving.dashboards import generate
-    from serving.monitor import score_buckets as service_buckets
-
-    rng = np.random.default_rng(4)
-    for values in (rng.normal(0, 1, 300), np.full(50, 2.0), rng.exponential(1, 1000)):
-        q = drift.reference_quantiles(values, 100)
-        assert score_buckets(q, float(np.quantile(values, 0.95))) == service_buckets(q, float(np.quantile(values, 0.95)))
-    assert OOD_RATE_MARGIN == generate.OOD_RATE_MARGIN
-    assert DRIFT_LIMITS == {
-        "score_psi": generate.PSI_LIMIT, "score_ks": generate.KS_LIMIT,
-        "class_js": generate.JS_LIMIT, "feature_mean_shift": generate.FEATURE_SHIFT_LIMIT,
-    }
 
 
 def test_the_audit_imports_neither_ray_nor_torch():

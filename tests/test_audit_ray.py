@@ -161,7 +161,7 @@ def test_ray_cluster_audit_equals_the_local_engine_and_one_pass(ray_cluster, aud
     # per-row results: the same rows, the same outputs to float tolerance
     a, b = read_rows(local_out), read_rows(ray_out)
     assert a.column("row_id").to_pylist() == b.column("row_id").to_pylist()
-    for name in ("class_index", "is_ood", "predicted", "label", "correct", "error"):
+    for name in ("class_index", "is_ood", "ood_driver", "predicted", "label", "correct", "error"):
         assert a.column(name).to_pylist() == b.column(name).to_pylist(), name
     for name in ("ood_score", "confidence"):
         np.testing.assert_allclose(a.column(name).to_numpy(), b.column(name).to_numpy(), rtol=1e-5, atol=1e-5)

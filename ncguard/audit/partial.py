@@ -38,25 +38,6 @@ PSI_BINS = 10  # ncguard.drift.psi's default, which the service uses
 TOP_K = 24  # most-OOD rows kept (with thumbnails for image inputs)
 THUMBNAIL_PIXELS = 64
 
-# The score histogram buckets of the service (serving.monitor.score_buckets). The core may not import
-# serving/ (it needs prometheus-client), so the few lines are repeated here; a test pins them equal.
-BUCKET_PROBABILITIES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
-BEYOND_REFERENCE = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
-BUCKET_DIGITS = 6
-
-
-def score_buckets(score_quantiles, threshold: float) -> tuple[float, ...]:
-    """Upper bounds of the service's ncguard_ood_score histogram (see serving.monitor.score_buckets)."""
-    quantiles = np.asarray(score_quantiles, dtype=np.float64)
-    positions = np.rint(np.asarray(BUCKET_PROBABILITIES) * (quantiles.size - 1)).astype(int)
-    lowest, highest = quantiles[0], quantiles[-1]
-    spread = highest - lowest
-    if spread <= 0:
-        spread = max(abs(highest), 1.0)
-    bounds = np.concatenate([quantiles[positions], [threshold], highest + spread * np.asarray(BEYOND_REFERENCE)])
-    return tuple(sorted({float(f"{bound:.{BUCKET_DIGITS}g}") for bound in bounds}))
-
-
 def psi_cuts(score_quantiles, n_bins: int = PSI_BINS) -> np.ndarray:
     """The bin cuts ncguard.drift.psi uses for these reference quantiles (same arithmetic)."""
     quantiles = np.asarray(score_quantiles, dtype=np.float64)
@@ -82,7 +63,7 @@ class Binning:
     @classmethod
     def from_metadata(cls, meta: ModelMetadata, fine_bins: int = FINE_BINS) -> "Binning":
         quantiles = np.asarray(meta.drift_reference.score_quantiles, dtype=np.float64)
-        buckets = np.asarray(score_buckets(quantiles, meta.threshold))
+        buckets = np.asarray(drift.score_buckets(quantiles, meta.threshold))
         inner = np.interp(np.linspace(0.0, 1.0, fine_bins + 1), np.linspace(0.0, 1.0, quantiles.size), quantiles)
         fine = np.unique(np.concatenate([inner, quantiles, psi_cuts(quantiles), buckets, [meta.threshold]]))
         shape = list(meta.input_shape)

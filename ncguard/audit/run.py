@@ -33,10 +33,8 @@ MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 REPORT = "report.html"
 
-# The alert thresholds of the service's Prometheus rules and dashboard (serving.dashboards.generate);
-# repeated because the core may not import serving/, and pinned equal by a test.
-OOD_RATE_MARGIN = 0.10
-DRIFT_LIMITS = {"score_psi": 0.25, "score_ks": 0.20, "class_js": 0.20, "feature_mean_shift": 0.25}
+# The alert thresholds of the service's Prometheus rules and dashboard, from the core (ncguard.drift)
+from ..drift import DRIFT_LIMITS, OOD_RATE_MARGIN  # noqa: E402,F401  (summary reads them here)
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ def score_shard(shard: Shard, predictor: Predictor, binning: Binning, options: S
     confidence = np.zeros(n, np.float32)
     scores = np.zeros(n, np.float32)
     is_ood = np.zeros(n, bool)
+    driver = np.zeros(n, np.int64)  # index into predictor.component_names: what drove an OOD decision
     errors = list(chunk.errors)
     features = np.zeros((n, binning.feature_dim), np.float32) if options.features else None
     ok = chunk.ok.copy()
@@ -73,6 +74,7 @@ def score_shard(shard: Shard, predictor: Predictor, binning: Binning, options: S
         confidence[index] = result.confidence
         scores[index] = result.ood_score
         is_ood[index] = result.is_ood
+        driver[index] = result.driver
         if features is not None and result.features.shape[1] == binning.feature_dim:
             features[index] = result.features
         good = result.finite
@@ -99,6 +101,8 @@ def score_shard(shard: Shard, predictor: Predictor, binning: Binning, options: S
         "confidence": pa.array(confidence, mask=~ok),
         "ood_score": pa.array(scores, mask=~ok),
         "is_ood": pa.array(is_ood, mask=~ok),
+        # the part of the score that drove an OOD decision (null for in-distribution rows)
+        "ood_driver": pa.array(np.asarray(predictor.component_names, dtype=object)[driver], pa.string(), mask=~(ok & is_ood)),
         "label": pa.array(names[np.maximum(labels, 0)], pa.string(), mask=labels < 0),
         "correct": pa.array(labels == class_index, mask=(labels < 0) | ~ok),
         "error": pa.array(errors, pa.string()),

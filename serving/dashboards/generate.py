@@ -35,11 +35,8 @@ SCRAPE_CONFIG_PATH = HERE / "prometheus.yml"
 # scores; larger references and the default window of 1000 read lower). Inverted, rotated or
 # noisy digits read PSI 3.5-7, KS 0.7-0.9, JS 0.3-0.7 and a feature shift of 0.3-0.5 std.
 # The `for:` durations ask for a shift that lasts, not one bad minute.
-OOD_RATE_MARGIN = 0.10  # above 1 - TPR, the rate the threshold lets through on ID data
-PSI_LIMIT = 0.25  # the usual rule of thumb: > 0.25 means the distribution has moved
-KS_LIMIT = 0.20
-JS_LIMIT = 0.20
-FEATURE_SHIFT_LIMIT = 0.25  # in reference standard deviations, averaged over features
+# The limits themselves live in the core (ncguard.drift), shared with `ncguard audit`'s report.
+from ncguard.drift import FEATURE_SHIFT_LIMIT, JS_LIMIT, KS_LIMIT, OOD_RATE_MARGIN, PSI_LIMIT  # noqa: E402
 ERROR_RATIO_LIMIT = 0.05  # 5xx answers among prediction requests
 REJECTED_RATIO_LIMIT = 0.25  # 4xx refusals among prediction requests
 
