@@ -17,14 +17,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --no-deps pytorch-ood==0.4.0
 	touch $(STAMP)
 
-# System packages the tests use: Fashion-MNIST (Debian's dataset-fashion-mnist) and a real
-# Prometheus with promtool (Debian's prometheus). Installed when missing and root; otherwise the
-# tests that need them are skipped with a message saying how to get them.
-DEB_PACKAGES := dataset-fashion-mnist prometheus
+# System packages the tests use: Fashion-MNIST (Debian's dataset-fashion-mnist), a real Prometheus
+# with promtool (Debian's prometheus) and headless Chromium (the audit report renders in it).
+# Installed when missing and root; otherwise the tests that need them are skipped with a message
+# saying how to get them. The serving and reliability benchmarks also want `hey` (not the tests).
+DEB_PACKAGES := dataset-fashion-mnist prometheus chromium
 system-deps:
 	@missing=""; \
 	[ -d /usr/share/datasets/fashion-mnist ] || missing="$$missing dataset-fashion-mnist"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing Debian packages:$$missing"; \
 		(apt-get install -y -qq --no-install-recommends $$missing >/dev/null 2>&1 || \
