@@ -110,9 +110,27 @@ def cached_features(model, config: dict, inputs: dict[str, np.ndarray | None], p
 
 def calibration_inputs(config: dict) -> np.ndarray:
     """The run's held-out ID split (training data it never fitted on), at most MAX_CALIBRATION rows."""
-    from export.cli import calibration_inputs as held_out_inputs
+    from training.runs import calibration_inputs as held_out_inputs
 
     return held_out_inputs(config)[0][:MAX_CALIBRATION]
+
+
+def calibration_error(config: dict, held_out_logits: np.ndarray, test_logits: np.ndarray, test_y: np.ndarray) -> dict:
+    """Expected calibration error (15 bins) of the test split's confidence before and after the
+    softmax temperature that export fits on the run's held-out split (the same rows as
+    `calibration_inputs`, with their labels; ncguard.temperature, Guo et al. 2017)."""
+    from ncguard.calibration import expected_calibration_error
+    from ncguard.temperature import fit_temperature, softmax
+    from training.runs import calibration_inputs as held_out_inputs
+
+    held_out_y = held_out_inputs(config, with_labels=True)[1][: len(held_out_logits)]
+    temperature = fit_temperature(held_out_logits.astype(np.float64), held_out_y)
+    test_logits = test_logits.astype(np.float64)
+    return {
+        "temperature": float(temperature),
+        "ece_before": expected_calibration_error(softmax(test_logits), test_y),
+        "ece_after": expected_calibration_error(softmax(test_logits, temperature), test_y),
+    }
 
 
 def _scorers(bundle, calibration: dict[str, np.ndarray]):
@@ -149,15 +167,11 @@ def _single(detector, layer):
 
 
 def _fused(bundle, calibration, components, combine):
-    from ncguard.scores.fused import Fused
+    """A fused candidate through the one detector contract (build_detector), standardized on the held-out split."""
+    from ncguard.scores import build_detector
 
-    if not hasattr(Fused, "fit_layers"):  # the restructured detectors: fit(statistics, held_out={layer: ..., "logits": ...})
-        detector = Fused(components=components, combine=combine).fit(bundle, held_out=calibration)
-        return lambda f: detector.score(f)
-    detector = Fused(components=components, combine=combine).fit_layers(
-        bundle.layers, bundle.weight, bundle.bias, "detection", {layer: calibration[layer] for layer in bundle.layers if layer in calibration}, calibration["logits"]
-    )
-    return lambda f: detector.score_layers(f, f["logits"])
+    detector = build_detector("fused", bundle, components=components, combine=combine).fit(bundle, calibration)
+    return detector.score
 
 
 PROBE_LAYERS = ("transfer", "detection", *BLOCKS)
@@ -241,7 +255,7 @@ def evaluate_run(spec: ModelSpec, run_dir: Path, budget: Budget) -> dict:
     features = cached_features(model, config, inputs, run_dir.parent.parent / "features" / f"{spec.name}.npz", spec.name)
     calibration = features.pop(CALIBRATION)
     scorers, skipped = _scorers(bundle, calibration)
-    scores = {row: {key: np.asarray(score(f)) for key, f in features.items()} for row, score in tqdm(scorers.items(), desc=f"{spec.name}: scores", leave=False)}
+    scores = {row: {key: np.asarray(score(f)) for key, f in features.items()} for row, score in tqdm(scorers.items(), desc=f"{spec.name}: scores", leave=False, disable=None)}
     metrics = {row: {key: ood_report(by_set["id"], values) for key, values in by_set.items() if key != "id"} for row, by_set in scores.items()}
     result = {
         "model": spec.name,
@@ -255,6 +269,7 @@ def evaluate_run(spec: ModelSpec, run_dir: Path, budget: Budget) -> dict:
         "id_accuracy": _accuracy(features["id"]["logits"], id_y),
         "n_id": int(len(id_y)),
         "shift_accuracy": {k: _accuracy(features[k]["logits"], y) for k, (_, y) in shifts.items()},
+        "calibration_error": calibration_error(config, calibration["logits"], features["id"]["logits"], id_y),
         "metrics": metrics,
         "combinations": combination_metrics(bundle, calibration, features) if spec.task == "near" else None,
         "skipped_scores": skipped,

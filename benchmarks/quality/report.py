@@ -145,6 +145,8 @@ def write_report(work: Path, out: Path, budget: Budget) -> Path:
     checks = goal_check(tables[OURS]["auroc"], tables[OURS]["fpr95"], best, sets) if ours and plain else {}
     ranked = sorted(checks, key=lambda row: (checks[row]["wins"], checks[row]["mean_auroc"]), reverse=True)
     accuracy = {head: _mean_sd([r["id_accuracy"] for r in rs]) for head, rs in ((OURS, ours), (PLAIN, plain))}
+    # results written before the calibration_error field have none: those rows show as missing
+    ece = {head: {k: _mean_sd([(r.get("calibration_error") or {}).get(k) for r in rs]) for k in ("ece_before", "ece_after", "temperature")} for head, rs in ((OURS, ours), (PLAIN, plain))}
     shift_accuracy = {head: {s: _mean_sd([r["shift_accuracy"].get(s) for r in rs]) for s in COVARIATE_SHIFTS} for head, rs in ((OURS, ours), (PLAIN, plain))}
     probe = {head: {layer: _mean_sd([r["probe"].get(layer) for r in rs if r.get("probe")]) for layer in PROBE_COLUMNS} for head, rs in ((OURS, ours), (PLAIN, plain))}
     near = {r["model"]: r for r in results if r["task"] == "near"}
@@ -160,6 +162,7 @@ def write_report(work: Path, out: Path, budget: Budget) -> Path:
         "sets": sets,
         "seeds": {OURS: len(ours), PLAIN: len(plain)},
         "id_accuracy": accuracy,
+        "calibration_error": ece,
         "shift_accuracy": shift_accuracy,
         "probe": probe,
         "oracle": best,
@@ -238,6 +241,12 @@ def _markdown(summary, tables, best, checks, ranked, near, ablations, byom, plot
         p = summary["probe"][head]
         shift = summary["shift_accuracy"][head]
         lines.append(f"| {head} | {_fmt(*acc[head], digits=4)} | {_fmt(*p['transfer'])} | {_fmt(*p['detection'])} | " + " | ".join(_fmt(*shift[s]) for s in COVARIATE_SHIFTS) + " |")
+    lines += ["", "Calibrated confidence: expected calibration error (15 bins) of the test split's confidence, softmax of the logits "
+              "before and after the temperature export fits on the run's held-out split:", "",
+              "| model | ECE, softmax | ECE, calibrated (what `confidence` reports) | temperature |", "| --- | ---: | ---: | ---: |"]
+    for head in (OURS, PLAIN):
+        e = summary["calibration_error"][head]
+        lines.append(f"| {head} | {_fmt(*e['ece_before'], digits=4)} | {_fmt(*e['ece_after'], digits=4)} | {_fmt(*e['temperature'])} |")
     lines += ["", "Probe: logistic regression on standardized features of scikit-learn's digits (all 1,797, upscaled to 28x28), mean accuracy over " + f"{summary['probe_folds']} stratified folds; for the plain model z is h.", ""]
     lines += ["Where transfer is lost, probe accuracy layer by layer (raw pixels are the floor; `grid` is the pooled block3 grid the head's Linear reads, `h pre-ReLU` is h before the head's final ReLU):", "",
               "| model | " + " | ".join(PROBE_LABELS[c] for c in PROBE_COLUMNS) + " |", "| --- | " + " | ".join("---:" for _ in PROBE_COLUMNS) + " |"]
