@@ -62,7 +62,7 @@ def id_outputs(predictor: Predictor, x: np.ndarray, batch_size: int = DEFAULT_BA
     """(ood_score, predicted class, logits, probabilities) over the ID inputs, in batches."""
     parts = []
     batches = iter_batches(len(x), batch_size)
-    for rows in tqdm(batches, total=math.ceil(len(x) / batch_size), desc="scoring ID", unit="batch", leave=False):
+    for rows in tqdm(batches, total=math.ceil(len(x) / batch_size), desc="scoring ID", unit="batch", leave=False, disable=None):
         result = predictor.predict(x[rows], batch_size=batch_size)
         parts.append((result.ood_score, result.class_index, result.logits, result.probabilities))
     scores, predicted, logits, probabilities = (np.concatenate(column) for column in zip(*parts))
