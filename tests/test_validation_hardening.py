@@ -194,9 +194,11 @@ def test_json_bodies_with_more_values_than_a_batch_are_refused_before_parsing(pr
     assert "JSON values" in str(exc)
 
 
-MEASURE = textwrap.dedent(
+# What both measuring scripts start with: the tree on sys.path, the model loaded, an RSS reader
+# (VmRSS / VmHWM of this process, in MB). argv: ROOT, MODEL, then each script's own arguments.
+PARSE_IN_FRESH_PROCESS = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, sys, time
     sys.path.insert(0, sys.argv[1])
     from ncguard.runtime import Predictor
     from serving.validation import Rejected, parse_json_inputs
@@ -207,6 +209,11 @@ MEASURE = textwrap.dedent(
                 return int(line.split()[1]) / 1024
 
     predictor = Predictor(sys.argv[2], provider="cpu")
+    """
+)
+
+MEASURE = PARSE_IN_FRESH_PROCESS + textwrap.dedent(
+    """
     filler = sys.argv[3].encode()
     size = int(sys.argv[4])
     body = b'{"inputs": [' + filler * ((size - 20) // len(filler)) + b'[]]}'
@@ -249,19 +256,8 @@ def test_non_numbers_are_refused_before_numpy_sees_them(predictor, inputs, kind)
     assert (exc.reason, exc.status) == ("wrong_dtype", 422) and kind in str(exc) and "dtype" in str(exc)
 
 
-STRINGS = textwrap.dedent(
+STRINGS = PARSE_IN_FRESH_PROCESS + textwrap.dedent(
     """
-    import json, sys
-    sys.path.insert(0, sys.argv[1])
-    from ncguard.runtime import Predictor
-    from serving.validation import Rejected, parse_json_inputs
-
-    def rss_mb(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-
-    predictor = Predictor(sys.argv[2], provider="cpu")
     body = json.dumps({"inputs": [["x" * 100000] + ["a"] * 1000]}).encode()
     before = rss_mb("VmHWM")
     try:
