@@ -242,6 +242,20 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(axis=1) == y).mean())
 
 
+def model_record(spec: ModelSpec, config: dict) -> dict:
+    """What every result file says about the model it describes (evaluation and proxy selection alike)."""
+    return {
+        "model": spec.name,
+        "group": spec.group,
+        "head": spec.head,
+        "seed": spec.seed,
+        "task": spec.task,
+        "split": spec.split,
+        "role": spec.role,
+        "settings": config["settings"],
+    }
+
+
 def evaluate_run(spec: ModelSpec, run_dir: Path, budget: Budget) -> dict:
     import torch
 
@@ -258,14 +272,7 @@ def evaluate_run(spec: ModelSpec, run_dir: Path, budget: Budget) -> dict:
     scores = {row: {key: np.asarray(score(f)) for key, f in features.items()} for row, score in tqdm(scorers.items(), desc=f"{spec.name}: scores", leave=False, disable=None)}
     metrics = {row: {key: ood_report(by_set["id"], values) for key, values in by_set.items() if key != "id"} for row, by_set in scores.items()}
     result = {
-        "model": spec.name,
-        "group": spec.group,
-        "head": spec.head,
-        "seed": spec.seed,
-        "task": spec.task,
-        "split": spec.split,
-        "role": spec.role,
-        "settings": config["settings"],
+        **model_record(spec, config),
         "id_accuracy": _accuracy(features["id"]["logits"], id_y),
         "n_id": int(len(id_y)),
         "shift_accuracy": {k: _accuracy(features[k]["logits"], y) for k, (_, y) in shifts.items()},

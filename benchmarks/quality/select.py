@@ -171,7 +171,7 @@ def evaluate_proxy(spec, run_dir: Path, budget) -> dict:
 
     from training.runs import load_run
 
-    from .evaluate import CALIBRATION, _accuracy, _training_record, cached_features
+    from .evaluate import CALIBRATION, _accuracy, _training_record, cached_features, model_record
 
     torch.set_num_threads(2)
     started = time.perf_counter()
@@ -191,14 +191,7 @@ def evaluate_proxy(spec, run_dir: Path, budget) -> dict:
         singles[f"{component[1]}@{component[0]}"] = {"auroc": float(report["auroc"]), "fpr95": float(report["fpr95"])}
     _, labels = _calibration_labels(config)
     return {
-        "model": spec.name,
-        "group": spec.group,
-        "head": spec.head,
-        "seed": spec.seed,
-        "task": spec.task,
-        "split": spec.split,
-        "role": spec.role,
-        "settings": config["settings"],
+        **model_record(spec, config),
         "classes": list(config["data"]["classes"]),
         "id_accuracy": _accuracy(held_id["logits"], labels[half:]) if labels is not None else None,
         "n_id": int(n - half),
@@ -212,7 +205,7 @@ def evaluate_proxy(spec, run_dir: Path, budget) -> dict:
 
 
 def _calibration_labels(config: dict):
-    from export.cli import calibration_inputs
+    from training.runs import calibration_inputs
 
     x, y, _ = calibration_inputs(config, with_labels=True)
     from .evaluate import MAX_CALIBRATION
