@@ -3,11 +3,11 @@ its worker processes, the values of a metric in its /metrics text, and posting r
 
 from __future__ import annotations
 
-import io
-
 import httpx
 import numpy as np
 import psutil
+
+from ncguard.client import NPY_CONTENT_TYPE, npy_body
 
 
 def worker_processes(client) -> list[psutil.Process]:
@@ -26,15 +26,14 @@ def metric_total(text: str, name: str) -> float:
 
 
 def npy_bytes(x: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(x, dtype=np.float32))
-    return buffer.getvalue()
+    """float32 .npy bytes of `x`, as NcguardClient sends them."""
+    return npy_body(np.asarray(x, dtype=np.float32))
 
 
 def post_rows(url: str, x: np.ndarray, rows_per_request: int) -> list[int]:
     """POST `x` in slices, a new connection per request so the kernel spreads them over the workers."""
     statuses = []
     for start in range(0, len(x), rows_per_request):
-        response = httpx.post(f"{url}/predict", content=npy_bytes(x[start : start + rows_per_request]), headers={"content-type": "application/x-npy"}, timeout=30)
+        response = httpx.post(f"{url}/predict", content=npy_bytes(x[start : start + rows_per_request]), headers={"content-type": NPY_CONTENT_TYPE}, timeout=30)
         statuses.append(response.status_code)
     return statuses
