@@ -112,7 +112,7 @@ def test_predict_evaluate_and_the_score_graphs_run_without_torch(model_path, fil
     code = textwrap.dedent(
         f"""
         import argparse, sys
-        import export.score_graph, export.parity, export.detectors
+        import export.score_graph, export.parity
         from ncguard.cli.predict import run as predict
         from ncguard.cli.evaluate import run as evaluate
         assert predict(argparse.Namespace(model={str(model_path)!r}, files=[{str(files['npz'])!r}], json=True, provider=None)) == 0

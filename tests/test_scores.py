@@ -233,6 +233,39 @@ def test_registry_and_params(fitted):
         assert result.shape == (5,) and result.dtype == np.float64
 
 
+def test_adding_a_score_is_one_new_file(tmp_path, monkeypatch):
+    """`discover_scores` finds a score from its file alone, and refuses two scores with one name."""
+    import importlib
+
+    from ncguard.scores import discover_scores
+
+    package = tmp_path / "extra_scores"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helpers.py").write_text("from ncguard.scores.base import Detector\n")  # imported, not defined here
+    (package / "norm.py").write_text(
+        "import numpy as np\n"
+        "from ncguard.scores.base import Detector\n"
+        "class FeatureNorm(Detector):\n"
+        "    name = 'feature-norm'\n"
+        "    uses_features = True\n"
+        "    def _fit(self, stats, weight, bias):\n"
+        "        pass\n"
+        "    def _score(self, features, logits):\n"
+        "        return np.linalg.norm(features, axis=1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = discover_scores(importlib.import_module("extra_scores"))
+    assert list(found) == ["feature-norm"]
+    rows = np.array([[3.0, 4.0], [0.0, 1.0]])
+    stats = ClassStatistics(2).fit(rows, np.array([0, 1]))
+    assert np.allclose(found["feature-norm"](layer="features").fit(stats).score(rows), [5.0, 1.0])
+
+    (package / "again.py").write_text("from ncguard.scores.base import Detector\nclass Other(Detector):\n    name = 'feature-norm'\n")
+    with pytest.raises(ConfigError, match="two scores are named 'feature-norm'"):
+        discover_scores(importlib.import_module("extra_scores"))
+
+
 def test_unknown_score_and_bad_options_are_config_errors():
     with pytest.raises(ConfigError, match="unknown score 'odin'"):
         make_detector("odin")

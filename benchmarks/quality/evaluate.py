@@ -3,7 +3,7 @@
 For one run: the layer features of the ID test set, the run's own held-out calibration split, the far
 OOD sets, the covariate-shifted sets (and, for near-OOD models, the unseen classes) come from the
 run's torch model in one pass each. Detectors are fitted from the run's statistics exactly as
-`ncguard export` fits them (export.detectors.fit_detector) and scored with the NumPy reference; the
+`ncguard export` fits them (ncguard.scores.build_detector, then Detector.fit) and scored with the NumPy reference; the
 multi-layer candidates use ncguard.scores.fused, standardized on the calibration split (ID only).
 The result is one JSON per run, so the report can be rebuilt without recomputing.
 """
@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from export.detectors import fit_detector
 from ncguard.atomic import atomic_write
 from ncguard.data import load_dataset
 from ncguard.errors import NcguardError
 from ncguard.ood_metrics import ood_report
-from ncguard.scores import SCORES
+from ncguard.scores import SCORES, build_detector
 
 from .ood_sets import NEAR_OOD, far_ood_sets, shifted_sets
 from .select import combination_metrics
@@ -138,22 +137,18 @@ def _scorers(bundle, calibration: dict[str, np.ndarray]):
     scorers, skipped = {}, {}
     for name in sorted(SCORES):
         try:
-            detector, layer = fit_detector(name, bundle)
+            scorers[name] = build_detector(name, bundle).fit(bundle).score
         except NcguardError as exc:
             skipped[name] = str(exc)
-            continue
-        scorers[name] = _single(detector, layer)
     # every score that reads features alone on every other layer ("every score on every layer")
     for layer in (*BLOCKS, "transfer"):
         if layer not in bundle.layers:
             continue
         for name in ANY_LAYER_SCORES:
             try:
-                detector, _ = fit_detector(name, bundle, layer)
+                scorers[f"{name}@{layer}"] = build_detector(name, bundle, layer=layer).fit(bundle).score
             except NcguardError as exc:
                 skipped[f"{name}@{layer}"] = str(exc)
-                continue
-            scorers[f"{name}@{layer}"] = _single(detector, layer)
     for name, components, combine in FUSED_CANDIDATES:
         try:
             scorers[name] = _fused(bundle, calibration, components, combine)
@@ -162,14 +157,8 @@ def _scorers(bundle, calibration: dict[str, np.ndarray]):
     return scorers, skipped
 
 
-def _single(detector, layer):
-    return lambda f: detector.score(features=f[layer] if layer else None, logits=f["logits"])
-
-
 def _fused(bundle, calibration, components, combine):
     """A fused candidate through the one detector contract (build_detector), standardized on the held-out split."""
-    from ncguard.scores import build_detector
-
     detector = build_detector("fused", bundle, components=components, combine=combine).fit(bundle, calibration)
     return detector.score
 

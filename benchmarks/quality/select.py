@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.detectors import fit_detector
 from ncguard.ood_metrics import ood_report
+from ncguard.scores import build_detector
 
 BLOCK_COMPONENTS = (("block1", "mahalanobis"), ("block3", "mahalanobis"))  # the default's block part
 SEMANTIC_POOL = (
@@ -87,10 +87,10 @@ def component_scores(bundle, features: dict[str, dict[str, np.ndarray]], standar
     for layer, score in (*BLOCK_COMPONENTS, *SEMANTIC_POOL):
         if layer not in bundle.layers:
             continue
-        detector, used = fit_detector(score, bundle, layer)
+        detector = build_detector(score, bundle, layer=layer).fit(bundle)
 
-        def run(f, detector=detector, used=used):
-            return np.asarray(detector.score(features=f[used] if used else None, logits=f["logits"]), dtype=np.float64)
+        def run(f, detector=detector):
+            return detector.score(f)
 
         reference = run(standardize_on)
         mu, sigma = reference.mean(), reference.std()

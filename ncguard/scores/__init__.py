@@ -5,30 +5,45 @@ calibrate, is_ood, explain, build_graph), one file per score holding both its Nu
 ONNX graph. `SCORES` lists the single scores, `Fused` ("fused") combines them, and `build_detector`
 is the one place that turns a score name and a run's statistics into the detector every path fits
 (training's default, `ncguard export`, `ncguard fit`, `ncguard evaluate --all-scores`, benchmarks).
-Adding a score is one new file here plus its entry in `SCORES` and its tests.
+Adding a score is one new file here (a `Detector` subclass with its own `name`) plus its tests:
+`SCORES` finds it (`discover_scores`).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from types import ModuleType
+
 from ..errors import ConfigError
 from ..stats import StatisticsBundle
 from .base import LOGITS, Detector, classifier_layer, one_layer
-from .ddu import DDU
 from .defaults import default_score
-from .energy import Energy
-from .etf import ETF
 from .fused import Fused, fused_components
-from .knn import KNN
-from .mahalanobis import Mahalanobis
-from .maxlogit import MaxLogit
-from .msp import MSP
-from .nci import NCI
-from .neco import NECO
-from .vim import ViM
 
-SCORES: dict[str, type[Detector]] = {
-    cls.name: cls for cls in (ETF, Mahalanobis, Energy, MSP, MaxLogit, KNN, DDU, ViM, NCI, NECO)
-}
+
+def discover_scores(package: ModuleType) -> dict[str, type[Detector]]:
+    """{name: class} of every single score defined in `package`'s modules: each `Detector` subclass
+    that sets its own `name` (`Fused`, the combination, is not a single score).
+
+    Found by importing the package's modules rather than listed by hand, so that adding a score is
+    one new file: nothing else to edit, and no list that can silently miss a score.
+    """
+    found: dict[str, type[Detector]] = {}
+    for module_info in sorted(pkgutil.iter_modules(package.__path__), key=lambda info: info.name):
+        module = importlib.import_module(f"{package.__name__}.{module_info.name}")
+        for value in vars(module).values():
+            if not (isinstance(value, type) and issubclass(value, Detector) and value.__module__ == module.__name__):
+                continue
+            if value is Fused or "name" not in vars(value):
+                continue
+            if value.name in found and found[value.name] is not value:
+                raise ConfigError(f"two scores are named {value.name!r}: {found[value.name].__module__} and {module.__name__}")
+            found[value.name] = value
+    return dict(sorted(found.items()))
+
+
+SCORES: dict[str, type[Detector]] = discover_scores(importlib.import_module(__name__))
 SCORE_NAMES = (*sorted(SCORES), Fused.name)  # every name `build_detector` takes
 
 
@@ -81,6 +96,6 @@ def build_detector(
 
 
 __all__ = [
-    "LOGITS", "SCORES", "SCORE_NAMES", "Detector", "Fused", "build_detector", "classifier_layer", "make_detector",
-    "one_layer", *(cls.__name__ for cls in SCORES.values()),
+    "LOGITS", "SCORES", "SCORE_NAMES", "Detector", "Fused", "build_detector", "classifier_layer", "discover_scores",
+    "make_detector", "one_layer",
 ]
