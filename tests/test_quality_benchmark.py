@@ -167,6 +167,15 @@ def test_choice_honours_the_block_weight_guard_and_prefers_cheap_ties():
     assert all(not name.startswith("blocks*0+") for name, _ in ranking)
 
 
+def test_the_last_block_alone_is_a_block_set_of_its_own():
+    from benchmarks.quality.select import Combination, combinations, combine
+
+    names = [c.name for c in combinations()]
+    assert len(names) == len(set(names)) and not any(name.startswith("block3*0+") for name in names)
+    scores = {("block1", "mahalanobis"): np.array([10.0]), ("block3", "mahalanobis"): np.array([1.0]), ("detection", "ddu"): np.array([2.0])}
+    assert combine(scores, Combination((("detection", "ddu"),), 0.5, "block3"))[0] == 2.5
+    assert combine(scores, Combination((("detection", "ddu"),), 0.5))[0] == 7.5
+
 def test_near_models_meet_unseen_far_and_shifted_sets_and_the_default_combination_is_fused(smoke_report):
     from benchmarks.quality.select import DEFAULT_COMBINATION, PROXY_OOD
 

@@ -1,4 +1,4 @@
-"""Quality benchmark: `python -m benchmarks.quality [--size full|smoke] [--work DIR] [--stage ...]`.
+"""Quality benchmark: `python -m benchmarks.quality [--size full|study|near|check|smoke] [--work DIR] [--stage ...]`.
 
 Stages (default: all, in order): `train` the planned models with `ncguard train`, `evaluate` every
 score on every trained model (one JSON per model under WORK/results), `byom` the bring-your-own-model
@@ -23,7 +23,7 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(BUDGETS), default="full", help="full: the published numbers; study: seed 0 and the training variants; near: the near-OOD splits and their ID-only proxies alone; smoke: tiny, for CI")
+    parser.add_argument("--size", choices=sorted(BUDGETS), default="full", help="full: the published numbers; study: seed 0 and the training variants; near: the near-OOD splits and their ID-only proxies alone; check: seed 0 of both 10-class models alone; smoke: tiny, for CI")
     parser.add_argument("--work", default="runs/quality", help="folder for data, run directories and per-model results")
     parser.add_argument("--out", default=None, help="where the report goes (default: benchmarks/results for full, benchmarks/results/study for study, benchmarks/results/near for near, WORK/report for smoke)")
     parser.add_argument("--stage", action="append", choices=STAGES, help="run only these stages (repeatable)")

@@ -40,7 +40,12 @@ FUSED_CANDIDATES = (
     ("fused-block1+etf", (("block1", "mahalanobis"), ("detection", "etf")), "sum"),
     ("fused-blocks+ddu", (*BLOCK_MAHALANOBIS, ("detection", "ddu")), "sum"),
     ("fused-blocks+ddu+vim", (*BLOCK_MAHALANOBIS, ("detection", "ddu"), ("detection", "vim")), "sum"),
-    ("fused", None, "sum"),  # the default of ncguard train/export: block1 + block3 Mahalanobis, detection DDU
+    ("fused", None, "sum"),  # the default of ncguard train/export (ncguard.scores.fused.default_components)
+    # Near-OOD round 2 (issue 16): block1's pixel statistics drowned the semantic signal on split c, so
+    # the last block alone, with one or two semantic components on the detection layer
+    ("fused-block1+block3+ddu", (("block1", "mahalanobis"), ("block3", "mahalanobis"), ("detection", "ddu")), "sum"),
+    ("fused-block3+ddu", (("block3", "mahalanobis"), ("detection", "ddu")), "sum"),
+    ("fused-block3+ddu+knn", (("block3", "mahalanobis"), ("detection", "ddu"), ("detection", "knn")), "sum"),
     ("fused-blocks+vim", (*BLOCK_MAHALANOBIS, ("detection", "vim")), "sum"),
     ("fused-blocks+mahalanobis", (*BLOCK_MAHALANOBIS, ("detection", "mahalanobis")), "sum"),
     ("fused-blocks", BLOCK_MAHALANOBIS, "sum"),

@@ -97,6 +97,9 @@ BUDGETS = {
     # The near-OOD round alone: 3 splits x 2 heads x 2 seeds + 3 proxies (seed 0 of every split and the
     # proxies come first: about 1.2 hours on 2 quiet cores; seed 1 another 0.7); same runs as the full size's.
     "near": Budget("near", seeds=(0,), epochs=None, id_test=None, ood_per_set=2000, ablations=False, near_seeds=(0, 1), full_models=False, published="near", settle_seconds=0.0),
+    # The two 10-class models at the defaults, seed 0, nothing else: the check of the defaults' goals that
+    # need full-size models (far OOD, calibrated confidence, the bring-your-own rows) in about 45 minutes.
+    "check": Budget("check", seeds=(0,), epochs=None, id_test=None, ood_per_set=2000, ablations=False, near_splits=(), proxies=False, published="check"),
     "smoke": Budget("smoke", seeds=(0,), epochs=1, id_test=300, ood_per_set=100, ablations=False, train_limit=1200, settle_seconds=0.0, probe_folds=2, near_splits=("a", "b"), near_epochs=None),
 }
 

@@ -278,11 +278,7 @@ def _markdown(summary, tables, best, checks, ranked, near, ablations, byom, plot
             lines.append(f"| {r['model']} | {changed} | {r['id_accuracy']:.4f} | {r['probe']['transfer']:.3f} | {_fmt(r['probe'].get('transfer-preact', float('nan')))} | " + " | ".join(cells) + " |")
         lines.append("")
     if byom:
-        m = next(iter(byom["metrics"].values()))
-        lines += ["## Bring your own model (`ncguard fit` on the plain model's ONNX, score " + byom["score"] + ")", "",
-                  "| set | AUROC | FPR95 |", "| --- | ---: | ---: |"]
-        lines += [f"| {s} | {m[s]['auroc']:.3f} | {m[s]['fpr95']:.3f} |" for s in sets if s in m]
-        lines += ["", f"Fitted on {byom['fit_rows']} training images; ID accuracy {byom['id_accuracy']:.4f}; {byom['seconds']:.0f} s end to end.", ""]
+        lines += _byom_md(byom, sets)
     quiet = summary["quiet_cost_measurement"]
     lines += ["## Training cost (2 CPU cores)", "",
               "| head | seconds per epoch, quiet | epochs to 93% validation accuracy | seconds to 93%, quiet | seconds per epoch (main runs, shared cores) | wall time of `ncguard train` (main runs) | test accuracy |",
@@ -353,3 +349,26 @@ def _plots(out: Path, summary, tables, results) -> list[str]:
     plt.close(fig)
     names.append("quality-training.png")
     return names
+
+
+def _byom_md(byom: dict, sets) -> list[str]:
+    """Both bring-your-own rows side by side (byom_row.py): the single-tensor default and the multi-layer one."""
+    rows = list(byom["metrics"])
+    lines = ["## Bring your own model (`ncguard fit` on the plain model's ONNX)", "",
+             "The plain model exported as a bare ONNX network, then `ncguard fit` with its defaults: "
+             + "; ".join(f"`{row}` reads {', '.join(byom['rows'][row]['features'])} (score {byom['rows'][row]['score']})" for row in rows if row in byom.get("rows", {}))
+             + ".", "",
+             "| set | " + " | ".join(f"{row} AUROC / FPR95" for row in rows) + " | multi-layer better on |",
+             "| --- | " + " | ".join("---" for _ in rows) + " | --- |"]
+    single, multi = rows[0], rows[-1]
+    for s in sets:
+        if not all(s in byom["metrics"][row] for row in rows):
+            continue
+        m = {row: byom["metrics"][row][s] for row in rows}
+        better = [name for name, key, sign in (("AUROC", "auroc", 1), ("FPR95", "fpr95", -1))
+                  if sign * (m[multi][key] - m[single][key]) > 0 or m[multi][key] == m[single][key] == (1.0 if key == "auroc" else 0.0)]
+        lines.append(f"| {s} | " + " | ".join(f"{m[row]['auroc']:.4f} / {m[row]['fpr95']:.4f}" for row in rows) + f" | {', '.join(better) or 'neither'} |")
+    lines += ["", f"Fitted on {byom['fit_rows']} training images; ID accuracy {byom['id_accuracy']:.4f}; {byom['seconds']:.0f} s end to end"
+              + (f"; the multi-layer row beats the single tensor's AUROC on every set: {'yes' if byom['multi_beats_single_everywhere'] else 'no'}" if "multi_beats_single_everywhere" in byom else "")
+              + ".", ""]
+    return lines

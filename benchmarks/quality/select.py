@@ -10,9 +10,12 @@ chosen without OOD data. The procedure here:
    held-out ID split (its own known classes, as `Fused` does); score the other half (ID) and the
    training images of the 2 held-out known classes (the proxy's "unseen" classes). Only the split's
    known classes are ever looked at.
-3. Score every combination of the search space (COMBINATIONS: the default's two block components
-   with a weight w in BLOCK_WEIGHTS, plus one or two semantic components from SEMANTIC_POOL, summed
-   with weight 1) and pick the one with the best OBJECTIVE on the proxy.
+3. Score every combination of the search space (`combinations`: a set of block components from
+   BLOCK_SETS, the first and last block or the last block alone, with a weight w in BLOCK_WEIGHTS,
+   plus one or two semantic components from SEMANTIC_POOL, summed with weight 1) and pick the one
+   with the best OBJECTIVE on the proxy, or on the mean over every split's proxy (`choose`).
+   Round 2 added the last-block-alone sets: in round 1, block1's pixel statistics were near chance on
+   split c's unseen classes and pulled the sum below the semantic components alone.
 
 Guard (fixed before any result was seen): w >= MIN_BLOCK_WEIGHT. Held-out classes are semantic
 look-alikes by construction, so the proxy cannot value the block components, whose job is noise,
@@ -36,7 +39,9 @@ import numpy as np
 from ncguard.ood_metrics import ood_report
 from ncguard.scores import build_detector
 
-BLOCK_COMPONENTS = (("block1", "mahalanobis"), ("block3", "mahalanobis"))  # the default's block part
+BLOCK_COMPONENTS = (("block1", "mahalanobis"), ("block3", "mahalanobis"))  # round 1's default block part
+# The block parts a combination may take: {name in the combination's name: components}
+BLOCK_SETS = {"blocks": BLOCK_COMPONENTS, "block3": (("block3", "mahalanobis"),)}
 SEMANTIC_POOL = (
     ("detection", "ddu"),
     ("detection", "etf"),
@@ -59,20 +64,29 @@ DEFAULT_COMBINATION = "blocks*1+detection:ddu"  # what ncguard.scores.fused ship
 class Combination:
     semantic: tuple[tuple[str, str], ...]
     block_weight: float
+    blocks: str = "blocks"  # key of BLOCK_SETS
 
     @property
     def name(self) -> str:
         w = f"{self.block_weight:g}"
-        return f"blocks*{w}+" + "+".join(f"{layer}:{score}" for layer, score in self.semantic)
+        return f"{self.blocks}*{w}+" + "+".join(f"{layer}:{score}" for layer, score in self.semantic)
+
+    @property
+    def block_components(self) -> tuple[tuple[str, str], ...]:
+        return BLOCK_SETS[self.blocks] if self.block_weight else ()
 
     @property
     def components(self) -> tuple[tuple[str, str], ...]:
-        return (*(BLOCK_COMPONENTS if self.block_weight else ()), *self.semantic)
+        return (*self.block_components, *self.semantic)
 
 
 def combinations() -> list[Combination]:
+    """The search space; with weight 0 the block sets coincide, so that case is listed once ("blocks*0")."""
     semantic = [c for k in range(1, MAX_SEMANTIC + 1) for c in itertools.combinations(SEMANTIC_POOL, k)]
-    return [Combination(tuple(sem), w) for sem in semantic for w in BLOCK_WEIGHTS]
+    return [
+        Combination(tuple(sem), w, blocks)
+        for blocks in BLOCK_SETS for sem in semantic for w in BLOCK_WEIGHTS if w or blocks == "blocks"
+    ]
 
 
 def objective(auroc: float, fpr95: float) -> float:
@@ -84,7 +98,7 @@ def component_scores(bundle, features: dict[str, dict[str, np.ndarray]], standar
     """{set: {component: scores standardized by its mean and std on `standardize_on`}} for every component
     of the search space the bundle can fit (a component that cannot be fitted is left out)."""
     out: dict[str, dict[tuple[str, str], np.ndarray]] = {key: {} for key in features}
-    for layer, score in (*BLOCK_COMPONENTS, *SEMANTIC_POOL):
+    for layer, score in dict.fromkeys((*(c for block_set in BLOCK_SETS.values() for c in block_set), *SEMANTIC_POOL)):
         if layer not in bundle.layers:
             continue
         detector = build_detector(score, bundle, layer=layer).fit(bundle)
@@ -107,7 +121,7 @@ def combine(scores: dict[tuple[str, str], np.ndarray], combination: Combination)
         return None
     total = sum(scores[c] for c in combination.semantic)
     if combination.block_weight:
-        total = total + combination.block_weight * sum(scores[c] for c in BLOCK_COMPONENTS)
+        total = total + combination.block_weight * sum(scores[c] for c in combination.block_components)
     return total
 
 
