@@ -118,8 +118,9 @@ def test_near_splits_hold_every_class_out_and_proxies_use_known_classes_only():
     for split, known in NEAR_SPLITS.items():
         assert len(known) == 6 == len(set(known))
         unseen |= set(range(10)) - set(known)
-        assert set(PROXY_HELD_OUT[split]) < set(known), "a proxy holds out known classes, never an unseen one"
-        assert set(known_classes("proxy", split)) == set(known) - set(PROXY_HELD_OUT[split])
+        for proxy, pair in enumerate(PROXY_HELD_OUT[split]):
+            assert set(pair) < set(known), "a proxy holds out known classes, never an unseen one"
+            assert set(known_classes("proxy", split, proxy)) == set(known) - set(pair)
     assert unseen == set(range(10)), "every class is unseen in at least one split"
     near = model_specs(BUDGETS["near"])
     assert {s.task for s in near} == {"near", "proxy"}, "the near budget trains no 10-class model"
@@ -129,7 +130,32 @@ def test_near_splits_hold_every_class_out_and_proxies_use_known_classes_only():
     for spec in near:  # the near size trains the full size's near-OOD runs: same names, same flags
         assert train_flags(spec, BUDGETS["near"]) == train_flags(full[spec.name], BUDGETS["full"])
         assert "--epochs" in train_flags(spec, BUDGETS["near"])
-    assert sorted(s.name for s in near if s.task == "proxy") == sorted(f"proxy-{k}-etf-s0" for k in NEAR_SPLITS)
+    assert sorted(s.name for s in near if s.task == "proxy") == sorted(f"proxy-{k}{n}-etf-s0" for k in NEAR_SPLITS for n in ("", "2", "3"))
+
+
+def test_proxy_pairs_partition_each_splits_known_classes_and_the_first_proxy_keeps_its_name():
+    from benchmarks.quality.plan import BUDGETS, NEAR_SPLITS, PROXY_HELD_OUT, model_specs, proxy_spec
+    from benchmarks.quality.train import _data_file
+
+    round2 = {"a": (2, 3), "b": (4, 7), "c": (6, 9)}  # the pairs the proxies of round 2 were trained on
+    for split, known in NEAR_SPLITS.items():
+        pairs = PROXY_HELD_OUT[split]
+        assert len(pairs) == 3 and all(len(pair) == 2 for pair in pairs)
+        assert sorted(c for pair in pairs for c in pair) == sorted(known), "every known class is held out exactly once"
+        assert pairs[0] == round2[split]
+        first = proxy_spec(split, 0)
+        assert (first.name, first.data_key, first.held_out) == (f"proxy-{split}-etf-s0", f"proxy-{split}", round2[split])
+        assert _data_file(first.data_key) == f"fmnist-proxy-{split}-train.npz", "round 2's training subset is reused"
+        specs = [proxy_spec(split, i) for i in range(3)]
+        assert len({s.name for s in specs}) == len({s.data_key for s in specs}) == 3
+        assert [s.held_out for s in specs] == list(pairs) and all(s.task == "proxy" and s.seed == 0 for s in specs)
+    names = [s.name for s in model_specs(BUDGETS["near"])]
+    seed0 = [i for i, name in enumerate(names) if name.startswith("near-") and name.endswith("-s0")]
+    for split in NEAR_SPLITS:  # the first proxy right after its split's pair, as in round 2
+        assert names.index(f"proxy-{split}-etf-s0") == names.index(f"near-{split}-plain-s0") + 1
+        for n in (2, 3):  # the new ones after every split's seed-0 models and before any seed-1 model
+            assert max(seed0) < names.index(f"proxy-{split}{n}-etf-s0") < names.index("near-a-etf-s1")
+    assert [s.name for s in model_specs(BUDGETS["smoke"]) if s.task == "proxy"] == ["proxy-a-etf-s0", "proxy-b-etf-s0"], "smoke: one proxy per split"
 
 
 def test_near_training_sets_are_renumbered_known_classes(smoke_report):
@@ -141,16 +167,40 @@ def test_near_training_sets_are_renumbered_known_classes(smoke_report):
     assert set(np.unique(stored["y"])) <= set(range(6))
 
 
-def test_proxy_question_uses_only_the_proxys_held_out_known_classes():
-    from benchmarks.quality.plan import BUDGETS, PROXY_HELD_OUT, ModelSpec
+@pytest.mark.parametrize("proxy", [0, 2])
+def test_proxy_question_uses_only_the_proxys_held_out_known_classes(proxy):
+    from benchmarks.quality.plan import BUDGETS, PROXY_HELD_OUT, proxy_spec
     from benchmarks.quality.select import proxy_inputs
 
     train = load_dataset("fashion-mnist:train")
-    spec = ModelSpec("proxy-c-etf-s0", "etf", 0, task="proxy", split="c", role="proxy")
-    x = proxy_inputs(spec, BUDGETS["smoke"])
-    # every proxy-OOD image is a training image of one of the 2 held-out known classes
-    lookup = {img.tobytes(): label for img, label in zip(train.x[np.isin(train.y, PROXY_HELD_OUT["c"])], train.y[np.isin(train.y, PROXY_HELD_OUT["c"])])}
-    assert len(x) == BUDGETS["smoke"].ood_per_set and all(img.tobytes() in lookup for img in x)
+    x = proxy_inputs(proxy_spec("c", proxy), BUDGETS["smoke"])
+    # every proxy-OOD image is a training image of one of the 2 known classes this proxy holds out
+    held = np.isin(train.y, PROXY_HELD_OUT["c"][proxy])
+    labels = {img.tobytes(): label for img, label in zip(train.x[held], train.y[held])}
+    assert len(x) == BUDGETS["smoke"].ood_per_set and all(img.tobytes() in labels for img in x)
+    assert {labels[img.tobytes()] for img in x} == set(PROXY_HELD_OUT["c"][proxy])
+
+
+def test_a_splits_choice_averages_its_proxies_and_reports_each_proxys_own():
+    from benchmarks.quality.near_report import selection_summary
+    from benchmarks.quality.plan import proxy_spec
+    from benchmarks.quality.select import Combination, combinations
+
+    ddu, knn, vim = ("detection", "ddu"), ("transfer", "knn"), ("detection", "vim")
+    base = {c.name: {"auroc": 0.5, "fpr95": 0.9} for c in combinations()}
+    steady, first, second = (Combination((c,), 0.25).name for c in (ddu, knn, vim))
+    proxies = []
+    for i, best in enumerate((first, second, steady)):  # each proxy alone prefers another one; ddu is good everywhere
+        metrics = {**base, steady: {"auroc": 0.85, "fpr95": 0.4}}
+        if best != steady:
+            metrics[best] = {"auroc": 0.95, "fpr95": 0.3}
+        proxies.append((proxy_spec("b", i), {"model": proxy_spec("b", i).name, "proxy": metrics}))
+    selection = selection_summary({"b": proxies, "c": proxies[2:]})
+    assert selection["b"]["chosen"] == steady and selection["b"]["n_proxies"] == 3 and not selection["b"]["not_trained"]
+    assert [own["chosen"] for own in selection["b"]["proxies"]] == [first, second, steady]
+    assert [own["held_out"] for own in selection["b"]["proxies"]] == [[4, 7], [1, 6], [3, 9]]
+    assert selection["c"]["n_proxies"] == 1 and selection["c"]["not_trained"] == ["proxy-c-etf-s0", "proxy-c2-etf-s0"]
+    assert selection["pooled"]["n_proxies"] == 4 and selection["pooled"]["chosen"] == steady
 
 
 def test_choice_honours_the_block_weight_guard_and_prefers_cheap_ties():
@@ -200,5 +250,36 @@ def test_near_report_has_a_table_per_split_and_the_choice(smoke_report):
     for split in "ab":
         assert f"### Split {split}" in text
         rows = summary["splits"][split]["rows"]
-        assert "ours, default fused" in rows and "ours, ID-only choice (this split's proxy)" in rows
+        assert "ours, default fused" in rows and "ours, ID-only choice (this split's proxies)" in rows
+        assert summary["selection"][split]["n_proxies"] == 1 and [p["model"] for p in summary["selection"][split]["proxies"]] == [f"proxy-{split}-etf-s0"]
         assert summary["splits"][split]["oracle"]["fmnist-held-out"]["auroc_score"] in SCORES
+
+
+def test_near_report_uses_every_trained_proxy_of_a_split(smoke_report, tmp_path):
+    """The smoke run trains one proxy per split; copies of split a's proxy stand in for its other two
+    (each with its plan's classes), and a proxy trained on other classes than the plan's is left out."""
+    import shutil
+
+    from benchmarks.quality.near_report import CLASSES, write_near_report
+    from benchmarks.quality.plan import BUDGETS, proxy_spec
+
+    shutil.copytree(smoke_report / "results", tmp_path / "results")
+    first = json.loads((tmp_path / "results" / "proxy-a-etf-s0.json").read_text())
+    for i in (1, 2):
+        spec = proxy_spec("a", i)
+        copy = {**first, "model": spec.name, "group": spec.group, "classes": [CLASSES[c] for c in spec.known_classes],
+                "proxy_index": i, "held_out": list(spec.held_out)}
+        (tmp_path / "results" / f"{spec.name}.json").write_text(json.dumps(copy))
+    stale = {**json.loads((tmp_path / "results" / "proxy-b-etf-s0.json").read_text()), "model": "proxy-b2-etf-s0"}  # b's first proxy's classes
+    (tmp_path / "results" / "proxy-b2-etf-s0.json").write_text(json.dumps(stale))
+    write_near_report(tmp_path, tmp_path / "report", BUDGETS["smoke"])
+    summary = json.loads((tmp_path / "report" / "near.json").read_text())
+    text = (tmp_path / "report" / "near.md").read_text()
+    a, b = summary["selection"]["a"], summary["selection"]["b"]
+    assert a["n_proxies"] == 3 and [p["held_out"] for p in a["proxies"]] == [[2, 3], [0, 5], [1, 4]]
+    assert b["n_proxies"] == 1 and b["not_trained"] == ["proxy-b2-etf-s0", "proxy-b3-etf-s0"] and summary["stale_proxies"] == ["proxy-b2-etf-s0"]
+    assert summary["selection"]["pooled"]["n_proxies"] == 4
+    assert "### Proxies of split a (3 of 3 trained)" in text and "### Proxies of split b (1 of 3 trained)" in text
+    assert "| 2 (`proxy-a2-etf-s0`) | T-shirt/top, Sandal |" in text and "proxy-b2-etf-s0." in text
+    rows = summary["splits"]["a"]["rows"]
+    assert "ours, ID-only choice of proxy 3 alone (held out Trouser, Coat)" in rows, "each proxy's own choice is scored on the real split"

@@ -1,8 +1,9 @@
 """The near-OOD page: per split, our scores against the plain model's per-split oracle, and the ID-only choice.
 
 Reads the per-model results of the near-OOD models (task "near": 6 known classes of a split of
-plan.NEAR_SPLITS) and of the proxies (task "proxy", benchmarks/quality/select.py); writes near.md
-and near.json. Seeds of one split and head are averaged (mean, and standard deviation when there
+plan.NEAR_SPLITS) and of the proxies (task "proxy", benchmarks/quality/select.py; up to three per
+split, plan.PROXY_HELD_OUT; the choice uses the ones that are there and says how many); writes
+near.md and near.json. Seeds of one split and head are averaged (mean, and standard deviation when there
 are several). The baseline on each split is the quality report's oracle: the best standard score
 (ncguard.scores.SCORES, on the plain model's penultimate features or logits), chosen separately for
 AUROC and FPR95 on that split's unseen classes.
@@ -20,9 +21,9 @@ from ncguard.atomic import atomic_write
 from ncguard.scores import SCORES
 
 from .ood_sets import COVARIATE_SHIFTS, FAR_OOD, NEAR_OOD
-from .plan import NEAR_SPLITS, PROXY_HELD_OUT, Budget, known_classes
+from .plan import NEAR_SPLITS, PROXY_HELD_OUT, Budget, ModelSpec, proxy_spec
 from .report import OURS, PLAIN, _mean_sd, beats, oracle, row_table
-from .select import DEFAULT_COMBINATION, choose
+from .select import DEFAULT_COMBINATION, choose, objective
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 HELD_OUT = NEAR_OOD[0]
@@ -97,39 +98,91 @@ def split_summary(split: str, near: list[dict], choices: dict[str, str]) -> dict
     }
 
 
+SPLIT_CHOICE = "ID-only choice (this split's proxies)"
+UNGUARDED_CHOICE = "ID-only choice, unguarded (block weight may be 0)"
+POOLED_CHOICE = "ID-only choice pooled over all proxies"
+
+
+def _proxy_label(spec: ModelSpec) -> str:
+    return f"ID-only choice of proxy {spec.proxy + 1} alone (held out {_names(spec.held_out)})"
+
+
+def proxy_results(results: list[dict]) -> tuple[dict[str, list[tuple[ModelSpec, dict]]], list[str]]:
+    """({split: [(spec, result)] in PROXY_HELD_OUT order}, names of proxy results that are not planned or
+    were trained on other classes than the plan's (stale: left out of every choice))."""
+    planned = {spec.name: spec for spec in (proxy_spec(split, i) for split, pairs in PROXY_HELD_OUT.items() for i in range(len(pairs)))}
+    by_split: dict[str, list[tuple[ModelSpec, dict]]] = {}
+    stale = []
+    for r in results:
+        if r["task"] != "proxy":
+            continue
+        spec = planned.get(r["model"])
+        if spec is None or ("classes" in r and list(r["classes"]) != [CLASSES[c] for c in spec.known_classes]):
+            stale.append(r["model"])
+            continue
+        by_split.setdefault(spec.split, []).append((spec, r))
+    return {split: sorted(by_split[split], key=lambda sr: sr[0].proxy) for split in NEAR_SPLITS if split in by_split}, sorted(stale)
+
+
+def _choice(metrics_by_proxy: list[dict]) -> tuple[dict, list[str]]:
+    """(the guarded and the unguarded choice over these proxies' metrics, the top of the ranking and the
+    default's place; the whole guarded ranking's names)."""
+    chosen, ranking = choose(metrics_by_proxy)
+    unguarded, _ = choose(metrics_by_proxy, min_block_weight=0.0)
+    names = [name for name, _ in ranking]
+    default_rank = names.index(DEFAULT_COMBINATION) if DEFAULT_COMBINATION in names else None
+    return {"chosen": chosen, "unguarded": unguarded, "top": ranking[:8], "default_rank": default_rank,
+            "default_objective": dict(ranking).get(DEFAULT_COMBINATION), "candidates": len(ranking)}, names
+
+
+def selection_summary(by_split: dict[str, list[tuple[ModelSpec, dict]]]) -> dict:
+    """{split: choice over the split's proxies (mean objective) with each proxy's own choice, "pooled": over every proxy}."""
+    selection = {}
+    for split, proxies in by_split.items():
+        choice, _ = _choice([r["proxy"] for _, r in proxies])
+        own = []
+        for spec, r in proxies:
+            mine, names = _choice([r["proxy"]])
+            rank = names.index(choice["chosen"]) if choice["chosen"] in names else None
+            m = r["proxy"][choice["chosen"]]
+            own.append({"model": spec.name, "proxy": spec.proxy, "held_out": list(spec.held_out), "trained_on": list(spec.known_classes),
+                        "id_accuracy": r.get("id_accuracy"), **mine,
+                        "split_choice_rank": rank, "split_choice_objective": objective(m["auroc"], m["fpr95"])})
+        trained = {spec.proxy for spec, _ in proxies}
+        selection[split] = {**choice, "n_proxies": len(proxies), "planned_proxies": len(PROXY_HELD_OUT[split]), "proxies": own,
+                            "not_trained": [proxy_spec(split, i).name for i in range(len(PROXY_HELD_OUT[split])) if i not in trained]}
+    everything = [(spec, r) for proxies in by_split.values() for spec, r in proxies]
+    if everything:
+        selection["pooled"] = {**_choice([r["proxy"] for _, r in everything])[0], "proxies": sorted(spec.name for spec, _ in everything),
+                               "n_proxies": len(everything), "splits": sorted(by_split)}
+    return selection
+
+
 def write_near_report(work: Path, out: Path, budget: Budget) -> Path | None:
     from .report import load_results
 
     results = load_results(work)
     near = [r for r in results if r["task"] == "near"]
-    proxies = {r["split"]: r for r in results if r["task"] == "proxy"}
     if not near:
         return None
+    proxies, stale = proxy_results(results)
     splits = [s for s in NEAR_SPLITS if any(r["split"] == s for r in near)]
-    selection = {}
-    for split, proxy in proxies.items():
-        chosen, ranking = choose([proxy["proxy"]])
-        unguarded, _ = choose([proxy["proxy"]], min_block_weight=0.0)
-        default_rank = next((i for i, (name, _) in enumerate(ranking) if name == DEFAULT_COMBINATION), None)
-        selection[split] = {"chosen": chosen, "unguarded": unguarded, "top": ranking[:8], "default_rank": default_rank,
-                            "default_objective": dict(ranking).get(DEFAULT_COMBINATION), "candidates": len(ranking),
-                            "proxy_classes": list(known_classes("proxy", split)), "proxy_held_out": list(PROXY_HELD_OUT[split])}
-    pooled = pooled_unguarded = None
-    if proxies:
-        pooled, pooled_ranking = choose([p["proxy"] for p in proxies.values()])
-        pooled_unguarded, _ = choose([p["proxy"] for p in proxies.values()], min_block_weight=0.0)
-        selection["pooled"] = {"chosen": pooled, "unguarded": pooled_unguarded, "top": pooled_ranking[:8], "proxies": sorted(proxies)}
+    selection = selection_summary(proxies)
+    pooled = selection.get("pooled", {}).get("chosen")
     summaries = {}
     for split in splits:
         choices = {
-            "ID-only choice (this split's proxy)": selection.get(split, {}).get("chosen"),
-            "ID-only choice, unguarded (block weight may be 0)": selection.get(split, {}).get("unguarded"),
-            "ID-only choice pooled over all proxies": pooled,
+            SPLIT_CHOICE: selection.get(split, {}).get("chosen"),
+            UNGUARDED_CHOICE: selection.get(split, {}).get("unguarded"),
+            POOLED_CHOICE: pooled,
         }
+        if len(proxies.get(split, [])) > 1:  # each proxy's own choice, scored on the real split: how much the pair decides
+            choices.update({_proxy_label(spec): own["chosen"] for (spec, _), own in zip(proxies[split], selection[split]["proxies"])})
         summary = split_summary(split, near, choices)
         if summary:
             summaries[split] = summary
     payload = {"budget": budget.name, "machine": f"{platform.machine()}, Python {platform.python_version()}", "splits": summaries, "selection": selection,
+               "stale_proxies": stale,
                "trained": sorted(r["model"] for r in results if r["task"] in ("near", "proxy")),
                "training": {r["model"]: r["training"] for r in results if r["task"] in ("near", "proxy")}}
     out.mkdir(parents=True, exist_ok=True)
@@ -155,14 +208,17 @@ def _markdown(payload: dict, budget: Budget) -> list[str]:
         "",
         "## Splits",
         "",
-        "| split | known (trained on) | unseen (near OOD) | ID-only proxy: trained on | proxy's held-out known classes |",
-        "| --- | --- | --- | --- | --- |",
+        "| split | known (trained on) | unseen (near OOD) | ID-only proxies: held-out known classes (each proxy trains on the split's other 4) |",
+        "| --- | --- | --- | --- |",
     ]
     for split in NEAR_SPLITS:
         unseen = [c for c in range(10) if c not in NEAR_SPLITS[split]]
-        lines.append(f"| {split} | {_names(NEAR_SPLITS[split])} | {_names(unseen)} | {_names(known_classes('proxy', split))} | {_names(PROXY_HELD_OUT[split])} |")
+        pairs = "; ".join(f"{i + 1}: {_names(pair)}" for i, pair in enumerate(PROXY_HELD_OUT[split]))
+        lines.append(f"| {split} | {_names(NEAR_SPLITS[split])} | {_names(unseen)} | {pairs} |")
     lines += ["", "Why these splits: see `NEAR_SPLITS` in benchmarks/quality/plan.py (chosen from the class names only: every class is unseen at least once, "
-              "every split hides an upper-body garment whose look-alikes stay known, a shoe while another shoe stays known, and one class with no close look-alike).", ""]
+              "every split hides an upper-body garment whose look-alikes stay known, a shoe while another shoe stays known, and one class with no close look-alike). "
+              "A split's three held-out pairs partition its known classes (every known class plays \"unseen\" once) and each held-out class keeps a look-alike "
+              "among its proxy's 4 classes where the split has one (`PROXY_HELD_OUT`, same file).", ""]
     lines += _summary_table(summaries)
     lines += ["## Per split: our scores vs the plain model's per-split oracle (unseen classes)", "",
               "Oracle: for each split separately, the best of the standard scores on the plain model (AUROC and FPR95 chosen separately, so it is optimistic). "
@@ -182,21 +238,33 @@ def _markdown(payload: dict, budget: Budget) -> list[str]:
         lines += ["", f"Best row of any kind by AUROC (picked with the unseen classes, so not a method): ours `{b['row']}` {_cell(b['auroc'])} / {_cell(b['fpr95'])}; "
                   f"plain `{p['row']}` {_cell(p['auroc'])} / {_cell(p['fpr95'])}.", ""]
     lines += ["## The ID-only choice of components", "",
-              "benchmarks/quality/select.py: a proxy model (our head, seed 0) trained on 4 of the split's 6 known classes; the other 2 known classes "
-              "(training images) play the unseen ones. Search space: the default's block components (Mahalanobis on block1 and block3) with weight "
+              "benchmarks/quality/select.py: proxy models (our head, seed 0), each trained on 4 of the split's 6 known classes; the other 2 known classes "
+              "(training images) play the unseen ones, and a split's three proxies hold out every known class once. A split's choice maximizes the "
+              "objective averaged over its proxies; the pooled choice averages over every proxy of every split (each proxy counts once). Search space: the default's block components (Mahalanobis on block1 and block3) with weight "
               "w in {0, 0.1, 0.25, 0.5, 1}, plus one or two semantic components (DDU, ETF, KNN, Mahalanobis on the detection or the transfer layer, "
               "ViM on the detection layer) with weight 1, each standardized on held-out ID data; objective: (AUROC + 1 - FPR95) / 2 on the proxy; "
               "guard fixed in advance: w >= 0.1 (the proxy cannot value the far-OOD components). `blocks*1+detection:ddu` is today's default `fused`.", ""]
+    if payload.get("stale_proxies"):
+        lines += ["Left out of every choice (not a planned proxy, or trained on other classes than plan.py's pair now names): "
+                  + ", ".join(payload["stale_proxies"]) + ".", ""]
     for key, sel in selection.items():
-        title = f"Proxy of split {key}" if key != "pooled" else "Pooled over the proxies " + ", ".join(sel["proxies"]) + " (one combination for every split: the product-default candidate)"
-        lines += [f"### {title}", ""]
-        if key != "pooled":
-            lines += [f"Trained on {_names(sel['proxy_classes'])}; held out: {_names(sel['proxy_held_out'])}. "
-                      f"Chosen: `{sel['chosen']}`; unguarded: `{sel['unguarded']}`; the default ranks "
-                      + (f"{sel['default_rank'] + 1} of {sel['candidates']} (objective {sel['default_objective']:.4f})." if sel["default_rank"] is not None else "n/a."), ""]
+        if key == "pooled":
+            lines += [f"### Pooled over {sel['n_proxies']} proxies of splits {', '.join(sel['splits'])} (one combination for every split: the product-default candidate)", "",
+                      f"Proxies: {', '.join(sel['proxies'])}. Chosen: `{sel['chosen']}`; unguarded: `{sel['unguarded']}`; the default ranks {_rank(sel)}", ""]
         else:
-            lines += [f"Chosen: `{sel['chosen']}`; unguarded: `{sel['unguarded']}`.", ""]
-        lines += ["| rank | combination | proxy objective |", "| ---: | --- | ---: |"]
+            lines += [f"### Proxies of split {key} ({sel['n_proxies']} of {sel['planned_proxies']} trained)", "",
+                      f"Chosen over the mean of {'its ' + str(sel['n_proxies']) + ' proxies' if sel['n_proxies'] > 1 else 'its one proxy'}: `{sel['chosen']}`; "
+                      f"unguarded: `{sel['unguarded']}`; the default ranks {_rank(sel)}"
+                      + (f" Not trained yet: {', '.join(sel['not_trained'])}." if sel["not_trained"] else ""), "",
+                      "| proxy | held out (plays unseen) | trained on | its own choice | its own unguarded choice | default's rank | split's choice: rank / objective on this proxy |",
+                      "| --- | --- | --- | --- | --- | ---: | ---: |"]
+            for own in sel["proxies"]:
+                rank = "n/a" if own["split_choice_rank"] is None else str(own["split_choice_rank"] + 1)
+                default = "n/a" if own["default_rank"] is None else f"{own['default_rank'] + 1} of {own['candidates']}"
+                lines.append(f"| {own['proxy'] + 1} (`{own['model']}`) | {_names(own['held_out'])} | {_names(own['trained_on'])} | `{own['chosen']}` | `{own['unguarded']}` | "
+                             f"{default} | {rank} / {own['split_choice_objective']:.4f} |")
+            lines.append("")
+        lines += ["| rank | combination | proxy objective (mean) |", "| ---: | --- | ---: |"]
         lines += [f"| {i + 1} | `{name}` | {value:.4f} |" for i, (name, value) in enumerate(sel["top"])]
         lines.append("")
     lines += _hindsight(summaries)
@@ -217,7 +285,7 @@ def _markdown(payload: dict, budget: Budget) -> list[str]:
     return lines
 
 
-SUMMARY_ROWS = ("ours, default fused", "ours, ID-only choice (this split's proxy)", "ours, ID-only choice pooled over all proxies", "plain, fused")
+SUMMARY_ROWS = ("ours, default fused", f"ours, {SPLIT_CHOICE}", f"ours, {POOLED_CHOICE}", "plain, fused")
 
 
 def _summary_table(summaries: dict) -> list[str]:
@@ -236,7 +304,7 @@ def _summary_table(summaries: dict) -> list[str]:
             cells.append("n/a" if r is None else
                          f"{r['auroc'][0]:.3f} / {r['fpr95'][0]:.3f}{' **beats**' if r['beats_oracle'] else ''} (far {r['far_beaten']}/{r['far_sets']})")
         lines.append(f"| {split} | {o['auroc']:.3f} ({o['auroc_score']}) / {o['fpr95']:.3f} ({o['fpr95_score']}) | " + " | ".join(cells) + " |")
-    chosen = {s["rows"][label]["row"] for s in summaries.values() for label in ("ours, ID-only choice pooled over all proxies",) if label in s["rows"]}
+    chosen = {s["rows"][label]["row"] for s in summaries.values() for label in (f"ours, {POOLED_CHOICE}",) if label in s["rows"]}
     if chosen:
         lines += ["", "Pooled ID-only choice: " + ", ".join(f"`{c}`" for c in sorted(chosen)) + " (benchmarks/quality/select.py)."]
     return lines + [""]
@@ -266,6 +334,12 @@ def _hindsight(summaries: dict) -> list[str]:
         beaten, far_beaten, value = key(name)
         lines.append(f"| `{name}` | {beaten}/{n} | {far_beaten}/{far} | {value:.4f} |")
     return lines + [""]
+
+
+def _rank(sel: dict) -> str:
+    if sel["default_rank"] is None:
+        return "n/a."
+    return f"{sel['default_rank'] + 1} of {sel['candidates']} (objective {sel['default_objective']:.4f})."
 
 
 def _epochs(budget: Budget) -> str:

@@ -5,8 +5,8 @@ names. `--size smoke` swaps Fashion-MNIST for a tiny budget so CI can run the wh
 `--size study` is seed 0 of both heads plus the training variants (about 2 hours on 2 cores instead
 of about 3.5), for a round that studies the defaults rather than re-measuring them over seeds.
 `--size near` is the near-OOD round on its own: both heads on three 6/4 class splits of
-Fashion-MNIST (NEAR_SPLITS) plus one small "proxy" model per split for the ID-only choice of the
-fused score's components (benchmarks/quality/select.py); its report is benchmarks/results/near/.
+Fashion-MNIST (NEAR_SPLITS) plus three small "proxy" models per split (PROXY_HELD_OUT) for the ID-only
+choice of the fused score's components (benchmarks/quality/select.py); its report is benchmarks/results/near/.
 """
 
 from __future__ import annotations
@@ -29,22 +29,40 @@ NEAR_SPLITS = {
     "b": (1, 3, 4, 6, 7, 9),
     "c": (0, 2, 5, 6, 8, 9),
 }
-# The ID-only proxy of each split: a model trained on 4 of its 6 known classes, the other 2 known
-# classes standing in for unseen ones (no unseen class is ever used to choose). The 2 are chosen, by
-# semantics again, to each keep a look-alike among the 4, so the proxy is a near-OOD question too.
+# The ID-only proxies of each split: models trained on 4 of its 6 known classes, the other 2 known
+# classes standing in for unseen ones (no unseen class is ever used to choose). One pair decided the
+# choice on its own (round 2), so each split has three proxies whose held-out pairs partition its 6
+# known classes: every known class plays "unseen" exactly once, and the choice averages over them.
+# The pairs are chosen, by semantics again, so that each held-out class keeps a look-alike among the
+# proxy's 4 classes where the split has one (split a's only shoe, the sandal, cannot), so every proxy
+# asks a near-OOD question. The first pair of each split is round 2's (its proxy is reused); each new
+# pair puts one upper-body garment with a class of another kind, and where two partitions keep the
+# same look-alikes the one that keeps more of them per class is taken:
+#   a: 2 pullover (coat, T-shirt stay), 3 dress (T-shirt stays)
+#      0 T-shirt (pullover, dress, coat stay), 5 sandal (no other shoe is known in a)
+#      1 trouser (dress, its only long garment, stays), 4 coat (pullover, T-shirt, dress stay)
+#   b: 4 coat (shirt stays), 7 sneaker (ankle boot stays)
+#      1 trouser (dress stays), 6 shirt (coat, dress stay)
+#      3 dress (coat, shirt stay), 9 ankle boot (sneaker stays)
+#      (not trouser with dress: trouser would lose its only look-alike; not dress with shirt: each keeps coat alone)
+#   c: 6 shirt (T-shirt, pullover stay), 9 ankle boot (sandal stays)
+#      0 T-shirt (pullover, shirt stay), 5 sandal (ankle boot stays)
+#      2 pullover (T-shirt, shirt stay), 8 bag (no look-alike in any split)
+#      (not T-shirt with pullover: each would keep shirt alone)
 PROXY_HELD_OUT = {
-    "a": (2, 3),  # pullover (coat, T-shirt stay), dress (T-shirt stays); trains on T-shirt, trouser, coat, sandal
-    "b": (4, 7),  # coat (shirt stays), sneaker (ankle boot stays); trains on trouser, dress, shirt, ankle boot
-    "c": (6, 9),  # shirt (T-shirt, pullover stay), ankle boot (sandal stays); trains on T-shirt, pullover, sandal, bag
+    "a": ((2, 3), (0, 5), (1, 4)),
+    "b": ((4, 7), (1, 6), (3, 9)),
+    "c": ((6, 9), (0, 5), (2, 8)),
 }
 
 
-def known_classes(task: str, split: str) -> tuple[int, ...]:
-    """The Fashion-MNIST classes a model of this task trains on, in label order (all 10 for "full")."""
+def known_classes(task: str, split: str, proxy: int = 0) -> tuple[int, ...]:
+    """The Fashion-MNIST classes a model of this task trains on, in label order (all 10 for "full");
+    `proxy` picks the proxy of the split (an index into PROXY_HELD_OUT[split])."""
     if task == "near":
         return NEAR_SPLITS[split]
     if task == "proxy":
-        return tuple(c for c in NEAR_SPLITS[split] if c not in PROXY_HELD_OUT[split])
+        return tuple(c for c in NEAR_SPLITS[split] if c not in PROXY_HELD_OUT[split][proxy])
     return tuple(range(10))
 
 
@@ -57,11 +75,23 @@ class ModelSpec:
     task: str = "full"  # "full": all 10 classes; "near": the 6 known classes of a near-OOD split; "proxy": 4 of them
     role: str = "main"  # "main": reported with mean and spread over seeds; "ablation": one seed, for the study
     split: str = ""  # near and proxy tasks: the key of NEAR_SPLITS
+    proxy: int = 0  # proxy task: which of the split's proxies (index into PROXY_HELD_OUT[split])
 
     @property
     def data_key(self) -> str:
-        """The training set's key in train.training_sets: "full", "near-a", "proxy-a", ..."""
-        return self.task if self.task == "full" else f"{self.task}-{self.split}"
+        """The training set's key in train.training_sets: "full", "near-a", "proxy-a", "proxy-a2", ..."""
+        if self.task == "full":
+            return "full"
+        return f"{self.task}-{self.split}" + (f"{self.proxy + 1}" if self.task == "proxy" and self.proxy else "")
+
+    @property
+    def known_classes(self) -> tuple[int, ...]:
+        return known_classes(self.task, self.split, self.proxy)
+
+    @property
+    def held_out(self) -> tuple[int, ...]:
+        """Proxy task: the 2 known classes of the split it holds out (its stand-in for unseen classes)."""
+        return PROXY_HELD_OUT[self.split][self.proxy] if self.task == "proxy" else ()
 
     @property
     def group(self) -> str:
@@ -81,7 +111,7 @@ class Budget:
     extra_flags: tuple[str, ...] = field(default=())
     near_splits: tuple[str, ...] = ("a", "b", "c")  # near-OOD splits to train both heads on (keys of NEAR_SPLITS)
     near_seeds: tuple[int, ...] = (0,)  # seeds of every near-OOD pair
-    proxies: bool = True  # train the ID-only proxy model (our head, seed 0) of every near split
+    proxies_per_split: int = 3  # ID-only proxy models (our head, seed 0) per near split, the first of PROXY_HELD_OUT[split]; 0: none
     full_models: bool = True  # train the 10-class models (False: the near-OOD round alone)
     # Epochs of the near-OOD and proxy models: 12, the 10-class default (`ncguard train`'s own default
     # aims at ~5000 steps: 20 epochs on 6 classes, 30 on a proxy's 4). None: `epochs`.
@@ -93,14 +123,15 @@ class Budget:
 
 BUDGETS = {
     "full": Budget("full", seeds=(0, 1, 2), epochs=None, id_test=None, ood_per_set=2000, ablations=True, near_seeds=(0, 1), published=""),
-    "study": Budget("study", seeds=(0,), epochs=None, id_test=None, ood_per_set=2000, ablations=True, near_splits=(), proxies=False, published="study"),
-    # The near-OOD round alone: 3 splits x 2 heads x 2 seeds + 3 proxies (seed 0 of every split and the
-    # proxies come first: about 1.2 hours on 2 quiet cores; seed 1 another 0.7); same runs as the full size's.
+    "study": Budget("study", seeds=(0,), epochs=None, id_test=None, ood_per_set=2000, ablations=True, near_splits=(), proxies_per_split=0, published="study"),
+    # The near-OOD round alone: 3 splits x 2 heads x 2 seeds + 3 x 3 proxies (seed 0 of every split with its
+    # first proxy comes first: about 1.2 hours on 2 quiet cores; then the other 6 proxies, about 0.7 more
+    # (~6-10 min each); seed 1 another 0.7); same runs as the full size's.
     "near": Budget("near", seeds=(0,), epochs=None, id_test=None, ood_per_set=2000, ablations=False, near_seeds=(0, 1), full_models=False, published="near", settle_seconds=0.0),
     # The two 10-class models at the defaults, seed 0, nothing else: the check of the defaults' goals that
     # need full-size models (far OOD, calibrated confidence, the bring-your-own rows) in about 45 minutes.
-    "check": Budget("check", seeds=(0,), epochs=None, id_test=None, ood_per_set=2000, ablations=False, near_splits=(), proxies=False, published="check"),
-    "smoke": Budget("smoke", seeds=(0,), epochs=1, id_test=300, ood_per_set=100, ablations=False, train_limit=1200, settle_seconds=0.0, probe_folds=2, near_splits=("a", "b"), near_epochs=None),
+    "check": Budget("check", seeds=(0,), epochs=None, id_test=None, ood_per_set=2000, ablations=False, near_splits=(), proxies_per_split=0, published="check"),
+    "smoke": Budget("smoke", seeds=(0,), epochs=1, id_test=300, ood_per_set=100, ablations=False, train_limit=1200, settle_seconds=0.0, probe_folds=2, near_splits=("a", "b"), near_epochs=None, proxies_per_split=1),
 }
 
 # Training variants, one seed each (~15 min apiece on 2 cores: 12 epochs of ~68 s, fitting, evaluation): the study behind the defaults.
@@ -115,13 +146,22 @@ ABLATIONS = (
 )
 
 
+def proxy_spec(split: str, proxy: int = 0) -> ModelSpec:
+    """The split's proxy number `proxy` (0-based): "proxy-a-etf-s0" (round 2's name), "proxy-a2-etf-s0", ..."""
+    return ModelSpec(f"proxy-{split}{proxy + 1 if proxy else ''}-etf-s0", "etf", 0, task="proxy", split=split, role="proxy", proxy=proxy)
+
+
 def near_specs(budget: Budget, seed: int) -> list[ModelSpec]:
-    """Per split: both heads, then (seed 0 only) the split's proxy; a split at a time, so a cut-short run has whole splits."""
+    """Per split: both heads, then (seed 0 only) the split's first proxy; a split at a time, so a cut-short
+    run has whole splits. The split's other proxies follow every split's seed-0 models, again a split at a time."""
     specs = []
+    n_proxies = budget.proxies_per_split if seed == 0 else 0
     for split in budget.near_splits:
         specs += [ModelSpec(f"near-{split}-{head}-s{seed}", head, seed, task="near", split=split) for head in ("etf", "plain")]
-        if budget.proxies and seed == 0:
-            specs.append(ModelSpec(f"proxy-{split}-etf-s0", "etf", 0, task="proxy", split=split, role="proxy"))
+        if n_proxies:
+            specs.append(proxy_spec(split, 0))
+    for split in budget.near_splits:
+        specs += [proxy_spec(split, proxy) for proxy in range(1, min(n_proxies, len(PROXY_HELD_OUT[split])))]
     return specs
 
 

@@ -5,7 +5,9 @@ detection layer, equal weights) wins far OOD but can lose near OOD, where the bl
 pixel noise to a semantic question. Which components, and how much weight the blocks get, must be
 chosen without OOD data. The procedure here:
 
-1. Train a *proxy* model on 4 of a split's 6 known classes (plan.PROXY_HELD_OUT names the other 2).
+1. Train *proxy* models on 4 of a split's 6 known classes each (plan.PROXY_HELD_OUT names the other 2
+   of each proxy; a split's three held-out pairs partition its known classes, so every known class
+   stands in for an unseen one exactly once).
 2. Fit every candidate component on the proxy's statistics; standardize each on half of the proxy's
    held-out ID split (its own known classes, as `Fused` does); score the other half (ID) and the
    training images of the 2 held-out known classes (the proxy's "unseen" classes). Only the split's
@@ -13,7 +15,7 @@ chosen without OOD data. The procedure here:
 3. Score every combination of the search space (`combinations`: a set of block components from
    BLOCK_SETS, the first and last block or the last block alone, with a weight w in BLOCK_WEIGHTS,
    plus one or two semantic components from SEMANTIC_POOL, summed with weight 1) and pick the one
-   with the best OBJECTIVE on the proxy, or on the mean over every split's proxy (`choose`).
+   with the best mean OBJECTIVE over a split's proxies, or over every split's proxies (`choose`).
    Round 2 added the last-block-alone sets: in round 1, block1's pixel statistics were near chance on
    split c's unseen classes and pulled the sum below the semantic components alone.
 
@@ -168,14 +170,13 @@ def choose(metrics_by_proxy: list[dict[str, dict[str, float]]], min_block_weight
 
 
 def proxy_inputs(spec, budget) -> np.ndarray:
-    """Training images of the proxy's 2 held-out known classes (never its test images, never an unseen class)."""
+    """Training images of the proxy's 2 held-out known classes, `spec.held_out` (never its test images,
+    never an unseen class)."""
     from ncguard.data import load_dataset
-
-    from .plan import PROXY_HELD_OUT
 
     train = load_dataset("fashion-mnist:train")
     rows = np.random.default_rng(2).permutation(len(train.y))
-    held = rows[np.isin(train.y[rows], PROXY_HELD_OUT[spec.split])][: budget.ood_per_set]
+    held = rows[np.isin(train.y[rows], spec.held_out)][: budget.ood_per_set]
     return train.x[held]
 
 
@@ -207,6 +208,8 @@ def evaluate_proxy(spec, run_dir: Path, budget) -> dict:
     return {
         **model_record(spec, config),
         "classes": list(config["data"]["classes"]),
+        "proxy_index": spec.proxy,
+        "held_out": list(spec.held_out),
         "id_accuracy": _accuracy(held_id["logits"], labels[half:]) if labels is not None else None,
         "n_id": int(n - half),
         "n_standardize": int(half),

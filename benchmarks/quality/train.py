@@ -19,13 +19,13 @@ from ncguard.atomic import atomic_write
 from ncguard.data import load_dataset
 from ncguard.run_dir import RunFiles
 
-from .plan import Budget, ModelSpec, known_classes, model_specs, train_flags
+from .plan import Budget, ModelSpec, model_specs, train_flags
 
 
 def training_sets(work: Path, budget: Budget) -> dict[str, str]:
     """Data SPECs by ModelSpec.data_key: "full" (all 10 classes), "near-a" (split a's 6 known classes),
-    "proxy-a" (4 of them), ...; subsets are .npz under `work`, written once, labels renumbered 0..K-1
-    in the order of plan.known_classes.
+    "proxy-a", "proxy-a2", "proxy-a3" (4 of them each, one per held-out pair of plan.PROXY_HELD_OUT), ...;
+    subsets are .npz under `work`, written once, labels renumbered 0..K-1 in the order of ModelSpec.known_classes.
 
     The full budget trains the 10-class models on the `fashion-mnist` SPEC itself: the command users run.
     """
@@ -46,7 +46,7 @@ def training_sets(work: Path, budget: Budget) -> dict[str, str]:
     x, y = train.x[rows], train.y[rows]
     for key, path in missing.items():
         spec = specs[key]
-        known = known_classes(spec.task, spec.split)
+        known = spec.known_classes
         keep = np.isin(y, known)
         remap = np.full(10, -1)
         remap[list(known)] = np.arange(len(known))
