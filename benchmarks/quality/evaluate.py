@@ -1,4 +1,4 @@
-"""Evaluation stage: every score on every trained model, per OOD set, plus accuracy and the transfer probe.
+"""Evaluation stage: every score on every trained model, per OOD set, plus accuracy and the transfer probes.
 
 For one run: the layer features of the ID test set, the run's own held-out calibration split, the far
 OOD sets, the covariate-shifted sets (and, for near-OOD models, the unseen classes) come from the
@@ -25,6 +25,7 @@ from ncguard.ood_metrics import ood_report
 from ncguard.scores import SCORES, build_detector
 
 from .ood_sets import NEAR_OOD, far_ood_sets, shifted_sets
+from .probe import transfer_probes
 from .select import combination_metrics
 from .plan import Budget, ModelSpec, known_classes
 
@@ -168,70 +169,6 @@ def _fused(bundle, calibration, components, combine):
     return detector.score
 
 
-PROBE_LAYERS = ("transfer", "detection", *BLOCKS)
-# Inside the backbone's head (SmallCNN: pool to a grid, Linear, BatchNorm, ReLU -> h): where transfer is lost.
-HEAD_PROBES = ("grid", "transfer-preact")
-
-
-def probe_digits(model, folds: int, seed: int = 0) -> dict[str, float]:
-    """Linear-probe accuracy on scikit-learn digits (a task never trained on), per layer.
-
-    Besides the scored layers: "pixels" (the raw input, the floor), "grid" (the pooled block3 grid the
-    head's Linear reads) and "transfer-preact" (h before the head's final ReLU), which locate the
-    layer where a model's features stop transferring.
-
-    Accuracy is the mean over `folds` stratified folds of all 1,797 digits: one 40% split of
-    the 1,347 training digits had a binomial standard error near 0.7 points, as large as the
-    differences the study looks for; scoring every digit once brings it near 0.3.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from .ood_sets import SIDE
-    from ncguard.ood_data import fit_to_shape
-
-    splits = [load_dataset(f"digits:{split}") for split in ("train", "test")]
-    x = fit_to_shape(np.concatenate([d.x for d in splits]), (1, SIDE, SIDE), "digits")
-    y = np.concatenate([d.y for d in splits])
-    features = layer_features(model, x, "features of the probe task")
-    features.update(_head_inputs(model, x))
-    features["pixels"] = x.reshape(len(x), -1)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    result = {}
-    for layer in (*PROBE_LAYERS, *HEAD_PROBES, "pixels"):
-        if layer not in features:
-            continue
-        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000))
-        result[layer] = float(cross_val_score(probe, features[layer], y, cv=splitter).mean())
-    return result
-
-
-def _head_inputs(model, x: np.ndarray) -> dict[str, np.ndarray]:
-    """{"grid": input of the head's Linear, "transfer-preact": input of its final ReLU if it has one}; {} for other heads."""
-    import torch
-    from torch import nn
-
-    head = getattr(model.backbone, "head", None)
-    modules = list(head) if isinstance(head, nn.Sequential) else []
-    linear = next((m for m in modules if isinstance(m, nn.Linear)), None)
-    if linear is None:
-        return {}
-    captured: dict[str, torch.Tensor] = {}
-    hooks = [linear.register_forward_hook(lambda module, inputs, output: captured.__setitem__("grid", inputs[0]))]
-    if isinstance(modules[-1], nn.ReLU):  # a pre-hook: the ReLU works in place, so afterwards its input is rectified
-        hooks.append(modules[-1].register_forward_pre_hook(lambda module, inputs: captured.__setitem__("transfer-preact", inputs[0].clone())))
-    try:
-        with torch.no_grad():
-            model.eval()
-            model(torch.from_numpy(x))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return {name: value.numpy() for name, value in captured.items()}
-
-
 def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
     return float((logits.argmax(axis=1) == y).mean())
 
@@ -265,6 +202,9 @@ def evaluate_run(spec: ModelSpec, run_dir: Path, budget: Budget) -> dict:
     scorers, skipped = _scorers(bundle, calibration)
     scores = {row: {key: np.asarray(score(f)) for key, f in features.items()} for row, score in tqdm(scorers.items(), desc=f"{spec.name}: scores", leave=False, disable=None)}
     metrics = {row: {key: ood_report(by_set["id"], values) for key, values in by_set.items() if key != "id"} for row, by_set in scores.items()}
+    # the transfer probes (benchmarks/quality/probe.py): the full probe on digits, and the few-shot probe
+    # on digits and glyph letters, which has the headroom the saturated full probe lacks
+    probe, few_shot = transfer_probes(model, budget.probe_folds) if spec.task == "full" else (None, None)
     result = {
         **model_record(spec, config),
         "id_accuracy": _accuracy(features["id"]["logits"], id_y),
@@ -274,7 +214,8 @@ def evaluate_run(spec: ModelSpec, run_dir: Path, budget: Budget) -> dict:
         "metrics": metrics,
         "combinations": combination_metrics(bundle, calibration, features) if spec.task == "near" else None,
         "skipped_scores": skipped,
-        "probe": probe_digits(model, budget.probe_folds) if spec.task == "full" else None,
+        "probe": probe,
+        "few_shot_probe": few_shot,
         "training": _training_record(run_dir),
         "seconds": time.perf_counter() - started,
     }
