@@ -20,8 +20,9 @@ single score reads. `features` may name several tensors (`--features A,B,C`, ear
 the penultimate layer last): the ones before the last become layers "block1", "block2", ... (a
 feature map read through its per-channel mean and std, ncguard.pooling, as ncguard's own models
 give their convolutional blocks to the `fused` score), and the default score is then `fused`
-(ncguard.scores.defaults), whose default components read them as for a trained run: Mahalanobis
-on the first and the last block, DDU on the penultimate layer.
+(ncguard.scores.defaults), with Mahalanobis on every block named and DDU on the penultimate layer
+(ncguard.scores.fused.default_components with every_block: what the user names is scored; for
+their own models ncguard scores the last block alone, and `ncguard inspect` suggests that shape).
 
 Scores that combine features with the classifier (vim, nci) need its weight and bias. A foreign
 graph does not say which initializers those are, so they are recovered by least squares from the
@@ -50,7 +51,8 @@ from ncguard.data import Dataset, iter_batches
 from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import INPUT_NAME
 from ncguard.runtime import open_session
-from ncguard.scores import LOGITS, SCORE_NAMES, build_detector
+from ncguard.scores import LOGITS, SCORE_NAMES, Fused, build_detector
+from ncguard.scores.fused import default_components
 from ncguard.pooling import channel_mean_std
 from ncguard.scores.defaults import FOREIGN, FOREIGN_MULTI, default_score
 from ncguard.stats import ClassStatistics, StatisticsBundle
@@ -200,7 +202,8 @@ def _gather(network, session, x: np.ndarray, batch_size: int, desc: str, kinds: 
 
 def _fit_score(score: str, bundle: StatisticsBundle, held_out: dict, readout_ratio: float, features_tensor: str):
     """The fitted detector; a score that needs the classifier says why it could not be recovered."""
-    detector = build_detector(score, bundle)
+    components = default_components(tuple(bundle.layers), TRANSFER_LAYER, every_block=True) if score == Fused.name else None
+    detector = build_detector(score, bundle, components=components)
     try:
         return detector.fit(bundle, held_out if detector.needs_held_out else None)
     except ConfigError as exc:

@@ -172,3 +172,13 @@ def test_build_detector_decides_layers_and_defaults_in_one_place(setup):
     ):
         with pytest.raises(ConfigError, match=message):
             build_detector(statistics=bundle, **kwargs)
+
+
+def test_default_components_score_the_last_block_and_every_named_block_on_request():
+    from ncguard.scores.fused import default_components
+
+    layers = ("block1", "block2", "block3", "transfer", "detection")
+    assert default_components(layers) == (("block3", "mahalanobis"), ("detection", "ddu"))
+    assert default_components(layers, every_block=True) == (
+        ("block1", "mahalanobis"), ("block2", "mahalanobis"), ("block3", "mahalanobis"), ("detection", "ddu"))
+    assert default_components(("transfer",), "transfer") == (("transfer", "ddu"),)  # no block: DDU alone

@@ -23,7 +23,7 @@ from ncguard.scores import SCORES
 from .ood_sets import COVARIATE_SHIFTS, FAR_OOD, NEAR_OOD
 from .plan import NEAR_SPLITS, PROXY_HELD_OUT, Budget, ModelSpec, proxy_spec
 from .report import OURS, PLAIN, _mean_sd, beats, oracle, row_table
-from .select import DEFAULT_COMBINATION, choose, objective
+from .select import DEFAULT_COMBINATION, ROUND1_DEFAULT, choose, objective
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 HELD_OUT = NEAR_OOD[0]
@@ -131,8 +131,10 @@ def _choice(metrics_by_proxy: list[dict]) -> tuple[dict, list[str]]:
     unguarded, _ = choose(metrics_by_proxy, min_block_weight=0.0)
     names = [name for name, _ in ranking]
     default_rank = names.index(DEFAULT_COMBINATION) if DEFAULT_COMBINATION in names else None
+    round1_rank = names.index(ROUND1_DEFAULT) if ROUND1_DEFAULT in names else None
     return {"chosen": chosen, "unguarded": unguarded, "top": ranking[:8], "default_rank": default_rank,
-            "default_objective": dict(ranking).get(DEFAULT_COMBINATION), "candidates": len(ranking)}, names
+            "default_objective": dict(ranking).get(DEFAULT_COMBINATION), "round1_default_rank": round1_rank,
+            "round1_default_objective": dict(ranking).get(ROUND1_DEFAULT), "candidates": len(ranking)}, names
 
 
 def selection_summary(by_split: dict[str, list[tuple[ModelSpec, dict]]]) -> dict:
@@ -240,10 +242,10 @@ def _markdown(payload: dict, budget: Budget) -> list[str]:
     lines += ["## The ID-only choice of components", "",
               "benchmarks/quality/select.py: proxy models (our head, seed 0), each trained on 4 of the split's 6 known classes; the other 2 known classes "
               "(training images) play the unseen ones, and a split's three proxies hold out every known class once. A split's choice maximizes the "
-              "objective averaged over its proxies; the pooled choice averages over every proxy of every split (each proxy counts once). Search space: the default's block components (Mahalanobis on block1 and block3) with weight "
+              "objective averaged over its proxies; the pooled choice averages over every proxy of every split (each proxy counts once). Search space: a block part, Mahalanobis on block1 and block3 (`blocks`) or on block3 alone (`block3`), with weight "
               "w in {0, 0.1, 0.25, 0.5, 1}, plus one or two semantic components (DDU, ETF, KNN, Mahalanobis on the detection or the transfer layer, "
               "ViM on the detection layer) with weight 1, each standardized on held-out ID data; objective: (AUROC + 1 - FPR95) / 2 on the proxy; "
-              "guard fixed in advance: w >= 0.1 (the proxy cannot value the far-OOD components). `blocks*1+detection:ddu` is today's default `fused`.", ""]
+              "guard fixed in advance: w >= 0.1 (the proxy cannot value the far-OOD components). `block3*1+detection:ddu` is today's default `fused`; `blocks*1+detection:ddu` was round 1's.", ""]
     if payload.get("stale_proxies"):
         lines += ["Left out of every choice (not a planned proxy, or trained on other classes than plan.py's pair now names): "
                   + ", ".join(payload["stale_proxies"]) + ".", ""]
@@ -339,7 +341,10 @@ def _hindsight(summaries: dict) -> list[str]:
 def _rank(sel: dict) -> str:
     if sel["default_rank"] is None:
         return "n/a."
-    return f"{sel['default_rank'] + 1} of {sel['candidates']} (objective {sel['default_objective']:.4f})."
+    text = f"{sel['default_rank'] + 1} of {sel['candidates']} (objective {sel['default_objective']:.4f})"
+    if sel.get("round1_default_rank") is not None:
+        text += f"; round 1's default `{ROUND1_DEFAULT}` {sel['round1_default_rank'] + 1} ({sel['round1_default_objective']:.4f})"
+    return text + "."
 
 
 def _epochs(budget: Budget) -> str:

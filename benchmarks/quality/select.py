@@ -1,6 +1,6 @@
 """ID-only choice of the fused score's components: held-out *known* classes stand in for unseen ones.
 
-Issue 16: the default `fused` score (Mahalanobis on the first and last conv block + DDU on the
+Issue 16: round 1's default `fused` score (Mahalanobis on the first and last conv block + DDU on the
 detection layer, equal weights) wins far OOD but can lose near OOD, where the block statistics add
 pixel noise to a semantic question. Which components, and how much weight the blocks get, must be
 chosen without OOD data. The procedure here:
@@ -59,7 +59,8 @@ BLOCK_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
 MIN_BLOCK_WEIGHT = 0.1
 MAX_SEMANTIC = 2
 PROXY_OOD = "proxy-held-out"  # the proxy's held-out known classes (training images)
-DEFAULT_COMBINATION = "blocks*1+detection:ddu"  # what ncguard.scores.fused ships (equal weights, sum)
+DEFAULT_COMBINATION = "block3*1+detection:ddu"  # what ncguard.scores.fused ships (equal weights, sum)
+ROUND1_DEFAULT = "blocks*1+detection:ddu"  # the default until round 2 (block1 and block3)
 
 
 @dataclass(frozen=True)
