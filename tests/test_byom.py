@@ -278,11 +278,11 @@ def test_inspect_lists_the_penultimate_tensor_and_suggests_it(plain, capsys):
     assert by_name["relu_1"]["shape"][1:] == [48] and by_name["relu_1"]["op"] == "Relu"
     # a feature map [N, 16, 4, 4] is a candidate read through its per-channel mean and std: 2 x 16 wide
     assert by_name["max_pool2d"]["pooled"] and by_name["max_pool2d"]["width"] == 32 and not by_name["relu_1"]["pooled"]
-    # the multi-layer set: the last block output (max_pool2d, 4x4) and the penultimate layer
-    assert document["suggested_feature_set"] == ["max_pool2d", "relu_1"]
+    # the multi-layer set: the first block output (relu, 8x8), the last (max_pool2d, 4x4), the penultimate layer
+    assert document["suggested_feature_set"] == ["relu", "max_pool2d", "relu_1"]
     assert main(["inspect", str(source)]) == 0
     table = capsys.readouterr().out
-    assert "32 (pooled)" in table and "--features max_pool2d,relu_1" in table and "suggested set #2" in table
+    assert "32 (pooled)" in table and "--features relu,max_pool2d,relu_1" in table and "suggested set #2" in table
 
 
 def fit_cli(capsys, *argv) -> tuple[int, str]:

@@ -4,7 +4,7 @@ The plain cross-entropy model (seed 0) is exported as a bare ONNX network (logit
 features, no OOD head: what a user already has in production), then `export.byom.fit_existing_model`,
 the code behind `ncguard fit`, adds its default score, twice:
 - `byom-knn`: read at the penultimate tensor alone (`--features features`, default knn);
-- `byom-multi-fused`: read at the set `ncguard inspect` suggests (a late block and the
+- `byom-multi-fused`: read at the set `ncguard inspect` suggests (an early block, a late block, the
   penultimate layer; export.graph_reading.suggested_feature_set), default fused, feature maps
   pooled per channel in the graph.
 The fitted graphs' `ood_score` on the same evaluation sets gives the rows, so they measure the

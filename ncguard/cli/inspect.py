@@ -6,9 +6,9 @@ most one longer axis after it, e.g. [N, 512] or [N, 512, 1, 1]). `--all` lists e
 tensor with its shape instead (feature maps included, marked unusable). The suggested `--logits`
 is the model's logits-like output (the input of a final Softmax), and the suggested `--features`
 the tensor feeding the final linear layer. Feature maps ([N, C, H, W], [N, C, L]) are candidates
-too, read through their per-channel mean and std (width 2C): the suggested multi-layer set is the
-last block and the penultimate layer (export.graph_reading.suggested_feature_set),
-for `--features A,B` and the `fused` score. Shapes come from ONNX shape inference. Torch-free.
+too, read through their per-channel mean and std (width 2C): the suggested multi-layer set is an
+early block, a late block and the penultimate layer (export.graph_reading.suggested_feature_set),
+for `--features A,B,C` and the `fused` score. Shapes come from ONNX shape inference. Torch-free.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def format_description(description, *, show_all: bool = False) -> str:
     else:
         lines.append("  (none found by shape inference; `ncguard fit` still checks the tensor you name when it runs)")
     if description.suggested_feature_set:
-        lines.append(f"suggested multi-layer set (late block, penultimate; score fused): "
+        lines.append(f"suggested multi-layer set (early block, late block, penultimate; score fused): "
                      f"--features {','.join(description.suggested_feature_set)}")
     for note in description.notes:
         lines.append(f"note: {note}")
