@@ -1,0 +1,90 @@
+"""What the OOD part of the exported graph costs, per set of `fused` components, at batch 1 and 64.
+
+    .venv/bin/python benchmarks/fused_cost.py --run RUN_DIR [--calls 300]
+
+Issue 16's goal: the OOD part of the default graph at most 5% of the graph's time at batch 64 and 15%
+at batch 1. The run is exported once per variant (COMPONENTS: today's default, round 1's default,
+the default with KNN beside DDU, and the detection-layer score alone), and ONNX Runtime's profiler
+gives the OOD-only nodes' share of the kernel time of the same calls
+(benchmarks/serving/local_paths.ood_node_share, the measure benchmarks/serving uses): a ratio within
+one session's calls, so load between variants does not bias it. Run it on a quiet machine anyway:
+small kernels suffer more from preemption than large ones, which inflates the batch-1 share.
+Writes benchmarks/results/fused_cost.json and .md (atomically). Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks" / "serving"))
+
+from export.run import export_run  # noqa: E402
+from local_paths import ood_node_share  # noqa: E402
+from ncguard.atomic import atomic_write  # noqa: E402
+from ncguard.model_file import load_model  # noqa: E402
+from ncguard.scores.fused import default_components  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+BATCHES = [1, 64]
+LAYERS = ("block1", "block2", "block3", "transfer", "detection")
+
+
+def components_text(components) -> str:
+    return ",".join(f"{layer}:{score}" for layer, score in components)
+
+
+# (row, --components): None is whatever ncguard.scores.fused ships today
+COMPONENTS = (
+    ("default", None),
+    ("round 1 default (block1 + block3 + DDU)", "block1:mahalanobis,block3:mahalanobis,detection:ddu"),
+    ("default + KNN on the detection layer", components_text(default_components(LAYERS)) + ",detection:knn"),
+    ("detection-layer DDU alone", "detection:ddu"),
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="a run directory of `ncguard train` (the default --layers)")
+    parser.add_argument("--calls", type=int, default=300, help="profiled calls per batch size and variant")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for fused_cost.json and .md")
+    args = parser.parse_args(argv)
+
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="fused-cost-") as folder:
+        for row, components in COMPONENTS:
+            path = Path(folder) / "model.onnx"
+            export_run(args.run, str(path), score="fused", components=components, provider="cpu")
+            shares = ood_node_share(path, BATCHES, calls=args.calls)
+            rows[row] = {
+                "components": load_model(path).metadata.ood_components,
+                **{batch: {"ood_share": s["ood_share"], "ood_adds": s["ood_adds"], "ood_nodes": len(s["ood_nodes"])} for batch, s in shares.items()},
+            }
+            print(f"[fused-cost] {row}: " + ", ".join(f"batch {b}: +{rows[row][b]['ood_adds']:.1%}" for b in shares), flush=True)
+
+    payload = {"machine": f"{platform.machine()}, Python {platform.python_version()}", "run": str(args.run),
+               "calls": args.calls, "goal": {"1": 0.15, "64": 0.05}, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "fused_cost.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    lines = ["# What the OOD part of the graph costs, per set of fused components", "",
+             f"Written by `python benchmarks/fused_cost.py --run {args.run}` ({payload['machine']}, ONNX Runtime profiler, "
+             f"{args.calls} calls per cell). Time of the OOD-only nodes relative to the rest of the graph (the network, "
+             "its softmax and feature outputs), from the same calls. Goal (issue 16): at most +15% at batch 1 and +5% at batch 64.", "",
+             "| components | OOD nodes | batch 1 | batch 64 |", "| --- | ---: | ---: | ---: |"]
+    for row, r in rows.items():
+        cells = [f"+{r[b]['ood_adds']:.1%}" + (" (goal met)" if r[b]["ood_adds"] <= payload["goal"][b] else "") for b in ("1", "64")]
+        lines.append(f"| {row}: {', '.join(r['components'])} | {r['1']['ood_nodes']} | " + " | ".join(cells) + " |")
+    atomic_write(out / "fused_cost.md", "\n".join(lines) + "\n")
+    print(f"[fused-cost] written to {out / 'fused_cost.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
