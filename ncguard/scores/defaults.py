@@ -7,9 +7,10 @@ both back from the run, and `ncguard fit` asks here; the TPR default is
 `ncguard.calibration.DEFAULT_TPR`, the threshold's own module.
 
 Why each entry:
-- etf, plain -> "fused": the quality benchmark's winner on both heads (benchmarks/results/quality.md;
-  `ncguard.scores.fused.default_components`): on Fashion-MNIST the one candidate that beat the best
-  standard score of the plain model on every OOD set.
+- etf, plain -> "fused": the quality benchmark's winner on both heads (benchmarks/results/quality.md,
+  check/ and near/; its components and why: `ncguard.scores.fused.default_components`): on
+  Fashion-MNIST it beats the best standard score of the plain model on 8 of 9 far-OOD sets, and it is
+  the best of the ID-only candidates on near OOD.
 - l2 -> "ddu": Haas et al.'s L2-normalized model is scored with DDU's density in their paper, and the
   `l2` head exists to reproduce it.
 - foreign -> "knn" (Sun et al. 2022, deep nearest neighbours): the most reliable post-hoc score we
@@ -19,9 +20,9 @@ Why each entry:
   best on digits, 0.987-0.997, but miss noise, <= 0.80). Digits (tiny CNN, 3 seeds; noise, inverted
   digits, 4 classes held out of training): knn 0.989, ddu 0.991, vim 0.966. Unlike ddu it needs no
   per-class covariance (C x D x D floats in memory and in the graph), so it scales to many classes.
-- foreign-multi -> "fused": given blocks as well as the penultimate layer, the foreign model gets the
-  trained models' default, block statistics beside the class-level score (see
-  benchmarks/results/quality.md, bring-your-own rows, for the measured comparison with knn).
+- foreign-multi -> "fused": given blocks as well as the penultimate layer, the foreign model gets
+  block statistics (every block named) beside the class-level score; it beats single-tensor knn on
+  every set of the check run (benchmarks/results/check/quality.md, bring-your-own rows).
 """
 
 from __future__ import annotations
