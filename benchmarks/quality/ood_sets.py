@@ -56,21 +56,24 @@ def glyph_images(n: int, seed: int) -> np.ndarray:
     for i in range(n):
         glyph = np.zeros((SIDE, SIDE), dtype=np.float32)
         while glyph.max() == 0.0:  # a font without this letter draws nothing: pick another
-            glyph = _render_glyph(rng, fonts)
+            glyph, _ = render_glyph(rng, fonts)
         out[i, 0] = glyph
     return out
 
 
-def _render_glyph(rng: np.random.Generator, fonts: list[Path]) -> np.ndarray:
+def render_glyph(rng: np.random.Generator, fonts: list[Path]) -> tuple[np.ndarray, int]:
+    """(one glyph [SIDE, SIDE] in [0, 1], the index of its letter in GLYPH_LETTERS); the far-OOD set
+    drops the letter, the few-shot probe (probe.glyph_task) keeps it as the label."""
     font = ImageFont.truetype(str(fonts[rng.integers(len(fonts))]), size=int(rng.integers(18, 27)))
-    letter = GLYPH_LETTERS[rng.integers(len(GLYPH_LETTERS))]
+    index = int(rng.integers(len(GLYPH_LETTERS)))
+    letter = GLYPH_LETTERS[index]
     canvas = Image.new("L", (SIDE, SIDE), 0)
     draw = ImageDraw.Draw(canvas)
     left, top, right, bottom = draw.textbbox((0, 0), letter, font=font)
     x = (SIDE - (right - left)) / 2 - left + rng.integers(-2, 3)
     y = (SIDE - (bottom - top)) / 2 - top + rng.integers(-2, 3)
     draw.text((x, y), letter, fill=255, font=font)
-    return np.asarray(canvas, dtype=np.float32) / 255.0
+    return np.asarray(canvas, dtype=np.float32) / 255.0, index
 
 
 def _grayscale(image: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 
 from ncguard.data import load_dataset
 
-from .ood_sets import GLYPH_LETTERS, SIDE, _render_glyph, font_files
+from .ood_sets import GLYPH_LETTERS, SIDE, font_files, render_glyph
 
 BLOCKS = ("block1", "block2", "block3")
 PROBE_LAYERS = ("transfer", "detection", *BLOCKS)
@@ -50,28 +50,6 @@ def digits_task() -> tuple[np.ndarray, np.ndarray]:
     return x, np.concatenate([d.y for d in splits])
 
 
-class _LetterRecorder:
-    """Passes `_render_glyph`'s random draws through to a Generator and keeps the letter index it drew.
-
-    The glyphs are drawn by the far-OOD set's own renderer (same fonts, sizes and offsets); it picks
-    the letter with `rng.integers(len(GLYPH_LETTERS))`, the one draw with that argument (the font draw
-    has the number of fonts), so the label is read off the draws rather than a second copy of the
-    renderer. tests/test_transfer_probe.py checks labels against independent renderings of the letters.
-    """
-
-    def __init__(self, rng: np.random.Generator, n_fonts: int):
-        if n_fonts == len(GLYPH_LETTERS):
-            raise RuntimeError(f"{n_fonts} fonts and {len(GLYPH_LETTERS)} letters: the letter draw cannot be told from the font draw")
-        self._rng = rng
-        self.letter: int | None = None
-
-    def integers(self, *args, **kwargs):
-        value = self._rng.integers(*args, **kwargs)
-        if args == (len(GLYPH_LETTERS),) and not kwargs:
-            self.letter = int(value)
-        return value
-
-
 def glyph_task(per_letter: int = GLYPHS_PER_LETTER, seed: int = GLYPH_SEED) -> tuple[np.ndarray, np.ndarray]:
     """(x [10 * per_letter, 1, 28, 28], y): labelled glyph letters, `per_letter` renderings of each of A-J.
 
@@ -82,20 +60,17 @@ def glyph_task(per_letter: int = GLYPHS_PER_LETTER, seed: int = GLYPH_SEED) -> t
     fonts = font_files()
     if not fonts:
         raise RuntimeError("no TrueType fonts found in matplotlib's data folder")
-    recorder = _LetterRecorder(np.random.default_rng(seed), len(fonts))
+    rng = np.random.default_rng(seed)
     counts = np.zeros(len(GLYPH_LETTERS), dtype=np.int64)
     images, labels = [], []
     while len(images) < per_letter * len(GLYPH_LETTERS):
         glyph = np.zeros((SIDE, SIDE), dtype=np.float32)
-        while glyph.max() == 0.0:
-            recorder.letter = None
-            glyph = _render_glyph(recorder, fonts)
-        if recorder.letter is None:
-            raise RuntimeError("ood_sets._render_glyph no longer draws its letter as rng.integers(len(GLYPH_LETTERS))")
-        if counts[recorder.letter] < per_letter:
-            counts[recorder.letter] += 1
+        while glyph.max() == 0.0:  # a font without the letter draws nothing: draw again
+            glyph, letter = render_glyph(rng, fonts)
+        if counts[letter] < per_letter:
+            counts[letter] += 1
             images.append(glyph)
-            labels.append(recorder.letter)
+            labels.append(letter)
     return np.stack(images)[:, None].astype(np.float32), np.asarray(labels, dtype=np.int64)
 
 
