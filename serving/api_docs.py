@@ -42,7 +42,7 @@ class Prediction(pydantic.BaseModel):
     is_ood: bool = pydantic.Field(description="whether the score is above the model's threshold")
     ood_driver: Optional[str] = pydantic.Field(
         description="for an OOD decision, the part of the score that drove it, as layer:score (for the default model, "
-        "block1/block3 = the input looks different at the pixel level, detection = it looks like no known class); null otherwise"
+        "a conv block (block3) = the input looks different at the pixel or shape level, detection = it looks like no known class); null otherwise"
     )
 
 

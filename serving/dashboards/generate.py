@@ -168,8 +168,8 @@ ROWS = (
             ),
             Panel(
                 "OOD decisions by driving component",
-                "OOD-flagged inputs per second by the part of the score that drove the decision: for the default model, an early "
-                "block (block1, block3) means the input looks different at the pixel level, the detection layer that it looks like no known class.",
+                "OOD-flagged inputs per second by the part of the score that drove the decision: for the default model, a conv "
+                "block (block3) means the input looks different at the pixel or shape level, the detection layer that it looks like no known class.",
                 (Query(f"sum by (component) (rate(ncguard_ood_decisions_total{{{MODEL}}}[{RATE}]))", "{{component}}"),),
                 unit="reqps",
             ),
