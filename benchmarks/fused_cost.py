@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks" / "serving"))
 
+from benchmarks.quality.plan import LAYERS  # noqa: E402  (the layers of a benchmark run)
 from export.run import export_run  # noqa: E402
 from local_paths import ood_node_share  # noqa: E402
 from ncguard.atomic import atomic_write  # noqa: E402
@@ -33,7 +34,6 @@ from ncguard.scores.fused import default_components  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BATCHES = [1, 64]
-LAYERS = ("block1", "block2", "block3", "transfer", "detection")
 
 
 def components_text(components) -> str:
@@ -44,7 +44,7 @@ def components_text(components) -> str:
 COMPONENTS = (
     ("default", None),
     ("round 1 default (block1 + block3 + DDU)", "block1:mahalanobis,block3:mahalanobis,detection:ddu"),
-    ("default + KNN on the detection layer", components_text(default_components(LAYERS)) + ",detection:knn"),
+    ("default + KNN on the detection layer", components_text(default_components(LAYERS.split(","))) + ",detection:knn"),
     ("detection-layer DDU alone", "detection:ddu"),
 )
 

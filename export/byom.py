@@ -52,9 +52,9 @@ from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import INPUT_NAME
 from ncguard.runtime import open_session
 from ncguard.scores import LOGITS, SCORE_NAMES, Fused, build_detector
-from ncguard.scores.fused import default_components
 from ncguard.pooling import channel_mean_std
 from ncguard.scores.defaults import FOREIGN, FOREIGN_MULTI, default_score
+from ncguard.scores.fused import default_components
 from ncguard.stats import ClassStatistics, StatisticsBundle
 
 log = logging.getLogger("ncguard.fit")

@@ -21,7 +21,6 @@ import time
 import numpy as np
 
 from ncguard import drift
-from ncguard.drift import score_buckets  # noqa: F401  (the service's histogram buckets; here for its callers)
 from ncguard.errors import DataError
 from ncguard.model_file import ModelMetadata
 

@@ -51,6 +51,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ncguard.drift import score_buckets
 from ncguard.runtime import Predictor, overflow_message
 
 from .access import ApiKeys, RequestMetrics
@@ -61,7 +62,7 @@ from .exposition import exposition, metrics_directory, use_metrics_directory
 from .limits import BodySizeLimit
 from .metrics import count_rejection, endpoint_label, model_metrics, service_metrics, start_rejection_counts
 from .model_source import resolve_model_path
-from .monitor import DriftMonitor, score_buckets
+from .monitor import DriftMonitor
 from .settings import LARGE_BODY_BYTES, ServeSettings
 from .validation import NPY_CONTENT_TYPE, Rejected, decode_images, parse_json_inputs, parse_npy_inputs
 

@@ -17,7 +17,8 @@ from ncguard.errors import ConfigError, DataError
 from ncguard.model_file import DriftReference
 from serving.dashboards import generate
 from serving.metrics import ModelMetrics
-from serving.monitor import DriftMonitor, score_buckets
+from ncguard.drift import score_buckets
+from serving.monitor import DriftMonitor
 from serving.settings import DEFAULT_DRIFT_MIN_SAMPLES, DEFAULT_DRIFT_WINDOW, ServeSettings
 from serving.window import RingWindow
 from tests.tiny_models import tiny_metadata

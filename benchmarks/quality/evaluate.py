@@ -43,9 +43,8 @@ FUSED_CANDIDATES = (
     ("fused-blocks+ddu+vim", (*BLOCK_MAHALANOBIS, ("detection", "ddu"), ("detection", "vim")), "sum"),
     ("fused", None, "sum"),  # the default of ncguard train/export (ncguard.scores.fused.default_components)
     # Near-OOD round 2 (issue 16): block1's pixel statistics drowned the semantic signal on split c, so
-    # the default became the last block alone; round 1's default and a second semantic component beside it
+    # the default ("fused" above) became block3 + DDU; round 1's default and a second semantic component beside it
     ("fused-block1+block3+ddu", (("block1", "mahalanobis"), ("block3", "mahalanobis"), ("detection", "ddu")), "sum"),
-    ("fused-block3+ddu", (("block3", "mahalanobis"), ("detection", "ddu")), "sum"),
     ("fused-block3+ddu+knn", (("block3", "mahalanobis"), ("detection", "ddu"), ("detection", "knn")), "sum"),
     ("fused-blocks+vim", (*BLOCK_MAHALANOBIS, ("detection", "vim")), "sum"),
     ("fused-blocks+mahalanobis", (*BLOCK_MAHALANOBIS, ("detection", "mahalanobis")), "sum"),

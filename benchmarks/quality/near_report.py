@@ -79,7 +79,7 @@ def split_summary(split: str, near: list[dict], choices: dict[str, str]) -> dict
         r = row(OURS, name, "combo")
         if r:
             hindsight[name] = {"beats_oracle": r["beats_oracle"], "far_beaten": r["far_beaten"], "far_sets": r["far_sets"],
-                               "objective": 0.5 * (r["auroc"][0] + 1 - r["fpr95"][0])}
+                               "objective": objective(r["auroc"][0], r["fpr95"][0])}
     return {
         "hindsight": hindsight,
         "known": list(NEAR_SPLITS[split]),

@@ -201,9 +201,8 @@ def transfer_probes(model, folds: int) -> tuple[dict[str, float], dict]:
 
 def paired_difference(ours: list[float], plain: list[float]) -> dict:
     """Ours minus plain per draw (the same draws, so paired), in accuracy: {"mean", "se"}."""
-    diff = np.asarray(ours, dtype=np.float64) - np.asarray(plain, dtype=np.float64)
-    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
-    return {"mean": float(diff.mean()), "se": se}
+    summary = summarize(np.asarray(ours, dtype=np.float64) - np.asarray(plain, dtype=np.float64))
+    return {"mean": summary["mean"], "se": summary["se"]}
 
 
 def _head_inputs(model, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -104,11 +104,7 @@ def component_scores(bundle, features: dict[str, dict[str, np.ndarray]], standar
     for layer, score in dict.fromkeys((*(c for block_set in BLOCK_SETS.values() for c in block_set), *SEMANTIC_POOL)):
         if layer not in bundle.layers:
             continue
-        detector = build_detector(score, bundle, layer=layer).fit(bundle)
-
-        def run(f, detector=detector):
-            return detector.score(f)
-
+        run = build_detector(score, bundle, layer=layer).fit(bundle).score
         reference = run(standardize_on)
         mu, sigma = reference.mean(), reference.std()
         if not sigma > 0:

@@ -33,9 +33,6 @@ MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 REPORT = "report.html"
 
-# The alert thresholds of the service's Prometheus rules and dashboard, from the core (ncguard.drift)
-from ..drift import DRIFT_LIMITS, OOD_RATE_MARGIN  # noqa: E402,F401  (summary reads them here)
-
 
 @dataclass(frozen=True)
 class AuditOptions:

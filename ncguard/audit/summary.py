@@ -14,11 +14,10 @@ def _rate(numerator, denominator):
 
 
 def drift_table(partial: PartialStats, meta: ModelMetadata) -> dict:
-    from .run import DRIFT_LIMITS, OOD_RATE_MARGIN
-
+    """Each drift distance against the alert limit the service's rules use (ncguard.drift)."""
     distances = partial.distances(meta)
     table = {}
-    for name, limit in DRIFT_LIMITS.items():
+    for name, limit in drift.DRIFT_LIMITS.items():
         if name in distances:
             table[name] = {"value": distances[name], "limit": limit, "alert": bool(distances[name] > limit)}
     if "score_ks" in table:
@@ -26,8 +25,8 @@ def drift_table(partial: PartialStats, meta: ModelMetadata) -> dict:
     if "ood_rate" in distances:
         expected = 1.0 - meta.tpr
         table["ood_rate"] = {
-            "value": distances["ood_rate"], "expected": expected, "limit": expected + OOD_RATE_MARGIN,
-            "alert": bool(distances["ood_rate"] - expected > OOD_RATE_MARGIN),
+            "value": distances["ood_rate"], "expected": expected, "limit": expected + drift.OOD_RATE_MARGIN,
+            "alert": bool(distances["ood_rate"] - expected > drift.OOD_RATE_MARGIN),
         }
     return table
 
