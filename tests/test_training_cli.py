@@ -18,6 +18,7 @@ from ncguard.scores import build_detector, make_detector
 from ncguard.stats import StatisticsBundle
 from training.cli import main as training_main
 from training.inference import collect_layer_features, fit_on_held_out, iter_layer_features
+from training.precision import resolve_precision
 from training.runs import calibration_inputs, calibration_split, load_run
 
 RUN_FILES = {"config.json", "checkpoint.pt", "model.pt", "statistics.npz", "metrics.json", "collapse.json"}
@@ -61,6 +62,7 @@ def test_train_writes_a_complete_run_directory(cli_run):
     assert config["data"]["input_shape"] == [1, 8, 8] and config["data"]["input_scale"] == 16.0
     assert config["settings"]["arch"] == "cnn" and config["settings"]["epochs"] == 2
     assert config["settings"]["augment"] == "shift" and config["settings"]["entropy_weight"] == 0.05
+    assert config["settings"]["precision"] == resolve_precision("auto", torch.device("cpu"))  # auto, resolved
     assert {"ncguard", "torch", "numpy", "python"} <= set(config["versions"])
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [r["epoch"] for r in metrics["history"]] == [1, 2]
@@ -172,6 +174,7 @@ def test_vectors_train_with_the_mlp(tmp_path, capsys):
         (["--tpr", "1.5"], "--tpr must be strictly between 0 and 1"),
         (["--calibration-fraction", "0.9"], "--calibration-fraction must be in (0, 0.5]"),
         (["--device", "gpu0"], "--device 'gpu0' is not a device"),
+        (["--precision", "fp16"], "--precision 'fp16' is not one of: auto, fp32, bf16"),
         (["--layers", "block9"], "--layers: block9 not in the cnn model"),
         (["--arch", "mlp", "--augment", "shift-flip", "--data", "vectors"], "needs images"),
         (["--data", "no-such-data"], "unknown data SPEC 'no-such-data'"),
@@ -261,3 +264,17 @@ def test_collapse_command_runs_without_torch(cli_run):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "NC1" in result.stdout
+
+
+def test_a_run_from_before_precision_was_recorded_resumes_as_the_fp32_run_it_was(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert ncguard_train("--data", "digits", "--out", str(run_dir), "--epochs", "2", "--precision", "fp32", "--quiet") == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["settings"]["precision"]  # written before the setting existed
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "model.pt").unlink()
+    if resolve_precision("auto", torch.device("cpu")) == "bf16":  # auto now means bf16: not the run's precision
+        assert ncguard_train("--data", "digits", "--out", str(run_dir), "--epochs", "2", "--resume", "--quiet") == 2
+        assert "precision 'fp32' (now 'bf16')" in capsys.readouterr().err
+    assert ncguard_train("--data", "digits", "--out", str(run_dir), "--epochs", "2", "--precision", "fp32", "--resume", "--quiet") == 0
+    assert (run_dir / "model.pt").is_file()

@@ -13,6 +13,7 @@ from ncguard.errors import ConfigError, ModelError
 from training.augment import Augmentation, auto_augmentation
 from training.losses import TrainingLoss
 from training.model import build_model
+from training.precision import cpu_has_fast_bf16
 from training.trainer import Trainer, TrainSettings, load_checkpoint, seed_everything, warmup_cosine
 
 
@@ -23,13 +24,13 @@ def digits():
     return data.x[:320], data.y[:320], data.x[320:400], data.y[320:400]
 
 
-def make_trainer(checkpoint_path=None, epochs=2, callbacks=(), batch_size=64, loss="ce", augment="shift"):
+def make_trainer(checkpoint_path=None, epochs=2, callbacks=(), batch_size=64, loss="ce", augment="shift", precision="fp32"):
     seed_everything(0)
     model = build_model("cnn", (1, 8, 8), 10)
     return Trainer(
         model,
         TrainingLoss(loss, entropy_weight=0.05),
-        TrainSettings(epochs=epochs, batch_size=batch_size, nc1_probe_size=100),
+        TrainSettings(epochs=epochs, batch_size=batch_size, nc1_probe_size=100, precision=precision),
         Augmentation(augment, (1, 8, 8)),
         checkpoint_path=checkpoint_path,
         callbacks=callbacks,
@@ -77,15 +78,19 @@ def test_training_learns_and_records_history(digits):
     assert all(r["nc1_transfer"] > 0 and r["nc1_detection"] > 0 for r in trainer.history_)
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(digits, tmp_path):
+BF16 = pytest.param("bf16", marks=pytest.mark.skipif(not cpu_has_fast_bf16(), reason="this CPU has no native bfloat16"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", BF16])
+def test_resume_reproduces_the_uninterrupted_run_exactly(digits, tmp_path, precision):
     x, y, x_val, y_val = digits
-    uninterrupted = make_trainer(tmp_path / "a" / "checkpoint.pt", epochs=3).fit(x, y, x_val, y_val)
+    uninterrupted = make_trainer(tmp_path / "a" / "checkpoint.pt", epochs=3, precision=precision).fit(x, y, x_val, y_val)
 
     with pytest.raises(Interrupt):
-        make_trainer(tmp_path / "b" / "checkpoint.pt", epochs=3, callbacks=[interrupt_after(1)]).fit(x, y, x_val, y_val)
+        make_trainer(tmp_path / "b" / "checkpoint.pt", epochs=3, callbacks=[interrupt_after(1)], precision=precision).fit(x, y, x_val, y_val)
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
     torch.manual_seed(12345)  # a fresh process would start from different global RNG state
-    resumed = make_trainer(tmp_path / "b" / "checkpoint.pt", epochs=3).fit(x, y, x_val, y_val, resume=True)
+    resumed = make_trainer(tmp_path / "b" / "checkpoint.pt", epochs=3, precision=precision).fit(x, y, x_val, y_val, resume=True)
 
     expected, actual = uninterrupted.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == actual.keys()
@@ -106,6 +111,45 @@ def test_resume_refuses_a_checkpoint_with_other_settings(digits, tmp_path):
     make_trainer(path, epochs=1).fit(x, y)
     with pytest.raises(ConfigError, match=r"batch_size 64 \(now 32\)"):
         make_trainer(path, epochs=1, batch_size=32).fit(x, y, resume=True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", BF16])
+def test_training_learns_in_either_precision_and_the_model_stays_fp32(digits, precision):
+    x, y, x_val, y_val = digits
+    trainer = make_trainer(epochs=5, batch_size=32, precision=precision).fit(x, y, x_val, y_val)
+    assert trainer.history_[-1]["val_accuracy"] > 0.5 and trainer.history_[-1]["train_loss"] < trainer.history_[0]["train_loss"]
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+
+
+def test_a_checkpoint_from_before_precision_was_recorded_resumes_as_fp32(digits, tmp_path):
+    x, y, _, _ = digits
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(Interrupt):
+        make_trainer(path, epochs=2, callbacks=[interrupt_after(1)]).fit(x, y)
+    state = load_checkpoint(path)
+    del state["identity"]["precision"]  # what a checkpoint written before the setting existed holds
+    torch.save(state, path)
+    assert make_trainer(path, epochs=2).fit(x, y, resume=True).epochs_completed_ == 2
+    with pytest.raises(ConfigError, match=r"precision 'fp32' \(now 'bf16'\)"):
+        make_trainer(path, epochs=2, precision="bf16").fit(x, y, resume=True)
+
+
+def test_precision_choices_are_resolved_and_checked(monkeypatch):
+    import training.precision as precision
+
+    assert TrainSettings(epochs=1).precision == "fp32"
+    with pytest.raises(ConfigError, match="precision must be one of fp32, bf16"):
+        TrainSettings(epochs=1, precision="auto")
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert precision.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert precision.resolve_precision("auto", torch.device("cuda")) == "fp32"  # unmeasured there: unchanged
+    assert precision.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    assert precision.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    with pytest.raises(ConfigError, match="no native bfloat16"):
+        precision.resolve_precision("bf16", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="--precision 'fp16' is not one of: auto, fp32, bf16"):
+        precision.resolve_precision("fp16", torch.device("cpu"))
 
 
 def test_resume_without_checkpoint_and_corrupt_checkpoints_are_clear_errors(digits, tmp_path):

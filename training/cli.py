@@ -41,6 +41,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true", help="use deterministic kernels only (slower on GPU)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its checkpoint")
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", help="auto, fp32 or bf16: bf16 runs the training step under bfloat16 autocast, about 1.5x faster on a CPU with AVX512-BF16 or AMX (auto: bf16 there, fp32 elsewhere); the model stays fp32")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
 
 

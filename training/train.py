@@ -44,6 +44,7 @@ from .files import atomic_write_json
 from .finish import REQUIRED_LAYERS, finish_run
 from .losses import LABEL_SMOOTHING, LOSSES, TrainingLoss
 from .model import CLASSIFIERS, HEADS, DualHeadModel, build_model, normalization_stats
+from .precision import resolve_precision
 from .trainer import Trainer, TrainSettings, distributed_context, parameter_fingerprint, seed_everything
 
 DEFAULT_ENTROPY_WEIGHT = 0.05
@@ -62,6 +63,9 @@ OPTIONAL_DEFAULT_LAYERS = ("block2", "block3")
 TARGET_STEPS = 5000
 MIN_EPOCHS, MAX_EPOCHS = 3, 30
 THREADS = 2
+# What a run written before a setting existed was trained with (its config.json lacks the key), so
+# --resume of such a run compares against the value it really used.
+SETTINGS_BEFORE_THEY_WERE_RECORDED = {"precision": "fp32"}
 
 
 def default_epochs(n_train: int, batch_size: int) -> int:
@@ -93,6 +97,7 @@ class TrainOptions:
     deterministic: bool = False
     resume: bool = False
     device: str = "auto"
+    precision: str = "auto"
     quiet: bool = False
 
     @classmethod
@@ -135,7 +140,7 @@ class TrainOptions:
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"--layers must list distinct layer names, got {','.join(self.layers)!r}")
         layers = tuple(dict.fromkeys((*self.layers, *REQUIRED_LAYERS)))
-        resolve_device(self.device)
+        resolve_precision(self.precision, resolve_device(self.device))
         return TrainOptions(**{**asdict(self), "layers": layers})
 
 
@@ -169,7 +174,7 @@ def _check_trainable(dataset: Dataset, fit_index: np.ndarray) -> None:
         )
 
 
-def _resolved_settings(options: TrainOptions, dataset: Dataset, n_fit: int) -> dict:
+def _resolved_settings(options: TrainOptions, dataset: Dataset, n_fit: int, device: torch.device) -> dict:
     """The data-dependent defaults made explicit: what config.json records and resume compares."""
     images = len(dataset.input_shape) == 3
     arch = options.arch or ("cnn" if images else "mlp")
@@ -192,6 +197,7 @@ def _resolved_settings(options: TrainOptions, dataset: Dataset, n_fit: int) -> d
         "augment": augment,
         "seed": options.seed,
         "deterministic": options.deterministic,
+        "precision": resolve_precision(options.precision, device),
         "layers": list(options.layers),
         "score": default_score(options.head),
         "tpr": options.tpr,
@@ -214,10 +220,8 @@ def _prepare_run_dir(options: TrainOptions, settings: dict, data: dict, files: R
         if not files.config.is_file():
             raise ConfigError(f"--resume: {files.root} has no {CONFIG_FILE}; it is not a run directory (drop --resume)")
         config = read_config(files.root)
-        changed = {
-            key: (config["settings"].get(key), value) for key, value in settings.items()
-            if config["settings"].get(key) != value
-        }
+        recorded = {**SETTINGS_BEFORE_THEY_WERE_RECORDED, **config["settings"]}
+        changed = {key: (recorded.get(key), value) for key, value in settings.items() if recorded.get(key) != value}
         if config["data"]["spec"] != data["spec"]:
             changed["data"] = (config["data"]["spec"], data["spec"])
         if changed:
@@ -290,19 +294,21 @@ def _replica_report(model: DualHeadModel, world_size: int) -> dict | None:
     }
 
 
-def train(options: TrainOptions) -> dict | None:
+def train(options: TrainOptions, callbacks=()) -> dict | None:
     """Run `ncguard train` end to end; returns a summary (run dir, accuracies, NC1, score and TPR).
 
     Under torch.distributed every process calls this; rank 0 writes the run and gets the
     summary, the other ranks return None. NumPy's BLAS is held to one thread meanwhile: its
     spinning worker threads otherwise steal the cores from torch's (digits, 5 epochs on 2 busy
-    cores: 60 s with both pools at 2 threads, 9 s with BLAS at 1).
+    cores: 60 s with both pools at 2 threads, 9 s with BLAS at 1). `callbacks` are the Trainer's
+    (callback(trainer, record) after each epoch, outside the epoch's timed seconds): how
+    benchmarks/train_time.py follows test accuracy epoch by epoch.
     """
     with threadpool_limits(limits=1, user_api="blas"):
-        return _train(options)
+        return _train(options, tuple(callbacks))
 
 
-def _train(options: TrainOptions) -> dict | None:
+def _train(options: TrainOptions, callbacks: tuple = ()) -> dict | None:
     started = time.perf_counter()
     rank, world_size = distributed_context()
     torch.set_num_threads(max(1, THREADS // world_size))
@@ -311,7 +317,7 @@ def _train(options: TrainOptions) -> dict | None:
     fit_index, calibration_index = split_for_calibration(len(dataset), options.calibration_fraction, options.seed)
     _check_trainable(dataset, fit_index)
     test_spec = test_split_of(options.data)
-    settings = _resolved_settings(options, dataset, len(fit_index))
+    settings = _resolved_settings(options, dataset, len(fit_index), device)
     data = {
         "spec": options.data,
         "name": dataset.name,
@@ -341,10 +347,12 @@ def _train(options: TrainOptions) -> dict | None:
     trainer = Trainer(
         model,
         TrainingLoss(settings["loss"], settings["entropy_weight"], settings.get("label_smoothing", LABEL_SMOOTHING)),
-        TrainSettings(epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"], seed=settings["seed"]),
+        TrainSettings(epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"], seed=settings["seed"],
+                      precision=settings["precision"]),
         Augmentation(settings["augment"], dataset.input_shape),
         device=device,
         checkpoint_path=files.checkpoint,
+        callbacks=callbacks,
         progress=not options.quiet,
     )
     config = _shared_outcome(rank, world_size, lambda: _prepare_run_dir(options, settings, data, files))

@@ -33,6 +33,7 @@ from .files import atomic_torch_save
 from .inference import accuracy_and_loss, iter_layer_features
 from .losses import TrainingLoss
 from .model import DualHeadModel
+from .precision import PRECISIONS, autocast
 
 CHECKPOINT_FORMAT = "ncguard-checkpoint-1"
 NC1_LAYERS = ("transfer", "detection")
@@ -49,6 +50,7 @@ class TrainSettings:
     warmup_fraction: float = 0.05
     seed: int = 0
     nc1_probe_size: int = 1000  # training samples on which NC1 is recorded each epoch (0: off)
+    precision: str = "fp32"  # "bf16": forward pass under bfloat16 autocast (see training.precision)
 
     def __post_init__(self):
         checks = [
@@ -58,6 +60,7 @@ class TrainSettings:
             (_finite(self.weight_decay) and self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay!r}"),
             (_finite(self.warmup_fraction) and 0 <= self.warmup_fraction < 1, f"warm-up fraction must be in [0, 1), got {self.warmup_fraction!r}"),
             (isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (isinstance(self.nc1_probe_size, int) and self.nc1_probe_size >= 0, f"NC1 probe size must be >= 0, got {self.nc1_probe_size!r}"),
         ]
         for ok, message in checks:
@@ -217,8 +220,8 @@ class Trainer:
         if path is None or not path.is_file():
             raise ConfigError(f"--resume needs a checkpoint, but {path} does not exist: start the run without --resume")
         state = load_checkpoint(path)
-        if state["identity"] != self._identity():
-            theirs, ours = state["identity"], self._identity()
+        theirs, ours = {"precision": "fp32", **state["identity"]}, self._identity()  # no key: written before bf16
+        if theirs != ours:
             differences = ", ".join(
                 f"{key} {theirs.get(key)!r} (now {ours.get(key)!r})" for key in sorted(set(theirs) | set(ours))
                 if theirs.get(key) != ours.get(key)
@@ -282,8 +285,9 @@ class Trainer:
             labels = torch.from_numpy(y[rows]).to(self.device)
             inputs = self.augmentation.apply(inputs, self.augmentation.slice(params, share))
             inputs = inputs.contiguous(memory_format=self.memory_format)
-            output = self.network(inputs)
-            loss, parts = self.loss(output, labels, self.model.classifier_weight())
+            with autocast(self.settings.precision, self.device):
+                output = self.network(inputs)
+                loss, parts = self.loss(output, labels, self.model.classifier_weight())
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise ConfigError(
