@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ncguard.errors import ConfigError, ModelError
-from training.backbones import ModuleBackbone, build_backbone
+from training.backbones import GridAvgPool2d, ModuleBackbone, build_backbone, pooling_matrix
 from training.etf import simplex_classifier, simplex_etf
 from training.model import DualHeadModel, build_model, normalization_stats
 
@@ -160,3 +160,23 @@ def test_layer_features_pool_feature_maps_per_channel():
     block1_channels = model.backbone.block1[0][0].out_channels
     assert layers["block1"].shape == (4, 2 * block1_channels)  # mean and std per channel
     assert all(value.ndim == 2 for value in layers.values())
+
+
+@pytest.mark.parametrize("size, grid", [((7, 7), 4), ((28, 28), 4), ((5, 9), 3), ((2, 2), 4), ((8, 6), (4, 3))])
+def test_grid_pooling_matrices_reproduce_adaptive_average_pooling(size, grid):
+    x = torch.rand(3, 5, *size, dtype=torch.float64)
+    out_h, out_w = (grid, grid) if isinstance(grid, int) else grid
+    by_matrices = pooling_matrix(size[0], out_h).double() @ x @ pooling_matrix(size[1], out_w).double().T
+    torch.testing.assert_close(by_matrices, torch.nn.functional.adaptive_avg_pool2d(x, grid))
+
+
+def test_grid_pooling_exports_as_matrix_products_not_gathers():
+    """Under torch.export (what the ONNX exporter traces) the cnn's pooling is two MatMuls with the same values."""
+    pool = GridAvgPool2d(4).eval()
+    x = torch.rand(2, 8, 7, 7)
+    program = torch.export.export(pool, (x,))
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("adaptive" in op for op in ops), ops
+    assert any("matmul" in op or "mm" in op for op in ops), ops
+    torch.testing.assert_close(program.module()(x), torch.nn.functional.adaptive_avg_pool2d(x, 4))
+    assert build_backbone("cnn", (1, 28, 28)).head[0].__class__ is GridAvgPool2d

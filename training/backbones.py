@@ -31,6 +31,41 @@ class Backbone(nn.Module):
         return next(reversed(self.forward_features(x).values()))
 
 
+def pooling_matrix(size: int, out_size: int) -> torch.Tensor:
+    """[out_size, size] averaging weights of adaptive average pooling along one axis.
+
+    Row i averages inputs floor(i * size / out) .. ceil((i + 1) * size / out) - 1, exactly the
+    windows torch's adaptive_avg_pool2d uses.
+    """
+    weights = torch.zeros(out_size, size)
+    for i in range(out_size):
+        start, end = (i * size) // out_size, -((-(i + 1) * size) // out_size)
+        weights[i, start:end] = 1.0 / (end - start)
+    return weights
+
+
+class GridAvgPool2d(nn.AdaptiveAvgPool2d):
+    """nn.AdaptiveAvgPool2d whose exported graph is one matrix product.
+
+    Why: torch's ONNX exporter writes an adaptive pooling whose windows overlap (7x7 -> 4x4 in the
+    default cnn) as a GatherND, a Transpose and two Where nodes over the whole feature map: about a
+    third of the exported network's time at batch 64 (ONNX Runtime profiler, issue 16). With H and W
+    fixed at export time the same average is the flattened map times the constant [H*W, h*w] matrix
+    kron(P_h, P_w)^T (`pooling_matrix` per axis): one GEMM over all images and channels. Training
+    keeps torch's own kernel; the values agree up to float rounding (tests/test_training_model.py),
+    and the module has no parameters, so state dicts of either kind load into the other.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_exporting():
+            return super().forward(x)
+        height, width = x.shape[-2:]
+        out_h, out_w = (self.output_size, self.output_size) if isinstance(self.output_size, int) else self.output_size
+        out_h, out_w = out_h or height, out_w or width
+        kernel = torch.kron(pooling_matrix(height, out_h), pooling_matrix(width, out_w)).T.to(x.dtype)
+        return torch.matmul(x.flatten(2), kernel).unflatten(2, (out_h, out_w))
+
+
 def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
@@ -59,7 +94,7 @@ class SmallCNN(Backbone):
         self.block2 = nn.Sequential(_conv_bn_relu(w1, w2), nn.MaxPool2d(2, ceil_mode=True))
         self.block3 = nn.Sequential(_conv_bn_relu(w2, w3), _conv_bn_relu(w3, w3))
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(grid),
+            GridAvgPool2d(grid),
             nn.Flatten(),
             nn.Linear(w3 * grid * grid, feature_dim, bias=False),
             nn.BatchNorm1d(feature_dim),
