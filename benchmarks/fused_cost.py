@@ -43,8 +43,10 @@ def components_text(components) -> str:
 # (row, --components): None is whatever ncguard.scores.fused ships today
 COMPONENTS = (
     ("default", None),
+    ("round 2 default (block3 + full-covariance DDU)", "block3:mahalanobis,detection:ddu"),
     ("round 1 default (block1 + block3 + DDU)", "block1:mahalanobis,block3:mahalanobis,detection:ddu"),
     ("default + KNN on the detection layer", components_text(default_components(LAYERS.split(","))) + ",detection:knn"),
+    ("detection-layer low-rank DDU alone", "detection:ddu-lowrank"),
     ("detection-layer DDU alone", "detection:ddu"),
 )
 

@@ -51,7 +51,7 @@ from ncguard.data import Dataset, iter_batches
 from ncguard.errors import ConfigError, DataError, ModelError
 from ncguard.model_file import INPUT_NAME
 from ncguard.runtime import open_session
-from ncguard.scores import LOGITS, SCORE_NAMES, Fused, build_detector
+from ncguard.scores import LOGITS, SCORE_NAMES, SCORES, Fused, build_detector
 from ncguard.pooling import channel_mean_std
 from ncguard.scores.defaults import FOREIGN, FOREIGN_MULTI, default_score
 from ncguard.scores.fused import default_components
@@ -257,7 +257,7 @@ def fit_existing_model(
     session = open_session(network.model.SerializeToString(), provider=provider)
     kinds: dict[str, tuple[int, bool]] = {}
     stats, readout, accuracy = _fit_statistics(
-        network, session, data, fit_index, kinds, batch_size=batch_size, per_class_covariance=score in ("ddu", "fused"), seed=seed
+        network, session, data, fit_index, kinds, batch_size=batch_size, per_class_covariance=score == "fused" or getattr(SCORES.get(score), "needs_class_covariances", False), seed=seed
     )
     calibration_x = data.x[calibration_index]
     held_out_logits, held_out_features = _gather(network, session, calibration_x, batch_size, "held-out logits", kinds)

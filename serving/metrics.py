@@ -98,7 +98,7 @@ class ModelMetrics:
         # component values come from the model file's metadata, never from requests (bounded)
         self.ood_by_component = prometheus_client.Counter(
             "ncguard_ood_decisions",
-            "OOD decisions by the part of the score that drove them (e.g. block3:mahalanobis = pixel- or shape-level statistics, detection:ddu = no known class)",
+            "OOD decisions by the part of the score that drove them (e.g. block3:mahalanobis = pixel- or shape-level statistics, detection:ddu-lowrank = no known class)",
             labelnames=("model", "component"),
             registry=registry,
         )

@@ -150,7 +150,7 @@ def test_multi_layer_fit_defaults_to_fused_on_pooled_blocks(wrapped_multi):
     path, result = wrapped_multi
     meta = load_model(path).metadata
     assert meta.score == "fused"  # ncguard.scores.defaults: foreign-multi
-    assert meta.ood_components == ["block1:mahalanobis", "block2:mahalanobis", "transfer:ddu"]
+    assert meta.ood_components == ["block1:mahalanobis", "block2:mahalanobis", "transfer:ddu-lowrank"]
     layers = meta.extra["feature_layers"]
     assert layers == {
         "block1": {"tensor": "relu", "width": 32, "pooled": True},
@@ -452,7 +452,7 @@ def test_a_one_dimensional_feature_map_is_pooled_in_graph_beside_a_flat_layer(di
     assert report.score == "fused" and report.layers["block1"] == {"tensor": "rows", "width": 16, "pooled": True}
     assert report.layers["transfer"] == {"tensor": "flat", "width": 64, "pooled": False}
     loaded = saved_and_loaded(proto, tmp_path)
-    assert loaded.metadata.ood_components == ["block1:mahalanobis", "transfer:ddu"]
+    assert loaded.metadata.ood_components == ["block1:mahalanobis", "transfer:ddu-lowrank"]
     (features,) = run_graph(proto, test.x, INPUT_NAME, ["features"])
     np.testing.assert_allclose(features, test.x.reshape(len(test), -1), rtol=1e-6, atol=1e-6)
     assert any("'mahalanobis' OOD score" in line for line in report.describe())  # the pooled block's part, checked

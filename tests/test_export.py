@@ -151,7 +151,11 @@ def test_batch_of_1_and_257_agree_with_item_by_item(digits_model_path, test_inpu
     for k, name in enumerate(OUTPUT_NAMES):
         single = np.concatenate([outputs[k] for outputs in one_by_one])
         assert whole[k].shape[0] == 257 and single.shape == whole[k].shape, name
-        np.testing.assert_allclose(whole[k], single, rtol=1e-5, atol=1e-6, err_msg=name)
+        # The default score's low-rank DDU part computes its residual as a difference of float32 squares
+        # scaled by 1 / s_c (ncguard/scores/ddu_lowrank.py), and ONNX Runtime's GEMM sums in another order
+        # at another batch size: up to ~1e-5 of a standardized score (the ID spread is ~1) moves.
+        atol = 2e-5 if name.startswith("ood") else 1e-6
+        np.testing.assert_allclose(whole[k], single, rtol=1e-5, atol=atol, err_msg=name)
     assert np.array_equal(whole[1].argmax(axis=1), np.concatenate([o[1] for o in one_by_one]).argmax(axis=1))
 
 

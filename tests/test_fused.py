@@ -148,10 +148,10 @@ def test_default_export_components_follow_the_run_layers(setup):
     stats, weight, bias, *_ = setup
     classes = tuple("abc")
     with_block = StatisticsBundle(layers={"block1": stats["block1"], "detection": stats["detection"]}, weight=weight, bias=bias, classes=classes)
-    assert fused_components(with_block) == (("block1", "mahalanobis"), ("detection", "ddu"))
+    assert fused_components(with_block) == (("block1", "mahalanobis"), ("detection", "ddu-lowrank"))
     assert fused_components(with_block, "detection:etf,block1:knn", "max") == (("detection", "etf"), ("block1", "knn"))
     without = StatisticsBundle(layers={"detection": stats["detection"]}, weight=weight, bias=bias, classes=classes)
-    assert fused_components(without) == (("detection", "ddu"),)
+    assert fused_components(without) == (("detection", "ddu-lowrank"),)
     with pytest.raises(ConfigError, match="no layer 'block1'"):
         fused_components(without, "block1:mahalanobis")
 
@@ -160,7 +160,7 @@ def test_build_detector_decides_layers_and_defaults_in_one_place(setup):
     stats, weight, bias, *_ = setup
     bundle = _bundle(stats, weight, bias)
     fused = build_detector("fused", bundle)
-    assert fused.components == (("block1", "mahalanobis"), ("detection", "ddu")) and fused.layers == ("block1", "detection")
+    assert fused.components == (("block1", "mahalanobis"), ("detection", "ddu-lowrank")) and fused.layers == ("block1", "detection")
     assert build_detector(None, bundle, head="plain").name == "fused" and build_detector(None, bundle, head="l2").name == "ddu"
     assert build_detector("vim", bundle).layers == ("detection", "logits")  # the classifier's layer by default
     assert build_detector("knn", bundle, layer="block1").layers == ("block1",)
@@ -178,7 +178,7 @@ def test_default_components_score_the_last_block_and_every_named_block_on_reques
     from ncguard.scores.fused import default_components
 
     layers = ("block1", "block2", "block3", "transfer", "detection")
-    assert default_components(layers) == (("block3", "mahalanobis"), ("detection", "ddu"))
+    assert default_components(layers) == (("block3", "mahalanobis"), ("detection", "ddu-lowrank"))
     assert default_components(layers, every_block=True) == (
-        ("block1", "mahalanobis"), ("block2", "mahalanobis"), ("block3", "mahalanobis"), ("detection", "ddu"))
-    assert default_components(("transfer",), "transfer") == (("transfer", "ddu"),)  # no block: DDU alone
+        ("block1", "mahalanobis"), ("block2", "mahalanobis"), ("block3", "mahalanobis"), ("detection", "ddu-lowrank"))
+    assert default_components(("transfer",), "transfer") == (("transfer", "ddu-lowrank"),)  # no block: low-rank DDU alone

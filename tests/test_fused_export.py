@@ -42,7 +42,7 @@ def test_default_fused_export_matches_the_reference(fused_export, digits_run_dir
     meta = load_model(path).metadata
     assert meta.score == "fused" and report.score == "fused"
     fused_meta = meta.extra["fused"]
-    expected = [["block3", "mahalanobis"], ["detection", "ddu"]]  # default_components: the last block, DDU
+    expected = [["block3", "mahalanobis"], ["detection", "ddu-lowrank"]]  # default_components: the last block, low-rank DDU
     assert [[c["layer"], c["score"]] for c in fused_meta["components"]] == expected
     assert fused_meta["combine"] == "sum" and meta.extra["score_layer"] == ["block3", "detection"]
     assert all(c["sigma"] > 0 for c in fused_meta["components"])

@@ -118,6 +118,37 @@ def test_ddu_matches_scipy_mixture_of_gaussians():
     assert np.all(np.isfinite(detector.score(features=np.full((2, 3), 1e3))))
 
 
+def test_lowrank_ddu_is_a_mixture_of_probabilistic_pca_with_a_shared_subspace():
+    """Against scipy: each class a Gaussian with covariance B S_c B^T + s_c (I - B B^T), as documented."""
+    rng = np.random.default_rng(16)
+    labels = np.repeat(np.arange(3), [50, 70, 40])
+    features = rng.normal(size=(160, 6)) @ rng.normal(size=(6, 6)) + 3.0 * rng.normal(size=(3, 6))[labels]
+    stats = ClassStatistics(3).fit(features, labels)
+    detector = make_detector("ddu-lowrank", rank=2).fit(stats)
+    basis = np.linalg.eigh(stats.covariance_)[1][:, ::-1][:, :2]
+    np.testing.assert_allclose(np.abs(basis.T @ detector.basis_), np.eye(2), atol=1e-9)  # same subspace
+    outside = np.eye(6) - basis @ basis.T
+    priors = np.bincount(labels) / len(labels)
+    queries = rng.normal(scale=4.0, size=(30, 6))
+    density = 0.0
+    for c in range(3):
+        inside = basis.T @ stats.class_covariances_[c] @ basis
+        residual = (np.trace(stats.class_covariances_[c]) - np.trace(inside)) / 4
+        covariance = basis @ inside @ basis.T + residual * outside
+        density = density + priors[c] * scipy_stats.multivariate_normal(stats.means_[c], covariance).pdf(queries)
+    np.testing.assert_allclose(detector.score(features=queries), -np.log(density), rtol=1e-9)
+
+
+def test_lowrank_ddu_at_full_rank_is_ddu(fitted):
+    stats, _, _, features, _ = fitted
+    full = make_detector("ddu").fit(stats).score(features=features[:50])
+    np.testing.assert_allclose(make_detector("ddu-lowrank", rank=16).fit(stats).score(features=features[:50]), full, rtol=1e-9)
+    np.testing.assert_allclose(make_detector("ddu-lowrank", rank=99).fit(stats).score(features=features[:50]), full, rtol=1e-9)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="rank must be a whole number"):
+            make_detector("ddu-lowrank", rank=bad).fit(stats)
+
+
 def test_ddu_picks_the_smallest_jitter_that_works():
     rng = np.random.default_rng(7)
     labels = np.r_[np.zeros(50, int), [1]]  # class 1 has one sample: zero covariance
@@ -218,7 +249,7 @@ def test_feature_scores_separate_far_points(fitted):
 
 def test_registry_and_params(fitted):
     stats, weight, bias, features, _ = fitted
-    assert set(SCORES) == {"etf", "mahalanobis", "energy", "msp", "maxlogit", "knn", "ddu", "vim", "nci", "neco"}
+    assert set(SCORES) == {"etf", "mahalanobis", "energy", "msp", "maxlogit", "knn", "ddu", "ddu-lowrank", "vim", "nci", "neco"}
     for name, cls in SCORES.items():
         assert issubclass(cls, Detector) and cls.name == name
         detector = make_detector(name)

@@ -46,6 +46,8 @@ FUSED_CANDIDATES = (
     # the default ("fused" above) became block3 + DDU; round 1's default and a second semantic component beside it
     ("fused-block1+block3+ddu", (("block1", "mahalanobis"), ("block3", "mahalanobis"), ("detection", "ddu")), "sum"),
     ("fused-block3+ddu+knn", (("block3", "mahalanobis"), ("detection", "ddu"), ("detection", "knn")), "sum"),
+    # Round 3: the default's DDU became low-rank (ddu-lowrank); round 2's full-covariance default beside it
+    ("fused-block3+ddu", (("block3", "mahalanobis"), ("detection", "ddu")), "sum"),
     ("fused-blocks+vim", (*BLOCK_MAHALANOBIS, ("detection", "vim")), "sum"),
     ("fused-blocks+mahalanobis", (*BLOCK_MAHALANOBIS, ("detection", "mahalanobis")), "sum"),
     ("fused-blocks", BLOCK_MAHALANOBIS, "sum"),
@@ -53,7 +55,7 @@ FUSED_CANDIDATES = (
 CALIBRATION = "cal"  # the key of the run's held-out split in the feature cache
 # Feature scores that need no classifier, so they read any layer; the others (vim, nci, neco and the
 # logit scores) read the layer the classifier acts on.
-ANY_LAYER_SCORES = ("mahalanobis", "ddu", "knn", "etf")
+ANY_LAYER_SCORES = ("mahalanobis", "ddu", "ddu-lowrank", "knn", "etf")
 
 
 def layer_features(model, x: np.ndarray, desc: str) -> dict[str, np.ndarray]:

@@ -23,7 +23,9 @@ from ncguard.scores import SCORES
 from .ood_sets import COVARIATE_SHIFTS, FAR_OOD, NEAR_OOD
 from .plan import NEAR_SPLITS, PROXY_HELD_OUT, Budget, ModelSpec, proxy_spec
 from .report import OURS, PLAIN, _mean_sd, beats, oracle, row_table
-from .select import DEFAULT_COMBINATION, ROUND1_DEFAULT, choose, objective
+from .select import DEFAULT_COMBINATION, ROUND1_DEFAULT, ROUND2_DEFAULT, choose, objective
+
+EARLIER_DEFAULTS = {"round 1": ROUND1_DEFAULT, "round 2": ROUND2_DEFAULT}  # shown beside today's default
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 HELD_OUT = NEAR_OOD[0]
@@ -131,10 +133,11 @@ def _choice(metrics_by_proxy: list[dict]) -> tuple[dict, list[str]]:
     unguarded, _ = choose(metrics_by_proxy, min_block_weight=0.0)
     names = [name for name, _ in ranking]
     default_rank = names.index(DEFAULT_COMBINATION) if DEFAULT_COMBINATION in names else None
-    round1_rank = names.index(ROUND1_DEFAULT) if ROUND1_DEFAULT in names else None
+    earlier = {label: {"name": name, "rank": names.index(name), "objective": dict(ranking)[name]}
+               for label, name in EARLIER_DEFAULTS.items() if name in names}
     return {"chosen": chosen, "unguarded": unguarded, "top": ranking[:8], "default_rank": default_rank,
-            "default_objective": dict(ranking).get(DEFAULT_COMBINATION), "round1_default_rank": round1_rank,
-            "round1_default_objective": dict(ranking).get(ROUND1_DEFAULT), "candidates": len(ranking)}, names
+            "default_objective": dict(ranking).get(DEFAULT_COMBINATION), "earlier_defaults": earlier,
+            "candidates": len(ranking)}, names
 
 
 def selection_summary(by_split: dict[str, list[tuple[ModelSpec, dict]]]) -> dict:
@@ -177,6 +180,7 @@ def write_near_report(work: Path, out: Path, budget: Budget) -> Path | None:
             SPLIT_CHOICE: selection.get(split, {}).get("chosen"),
             UNGUARDED_CHOICE: selection.get(split, {}).get("unguarded"),
             POOLED_CHOICE: pooled,
+            **{f"{label}'s default": name for label, name in EARLIER_DEFAULTS.items()},
         }
         if len(proxies.get(split, [])) > 1:  # each proxy's own choice, scored on the real split: how much the pair decides
             choices.update({_proxy_label(spec): own["chosen"] for (spec, _), own in zip(proxies[split], selection[split]["proxies"])})
@@ -245,7 +249,7 @@ def _markdown(payload: dict, budget: Budget) -> list[str]:
               "objective averaged over its proxies; the pooled choice averages over every proxy of every split (each proxy counts once). Search space: a block part, Mahalanobis on block1 and block3 (`blocks`) or on block3 alone (`block3`), with weight "
               "w in {0, 0.1, 0.25, 0.5, 1}, plus one or two semantic components (DDU, ETF, KNN, Mahalanobis on the detection or the transfer layer, "
               "ViM on the detection layer) with weight 1, each standardized on held-out ID data; objective: (AUROC + 1 - FPR95) / 2 on the proxy; "
-              "guard fixed in advance: w >= 0.1 (the proxy cannot value the far-OOD components). `block3*1+detection:ddu` is today's default `fused`; `blocks*1+detection:ddu` was round 1's.", ""]
+              "guard fixed in advance: w >= 0.1 (the proxy cannot value the far-OOD components). `block3*1+detection:ddu-lowrank` is today's default `fused`; `block3*1+detection:ddu` was round 2's, `blocks*1+detection:ddu` round 1's.", ""]
     if payload.get("stale_proxies"):
         lines += ["Left out of every choice (not a planned proxy, or trained on other classes than plan.py's pair now names): "
                   + ", ".join(payload["stale_proxies"]) + ".", ""]
@@ -342,8 +346,8 @@ def _rank(sel: dict) -> str:
     if sel["default_rank"] is None:
         return "n/a."
     text = f"{sel['default_rank'] + 1} of {sel['candidates']} (objective {sel['default_objective']:.4f})"
-    if sel.get("round1_default_rank") is not None:
-        text += f"; round 1's default `{ROUND1_DEFAULT}` {sel['round1_default_rank'] + 1} ({sel['round1_default_objective']:.4f})"
+    for label, earlier in sel.get("earlier_defaults", {}).items():
+        text += f"; {label}'s default `{earlier['name']}` {earlier['rank'] + 1} ({earlier['objective']:.4f})"
     return text + "."
 
 

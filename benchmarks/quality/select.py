@@ -46,6 +46,7 @@ BLOCK_COMPONENTS = (("block1", "mahalanobis"), ("block3", "mahalanobis"))  # rou
 BLOCK_SETS = {"blocks": BLOCK_COMPONENTS, "block3": (("block3", "mahalanobis"),)}
 SEMANTIC_POOL = (
     ("detection", "ddu"),
+    ("detection", "ddu-lowrank"),
     ("detection", "etf"),
     ("detection", "knn"),
     ("detection", "mahalanobis"),
@@ -59,7 +60,8 @@ BLOCK_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)
 MIN_BLOCK_WEIGHT = 0.1
 MAX_SEMANTIC = 2
 PROXY_OOD = "proxy-held-out"  # the proxy's held-out known classes (training images)
-DEFAULT_COMBINATION = "block3*1+detection:ddu"  # what ncguard.scores.fused ships (equal weights, sum)
+DEFAULT_COMBINATION = "block3*1+detection:ddu-lowrank"  # what ncguard.scores.fused ships (equal weights, sum)
+ROUND2_DEFAULT = "block3*1+detection:ddu"  # the default of round 2 (full-covariance DDU)
 ROUND1_DEFAULT = "blocks*1+detection:ddu"  # the default until round 2 (block1 and block3)
 
 

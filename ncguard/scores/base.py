@@ -141,6 +141,7 @@ class Detector:
     uses_logits: ClassVar[bool] = False
     needs_fit: ClassVar[bool] = True
     needs_held_out: ClassVar[bool] = False  # fit needs held-out ID features (see `layers`)
+    needs_class_covariances: ClassVar[bool] = False  # fit needs per-class covariances in the statistics
     layer: str | None = None  # hyperparameter of feature scores (their __init__ takes it)
 
     def __init__(self, layer: str | None = None) -> None:

@@ -55,6 +55,7 @@ class DDU(Detector):
 
     name = "ddu"
     uses_features = True
+    needs_class_covariances = True
 
     def _fit(self, stats, weight, bias):
         if not hasattr(stats, "class_covariances_"):
