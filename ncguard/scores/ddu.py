@@ -42,6 +42,12 @@ def smallest_jitter_cholesky(covariance: np.ndarray) -> tuple[float, np.ndarray]
     raise DataError(f"a class covariance stays non-positive-definite even with jitter {JITTER_LADDER[-1]}")
 
 
+def mixture_log_weights(counts: np.ndarray, width: int, log_det: np.ndarray) -> np.ndarray:
+    """log pi_c - (D log 2 pi + log det Sigma_c) / 2: everything in log pi_c N(v; mu_c, Sigma_c) but the
+    distance, with the priors pi_c = counts / N."""
+    return np.log(counts / counts.sum()) - 0.5 * (width * np.log(2.0 * np.pi) + log_det)
+
+
 class DDU(Detector):
     """score = -log sum_c pi_c N(v; mu_c, Sigma_c + j_c I).
 
@@ -70,9 +76,7 @@ class DDU(Detector):
             self.jitters_[c] = jitter
             self.whitening_[c] = np.linalg.inv(cholesky)
             log_det[c] = 2.0 * np.log(np.diag(cholesky)).sum()
-        priors = stats.counts_ / stats.counts_.sum()
-        # Everything in log N that does not depend on v, plus the log prior.
-        self.log_weights_ = np.log(priors) - 0.5 * (width * np.log(2.0 * np.pi) + log_det)
+        self.log_weights_ = mixture_log_weights(stats.counts_, width, log_det)
 
     def _feature_width(self):
         return self.means_.shape[1]

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from .base import Detector, logsumexp
-from .ddu import EIGENVALUE_FLOOR, lift_small_eigenvalues, smallest_jitter_cholesky
+from .ddu import EIGENVALUE_FLOOR, lift_small_eigenvalues, mixture_log_weights, smallest_jitter_cholesky
 
 DEFAULT_RANK = 64
 
@@ -71,8 +71,7 @@ class LowRankDDU(Detector):
                 log_det[c] += (width - rank) * np.log(self.residual_variances_[c])
         # 1 / s_c, or 0 when B spans everything (rank = D: the residual is zero, DDU exactly)
         self.residual_precisions_ = 1.0 / self.residual_variances_ if rank < width else np.zeros(n_classes)
-        priors = stats.counts_ / stats.counts_.sum()
-        self.log_weights_ = np.log(priors) - 0.5 * (width * np.log(2.0 * np.pi) + log_det)
+        self.log_weights_ = mixture_log_weights(stats.counts_, width, log_det)
 
     def _feature_width(self):
         return self.means_.shape[1]
