@@ -208,6 +208,8 @@ def ood_node_share(model: Path, batches: list[int], *, calls: int) -> dict:
         shares[str(batch)] = {
             "ood_share": round(ood / sum(node_time.values()), 4),
             "ood_adds": round(ood / (sum(node_time.values()) - ood), 4),  # relative to the graph without it
+            "ood_us": round(ood / calls, 1),  # kernel microseconds per call (profiler clock)
+            "rest_us": round((sum(node_time.values()) - ood) / calls, 1),
             "ood_nodes": sorted(ood_nodes),
         }
     return shares
