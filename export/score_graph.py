@@ -37,12 +37,19 @@ def _tensor_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
 
 
 def _as_float_matrix(b: GraphBuilder, name: str, types: dict, what: str) -> str:
-    """Flatten to [N, width] and cast to float32 when the tensor is another type (e.g. float16)."""
-    elem = types[name].tensor_type.elem_type if name in types else TensorProto.FLOAT
+    """Flatten to [N, width] and cast to float32 when the tensor is another type (e.g. float16).
+
+    A tensor shape inference already knows to be [N, width] is used as it is: at batch 1 every node
+    costs a few microseconds whatever it computes, and a Flatten of a matrix computes nothing.
+    """
+    tensor_type = types[name].tensor_type if name in types else None
+    elem = tensor_type.elem_type if tensor_type is not None else TensorProto.FLOAT
     if elem not in (TensorProto.FLOAT, TensorProto.UNDEFINED):
         if elem not in (TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16):
             raise ModelError(f"{what} tensor {name!r} has type {TensorProto.DataType.Name(elem)}, not a float type")
         name = b.node("Cast", [name], f"{what}_float", to=TensorProto.FLOAT)
+    if tensor_type is not None and tensor_type.HasField("shape") and len(tensor_type.shape.dim) == 2:
+        return name
     return b.node("Flatten", [name], f"{what}_matrix", axis=1)
 
 

@@ -165,6 +165,14 @@ def test_half_precision_features_are_cast_and_any_rank_is_flattened(setting):
     compare_scores("etf", detector.score(features=half.astype(np.float64)), scores, width=WIDTH)
 
 
+def test_a_float_matrix_is_read_as_it_is(setting):
+    """[N, width] float32 features and logits get no Flatten or Cast: at batch 1 every node costs time."""
+    stats, *_ = setting
+    for detector, tensors in ((make_detector("ddu-lowrank"), {"features": "features"}), (make_detector("energy"), {"logits": "logits"})):
+        wrapped = append_ood_head(scoring_graph(18), detector.fit(stats), **tensors)
+        assert not [n for n in wrapped.graph.node if n.op_type in ("Flatten", "Cast")], detector.name
+
+
 def test_bad_requests_are_clear_errors(setting):
     stats, weight, bias, *_ = setting
     fitted = make_detector("etf").fit(stats)
