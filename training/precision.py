@@ -23,6 +23,9 @@ from ncguard.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16")
 CHOICES = ("auto", *PRECISIONS)
+# What runs and checkpoints written before the setting existed were trained with: a --resume of one
+# compares against this, not against today's `auto`.
+UNRECORDED_PRECISION = "fp32"
 
 
 def cpu_has_fast_bf16() -> bool:

@@ -44,7 +44,7 @@ from .files import atomic_write_json
 from .finish import REQUIRED_LAYERS, finish_run
 from .losses import LABEL_SMOOTHING, LOSSES, TrainingLoss
 from .model import CLASSIFIERS, HEADS, DualHeadModel, build_model, normalization_stats
-from .precision import resolve_precision
+from .precision import UNRECORDED_PRECISION, resolve_precision
 from .trainer import Trainer, TrainSettings, distributed_context, parameter_fingerprint, seed_everything
 
 DEFAULT_ENTROPY_WEIGHT = 0.05
@@ -65,7 +65,7 @@ MIN_EPOCHS, MAX_EPOCHS = 3, 30
 THREADS = 2
 # What a run written before a setting existed was trained with (its config.json lacks the key), so
 # --resume of such a run compares against the value it really used.
-SETTINGS_BEFORE_THEY_WERE_RECORDED = {"precision": "fp32"}
+SETTINGS_BEFORE_THEY_WERE_RECORDED = {"precision": UNRECORDED_PRECISION}
 
 
 def default_epochs(n_train: int, batch_size: int) -> int:

@@ -33,7 +33,7 @@ from .files import atomic_torch_save
 from .inference import accuracy_and_loss, iter_layer_features
 from .losses import TrainingLoss
 from .model import DualHeadModel
-from .precision import PRECISIONS, autocast
+from .precision import PRECISIONS, UNRECORDED_PRECISION, autocast
 
 CHECKPOINT_FORMAT = "ncguard-checkpoint-1"
 NC1_LAYERS = ("transfer", "detection")
@@ -220,7 +220,7 @@ class Trainer:
         if path is None or not path.is_file():
             raise ConfigError(f"--resume needs a checkpoint, but {path} does not exist: start the run without --resume")
         state = load_checkpoint(path)
-        theirs, ours = {"precision": "fp32", **state["identity"]}, self._identity()  # no key: written before bf16
+        theirs, ours = {"precision": UNRECORDED_PRECISION, **state["identity"]}, self._identity()
         if theirs != ours:
             differences = ", ".join(
                 f"{key} {theirs.get(key)!r} (now {ours.get(key)!r})" for key in sorted(set(theirs) | set(ours))
