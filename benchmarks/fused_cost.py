@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/fused_cost.py --run RUN_DIR [--calls 300]
 
 Issue 16's goal: the OOD part of the default graph at most 5% of the graph's time at batch 64 and 15%
-at batch 1. The run is exported once per variant (COMPONENTS: today's default, round 1's default,
-the default with KNN beside DDU, and the detection-layer score alone), and ONNX Runtime's profiler
+at batch 1. The run is exported once per variant (COMPONENTS: today's default, the defaults of rounds 2
+and 1, the default with KNN beside its DDU, and the detection-layer scores alone), and ONNX Runtime's profiler
 gives the OOD-only nodes' share of the kernel time of the same calls
 (benchmarks/serving/local_paths.ood_node_share, the measure benchmarks/serving uses): a ratio within
 one session's calls, so load between variants does not bias it. Run it on a quiet machine anyway:

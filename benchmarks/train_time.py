@@ -51,8 +51,7 @@ class TestAccuracyByEpoch:
 
     def __call__(self, trainer, record: dict) -> None:
         begin = time.perf_counter()
-        accuracy, _ = accuracy_and_loss(trainer.model, self.x, self.y, trainer.device)
-        trainer.model.train()
+        accuracy, _ = accuracy_and_loss(trainer.model, self.x, self.y, trainer.device)  # restores the model's mode
         self.epochs.append({"epoch": record["epoch"], "test_accuracy": accuracy, "val_accuracy": record.get("val_accuracy"),
                             "seconds": begin - self.started - self.evaluation_seconds})
         self.evaluation_seconds += time.perf_counter() - begin

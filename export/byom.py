@@ -54,7 +54,7 @@ from ncguard.runtime import open_session
 from ncguard.scores import LOGITS, SCORE_NAMES, SCORES, Fused, build_detector
 from ncguard.pooling import channel_mean_std
 from ncguard.scores.defaults import FOREIGN, FOREIGN_MULTI, default_score
-from ncguard.scores.fused import default_components
+from ncguard.scores.fused import DETECTION_SCORE, default_components
 from ncguard.stats import ClassStatistics, StatisticsBundle
 
 log = logging.getLogger("ncguard.fit")
@@ -200,6 +200,12 @@ def _gather(network, session, x: np.ndarray, batch_size: int, desc: str, kinds: 
     return np.concatenate([p[1] for p in parts]), {layer: np.concatenate([p[2][layer] for p in parts]) for layer in network.feature_tensors}
 
 
+def _needs_class_covariances(score: str) -> bool:
+    """Whether the statistics must keep per-class covariances for `score` (`fused` here reads the
+    default components, whose class-level part is `DETECTION_SCORE`)."""
+    return SCORES[DETECTION_SCORE if score == Fused.name else score].needs_class_covariances
+
+
 def _fit_score(score: str, bundle: StatisticsBundle, held_out: dict, readout_ratio: float, features_tensor: str):
     """The fitted detector; a score that needs the classifier says why it could not be recovered."""
     components = default_components(tuple(bundle.layers), TRANSFER_LAYER, every_block=True) if score == Fused.name else None
@@ -257,7 +263,7 @@ def fit_existing_model(
     session = open_session(network.model.SerializeToString(), provider=provider)
     kinds: dict[str, tuple[int, bool]] = {}
     stats, readout, accuracy = _fit_statistics(
-        network, session, data, fit_index, kinds, batch_size=batch_size, per_class_covariance=score == "fused" or getattr(SCORES.get(score), "needs_class_covariances", False), seed=seed
+        network, session, data, fit_index, kinds, batch_size=batch_size, per_class_covariance=_needs_class_covariances(score), seed=seed
     )
     calibration_x = data.x[calibration_index]
     held_out_logits, held_out_features = _gather(network, session, calibration_x, batch_size, "held-out logits", kinds)

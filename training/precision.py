@@ -15,8 +15,6 @@ keeps the precision it started with.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ncguard.errors import ConfigError
@@ -48,8 +46,6 @@ def resolve_precision(choice: str, device: torch.device) -> str:
     return choice
 
 
-def autocast(precision: str, device: torch.device):
-    """The context a training step's forward pass and loss run in."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The context a training step's forward pass and loss run in (autocast off for fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
