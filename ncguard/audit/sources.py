@@ -264,9 +264,17 @@ def _load_spec(spec: str):
         return _SPEC_CACHE[spec]
 
 
+# NumPy parses a .npy header with ast.literal_eval, and CPython 3.11 before 3.11.8 can raise a spurious
+# "SystemError: AST constructor recursion depth mismatch" when threads parse at the same time
+# (python/cpython#106905; seen here once in the audit's thread pool). Opening a memory map reads only the
+# header, so holding a lock for it costs the pool nothing.
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 def _open_npy(path: Path) -> np.ndarray:
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        with _NPY_HEADER_LOCK:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {path} as a .npy array (object arrays are refused): {exc}") from None
 
