@@ -265,3 +265,24 @@ def test_bentoml_flag_stores_the_file_the_service_loads(digits_run_dir, tmp_path
     stored = Path(done.stdout.split("STORED ")[-1].strip())
     assert stored.read_bytes() == (tmp_path / "m.onnx").read_bytes()
     assert load_model(stored).metadata.score == "msp"
+
+
+def test_a_run_with_a_block_grid_exports_its_grid_statistics_with_parity(tmp_path, test_inputs):
+    """The grid means (ncguard.pooling.block_statistics) reach the graph through the torch exporter: the
+    export's own parity check holds the default `fused` score to the NumPy reference on them, and the
+    file scores a batch as it scores its rows one by one."""
+    from export.run import export_run
+    from training.train import TrainOptions, train
+
+    run_dir = tmp_path / "run"
+    train(TrainOptions(data="digits", out=str(run_dir), epochs=2, block_grid=2, quiet=True).validated())
+    model, _, bundle = load_run(run_dir)
+    assert model.block_grid == 2 and bundle.layers["block3"].means_.shape[1] == 6 * model.backbone.block3[-1][0].out_channels
+    path, _ = export_run(str(run_dir), str(tmp_path / "grid.onnx"))  # raises if the graph and the reference disagree
+    id_data, noise, _ = test_inputs
+    x = np.concatenate([id_data.x[:20], noise[:12]])
+    session = Predictor(path, provider="cpu").session
+    whole = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+    single = [session.run(list(OUTPUT_NAMES), {INPUT_NAME: x[i : i + 1]}) for i in range(len(x))]
+    for k, name in enumerate(OUTPUT_NAMES):
+        np.testing.assert_allclose(whole[k], np.concatenate([s[k] for s in single]), rtol=1e-5, atol=2e-5 if name.startswith("ood") else 1e-6, err_msg=name)

@@ -1,6 +1,7 @@
 """The per-channel statistics of feature maps: one formula (ncguard.pooling) run by NumPy (ncguard fit's
 reference), by torch (training's layer_features) and written as ONNX nodes (ncguard fit's graph);
-the three must agree, and agree with a plain two-pass mean and standard deviation."""
+the three must agree, and agree with a plain two-pass mean and standard deviation; the grid means of
+ncguard's own models agree with adaptive average pooling."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import onnxruntime
 import pytest
 from onnx import TensorProto, helper
 
-from ncguard.pooling import channel_mean_std, channel_mean_std_graph
+from ncguard.errors import ConfigError
+from ncguard.pooling import block_statistics, channel_mean_std, channel_mean_std_graph, grid_pooling_matrix
 from ncguard.scores.graph import GraphBuilder
 
 
@@ -52,7 +54,43 @@ def test_a_constant_channel_has_zero_std_not_nan():
 
 def test_training_pools_blocks_with_the_same_formula():
     torch = pytest.importorskip("torch")
-    from training.model import channel_mean_std as torch_form
+    from training.model import block_statistics as torch_form
 
     maps = np.random.default_rng(1).gamma(2.0, size=(3, 4, 5, 6)).astype(np.float32)
-    np.testing.assert_allclose(torch_form(torch.from_numpy(maps)).numpy(), channel_mean_std(maps), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(torch_form(torch.from_numpy(maps), 0).numpy(), channel_mean_std(maps), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 7, 7), (2, 5, 2, 3), (2, 3, 9)])
+def test_block_statistics_are_grid_means_then_whole_map_mean_and_std(shape):
+    """Grid means equal adaptive average pooling (torch's windows), channel-major, then channel_mean_std;
+    the NumPy and torch forms agree (training's layer_features runs the torch one)."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    from training.model import block_statistics as torch_form
+
+    maps = np.random.default_rng(2).gamma(2.0, size=shape).astype(np.float32)
+    pool = F.adaptive_avg_pool2d if len(shape) == 4 else F.adaptive_avg_pool1d
+    cells = pool(torch.from_numpy(maps).double(), 2).reshape(shape[0], -1).numpy()
+    expected = np.concatenate([cells, channel_mean_std(maps)], axis=1)
+
+    numpy_form = block_statistics(maps, 2)
+    assert numpy_form.shape == (shape[0], shape[1] * 2 ** (len(shape) - 2) + 2 * shape[1]) and numpy_form.dtype == np.float32
+    np.testing.assert_allclose(numpy_form, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(torch_form(torch.from_numpy(maps), 2).numpy(), numpy_form, rtol=1e-6, atol=1e-6)
+
+
+def test_block_grid_zero_is_the_whole_map_statistics_and_bad_grids_are_refused():
+    maps = np.random.default_rng(3).gamma(2.0, size=(2, 3, 5, 5)).astype(np.float32)
+    np.testing.assert_array_equal(block_statistics(maps, 0), channel_mean_std(maps))
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="block grid"):
+            block_statistics(maps, bad)
+
+
+def test_grid_pooling_matrix_rows_average_and_cells_are_row_major():
+    kernel = grid_pooling_matrix((4, 6), (2, 3))
+    assert kernel.shape == (24, 6)
+    np.testing.assert_allclose(kernel.sum(axis=0), 1.0)
+    image = np.arange(24, dtype=np.float64).reshape(4, 6)
+    np.testing.assert_allclose(image.reshape(-1) @ kernel, image.reshape(2, 2, 3, 2).mean(axis=(1, 3)).reshape(-1))

@@ -278,3 +278,48 @@ def test_a_run_from_before_precision_was_recorded_resumes_as_the_fp32_run_it_was
         assert "precision 'fp32' (now 'bf16')" in capsys.readouterr().err
     assert ncguard_train("--data", "digits", "--out", str(run_dir), "--epochs", "2", "--precision", "fp32", "--resume", "--quiet") == 0
     assert (run_dir / "model.pt").is_file()
+
+
+def test_the_default_block_grid_needs_enough_training_images_per_block_feature():
+    """Fashion-MNIST-sized data gets the grid; scikit-learn's digits (about 1,400 fit images) would get a
+    singular tied covariance from it, so it pools whole maps; an explicit choice always wins."""
+    from ncguard.pooling import DEFAULT_BLOCK_GRID
+    from training.train import resolve_block_grid
+
+    channels = [32, 64, 128]  # the cnn's blocks: block3 has 768 features with the grid
+    assert resolve_block_grid(None, 54_000, channels) == DEFAULT_BLOCK_GRID
+    assert resolve_block_grid(None, 1_400, channels) == 0
+    assert resolve_block_grid(None, 54_000, []) == 0  # no feature maps (an mlp)
+    assert resolve_block_grid(2, 1_400, channels) == 2 and resolve_block_grid(0, 54_000, channels) == 0
+
+
+def test_blocks_are_pooled_on_the_recorded_grid(tmp_path):
+    """A run records its block grid, fits its block statistics on it, and load_run rebuilds it."""
+    run_dir = tmp_path / "run"
+    assert ncguard_train("--data", "digits", "--out", str(run_dir), "--epochs", "1", "--block-grid", "2", "--quiet") == 0
+    model, config, bundle = load_run(run_dir)
+    assert config["settings"]["block_grid"] == 2 == model.block_grid
+    channels = model.backbone.block3[-1][0].out_channels
+    features = collect_layer_features(model, load_dataset("digits").x[:5], ("block3",))["block3"]
+    assert features.shape[1] == bundle.layers["block3"].means_.shape[1] == 6 * channels
+
+
+def test_a_run_from_before_the_block_grid_was_recorded_keeps_whole_map_statistics(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert ncguard_train("--data", "digits", "--out", str(run_dir), "--epochs", "1", "--quiet") == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["settings"]["block_grid"]  # written before the setting existed
+    (run_dir / "config.json").write_text(json.dumps(config))
+    model, _, bundle = load_run(run_dir)
+    x = load_dataset("digits").x[:5]
+    features = collect_layer_features(model, x, ("block3",))["block3"]
+    assert model.block_grid == 0 and features.shape[1] == bundle.layers["block3"].means_.shape[1] == 2 * model.backbone.block3[-1][0].out_channels
+    (run_dir / "model.pt").unlink()
+    assert ncguard_train("--data", "digits", "--out", str(run_dir), "--epochs", "1", "--block-grid", "2", "--resume", "--quiet") == 2
+    assert "block_grid 0 (now 2)" in capsys.readouterr().err
+    assert ncguard_train("--data", "digits", "--out", str(run_dir), "--epochs", "1", "--resume", "--quiet") == 0
+
+
+def test_a_bad_block_grid_is_a_clear_error(tmp_path, capsys):
+    assert ncguard_train("--data", "digits", "--out", str(tmp_path / "run"), "--block-grid", "-1", "--quiet") == 2
+    assert "--block-grid" in capsys.readouterr().err and not (tmp_path / "run").exists()

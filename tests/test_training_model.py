@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from ncguard.errors import ConfigError, ModelError
-from training.backbones import GridAvgPool2d, ModuleBackbone, build_backbone, pooling_matrix
+from ncguard.pooling import pooling_matrix
+from training.backbones import GridAvgPool2d, ModuleBackbone, build_backbone
 from training.etf import simplex_classifier, simplex_etf
 from training.model import DualHeadModel, build_model, normalization_stats
 
@@ -152,13 +153,14 @@ def test_input_normalization_is_a_buffer_in_the_state_dict():
     np.testing.assert_allclose(normalized.mean(axis=(0, 2, 3)), 0.0, atol=1e-5)
 
 
-def test_layer_features_pool_feature_maps_per_channel():
-    model = build_model("cnn", (1, 8, 8), 3).eval()
+@pytest.mark.parametrize("grid", [0, 2])
+def test_layer_features_pool_feature_maps_per_channel(grid):
+    model = build_model("cnn", (1, 8, 8), 3, block_grid=grid).eval()
     with torch.inference_mode():
         layers = model.layer_features(torch.rand(4, 1, 8, 8))
     assert list(layers) == ["block1", "block2", "block3", "transfer", "detection", "logits"]
     block1_channels = model.backbone.block1[0][0].out_channels
-    assert layers["block1"].shape == (4, 2 * block1_channels)  # mean and std per channel
+    assert layers["block1"].shape == (4, (grid * grid + 2) * block1_channels)  # grid means, mean and std per channel
     assert all(value.ndim == 2 for value in layers.values())
 
 
@@ -166,7 +168,7 @@ def test_layer_features_pool_feature_maps_per_channel():
 def test_grid_pooling_matrices_reproduce_adaptive_average_pooling(size, grid):
     x = torch.rand(3, 5, *size, dtype=torch.float64)
     out_h, out_w = (grid, grid) if isinstance(grid, int) else grid
-    by_matrices = pooling_matrix(size[0], out_h).double() @ x @ pooling_matrix(size[1], out_w).double().T
+    by_matrices = torch.from_numpy(pooling_matrix(size[0], out_h)) @ x @ torch.from_numpy(pooling_matrix(size[1], out_w)).T
     torch.testing.assert_close(by_matrices, torch.nn.functional.adaptive_avg_pool2d(x, grid))
 
 

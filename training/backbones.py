@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ncguard.errors import ConfigError, ModelError
+from ncguard.pooling import grid_pooling_matrix
 
 ARCHITECTURES = ("cnn", "cnn-linear", "resnet18", "mlp")
 MIN_IMAGE_SIZE = 8
@@ -31,19 +32,6 @@ class Backbone(nn.Module):
         return next(reversed(self.forward_features(x).values()))
 
 
-def pooling_matrix(size: int, out_size: int) -> torch.Tensor:
-    """[out_size, size] averaging weights of adaptive average pooling along one axis.
-
-    Row i averages inputs floor(i * size / out) .. ceil((i + 1) * size / out) - 1, exactly the
-    windows torch's adaptive_avg_pool2d uses.
-    """
-    weights = torch.zeros(out_size, size)
-    for i in range(out_size):
-        start, end = (i * size) // out_size, -((-(i + 1) * size) // out_size)
-        weights[i, start:end] = 1.0 / (end - start)
-    return weights
-
-
 class GridAvgPool2d(nn.AdaptiveAvgPool2d):
     """nn.AdaptiveAvgPool2d whose exported graph is one matrix product.
 
@@ -51,7 +39,7 @@ class GridAvgPool2d(nn.AdaptiveAvgPool2d):
     default cnn) as a GatherND, a Transpose and two Where nodes over the whole feature map: about a
     third of the exported network's time at batch 64 (ONNX Runtime profiler, issue 16). With H and W
     fixed at export time the same average is the flattened map times the constant [H*W, h*w] matrix
-    kron(P_h, P_w)^T (`pooling_matrix` per axis): one GEMM over all images and channels. Training
+    kron(P_h, P_w)^T (`ncguard.pooling.grid_pooling_matrix`): one GEMM over all images and channels. Training
     keeps torch's own kernel; the values agree up to float rounding (tests/test_training_model.py),
     and the module has no parameters, so state dicts of either kind load into the other.
     """
@@ -62,7 +50,7 @@ class GridAvgPool2d(nn.AdaptiveAvgPool2d):
         height, width = x.shape[-2:]
         out_h, out_w = (self.output_size, self.output_size) if isinstance(self.output_size, int) else self.output_size
         out_h, out_w = out_h or height, out_w or width
-        kernel = torch.kron(pooling_matrix(height, out_h), pooling_matrix(width, out_w)).T.to(x.dtype)
+        kernel = x.new_tensor(grid_pooling_matrix((height, width), (out_h, out_w)))
         return torch.matmul(x.flatten(2), kernel).unflatten(2, (out_h, out_w))
 
 

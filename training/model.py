@@ -62,11 +62,11 @@ def normalization_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def channel_mean_std(maps: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] -> [N, 2C]: per-channel mean and (population) standard deviation, by the core's
-    one formula (`ncguard.pooling.channel_mean_std`, run on torch tensors): `ncguard fit` pools a
-    foreign model's feature maps with the same lines, so both kinds of model read blocks alike."""
-    return pooling.channel_mean_std(maps, torch)
+def block_statistics(maps: torch.Tensor, grid: int) -> torch.Tensor:
+    """[N, C, H, W] -> [N, C * grid^2 + 2C]: each channel's means on a grid x grid grid, then its mean
+    and (population) standard deviation, by the core's one formula (`ncguard.pooling.block_statistics`,
+    run on torch tensors); `ncguard fit` pools a foreign model's feature maps with the same lines."""
+    return pooling.block_statistics(maps, grid, torch)
 
 
 class DualHeadModel(nn.Module):
@@ -81,6 +81,7 @@ class DualHeadModel(nn.Module):
         classifier: str = "learned",
         input_mean: np.ndarray | None = None,
         input_std: np.ndarray | None = None,
+        block_grid: int = pooling.UNRECORDED_BLOCK_GRID,
     ):
         super().__init__()
         if head not in HEADS:
@@ -90,6 +91,7 @@ class DualHeadModel(nn.Module):
         if n_classes < 2:
             raise DataError(f"a classifier needs at least 2 classes, got {n_classes}")
         self.backbone = backbone
+        self.block_grid = pooling.check_block_grid(block_grid)
         self.head = head
         self.classifier_kind = classifier
         self.n_classes = int(n_classes)
@@ -143,15 +145,16 @@ class DualHeadModel(nn.Module):
     def layer_features(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         """Flat features of every named layer: early blocks, "transfer" (h), "detection" (z), "logits".
 
-        Feature maps [N, C, H, W] are pooled per channel to [mean, std] ([N, 2C]) by
-        `channel_mean_std`: cheap low-level statistics that catch inputs whose pixels look unlike
-        the training data.
+        Feature maps [N, C, H, W] are pooled per channel by `block_statistics`: means on a
+        `block_grid` x `block_grid` grid, then [mean, std] over the whole map ([N, C * grid^2 + 2C]):
+        cheap low-level statistics that catch inputs whose pixels, or whose layout, look unlike the
+        training data.
         """
         blocks = self.backbone.forward_features(self.normalize_input(x))
         h = blocks.pop(next(reversed(blocks)))
         layers = OrderedDict()
         for name, value in blocks.items():
-            layers[name] = channel_mean_std(value) if value.ndim == 4 else value
+            layers[name] = block_statistics(value, self.block_grid) if value.ndim == 4 else value
         z = self.detection_features(h)
         layers["transfer"] = h
         layers["detection"] = z
@@ -187,7 +190,8 @@ def build_model(
     classifier: str = "learned",
     input_mean: np.ndarray | None = None,
     input_std: np.ndarray | None = None,
+    block_grid: int = pooling.UNRECORDED_BLOCK_GRID,
 ) -> DualHeadModel:
     """A DualHeadModel with the named backbone (what load_run uses to rebuild a run's model)."""
     backbone = build_backbone(arch, input_shape)
-    return DualHeadModel(backbone, n_classes, input_shape, head, classifier, input_mean, input_std)
+    return DualHeadModel(backbone, n_classes, input_shape, head, classifier, input_mean, input_std, block_grid)

@@ -15,6 +15,7 @@ import torch
 from ncguard.calibration import split_for_calibration
 from ncguard.data import load_dataset
 from ncguard.errors import DataError, ModelError, NcguardError
+from ncguard.pooling import UNRECORDED_BLOCK_GRID
 from ncguard.run_dir import RunFiles, read_config
 from ncguard.stats import StatisticsBundle
 
@@ -25,7 +26,8 @@ def model_from_config(config: dict) -> DualHeadModel:
     settings, data = config["settings"], config["data"]
     try:
         return build_model(
-            settings["arch"], tuple(data["input_shape"]), len(data["classes"]), settings["head"], settings["classifier"]
+            settings["arch"], tuple(data["input_shape"]), len(data["classes"]), settings["head"], settings["classifier"],
+            block_grid=settings.get("block_grid", UNRECORDED_BLOCK_GRID),
         )
     except NcguardError as exc:
         raise ModelError(f"the run config describes a model that cannot be built: {exc}") from None
