@@ -16,15 +16,14 @@ a model with the same contract as `ncguard export` (DESIGN.md section 3):
 
 The features are stored as the bundle's `transfer` layer: they are the model's transfer features
 (the `features` output the drift gauges watch), the layer the classifier acts on, and the layer a
-single score reads. `features` may name several tensors (`--features A,B,C`, early blocks first,
-the penultimate layer last): the ones before the last become layers "block1", "block2", ... (a
-feature map read through its per-channel mean and std, ncguard.pooling, as ncguard's own models
-give their convolutional blocks to the `fused` score, without the grid means those add when their
-training data is large enough: the evidence for the grid, ncguard.pooling.DEFAULT_BLOCK_GRID, is on
-ncguard's own last block, and the multi-layer rows measured for `fit` read whole maps), and the default score is then `fused`
-(ncguard.scores.defaults), with Mahalanobis on every block named and DDU on the penultimate layer
-(ncguard.scores.fused.default_components with every_block: what the user names is scored; for
-their own models ncguard scores the last block alone, and `ncguard inspect` suggests that shape).
+single score reads. `features` may name several tensors (`--features A,B,C`, early blocks first, the
+penultimate layer last): the ones before the last become layers "block1", "block2", ... (a feature
+map read through its per-channel mean and std, ncguard.pooling, as ncguard's own models give their
+convolutional blocks to the `fused` score by default; `ncguard train --block-grid` has no
+counterpart here), and the default score is then `fused` (ncguard.scores.defaults), with Mahalanobis
+on every block named and DDU on the penultimate layer (ncguard.scores.fused.default_components with
+every_block: what the user names is scored; for their own models ncguard scores the last block
+alone, and `ncguard inspect` suggests that shape).
 
 Scores that combine features with the classifier (vim, nci) need its weight and bias. A foreign
 graph does not say which initializers those are, so they are recovered by least squares from the

@@ -3,9 +3,9 @@
 A convolutional block's output [N, C, H, W] (or a 1-D one, [N, C, L]) is too wide and too
 correlated for class means and covariances; its per-channel mean and standard deviation ([N, 2C])
 are cheap low-level statistics that catch inputs whose pixels look unlike the training data (the
-`fused` score's early-block component, ncguard.scores.fused). Models trained by ncguard also keep
-each channel's means on a coarse grid (`block_statistics`, `DEFAULT_BLOCK_GRID`), because whole-map
-statistics cannot see where things are.
+`fused` score's early-block component, ncguard.scores.fused). Models trained by ncguard with
+`--block-grid N` also keep each channel's means on a coarse grid (`block_statistics`), because
+whole-map statistics cannot see where things are.
 
 The formula exists once, here, in three forms that must agree:
 - `channel_mean_std(maps, xp)`: written against the array namespace `xp`, so NumPy (`ncguard fit`'s
@@ -22,17 +22,19 @@ from __future__ import annotations
 
 import numpy as np
 
-# Cells per side of the grid on which `ncguard train` also averages each block channel (0: none).
-# Why 2 (issue 16): a rotated garment keeps its texture, edges and intensity histogram, so
-# whole-map [mean, std] barely move (block3 Mahalanobis AUROC 0.95 on rotated Fashion-MNIST, against
-# 0.98-1.00 on blur, noise and contrast); a 2x2 grid tells top from bottom and left from right. Judged
-# ID-only first: on the 9 proxy models that hold out known classes (benchmarks/quality/select.py),
-# block3 with the grid beside the default's low-rank DDU averages an objective of 0.677 against
-# 0.667 (better on 6 of 9), and the grid raises the objective for each of the 7 semantic parts tried.
-# Then on the real near-OOD splits it raises AUROC and lowers FPR95 on all three, shift-rotate on the
-# 10-class model goes from 0.9856 / 0.0875 to 0.9880 / 0.0680, and far OOD keeps the same count of
-# sets beaten. benchmarks/results/near/grid_study.md; benchmarks/quality/grid_study.py.
-DEFAULT_BLOCK_GRID = 2
+# Cells per side of the grid on which `ncguard train --block-grid N` also averages each block
+# channel; the default, 0, pools whole maps. What a grid of 2 does (issue 16; benchmarks/results/near/
+# grid_study.md and benchmarks/results/check/): a rotated garment keeps its texture, edges and
+# intensity histogram, so whole-map [mean, std] barely move, and a 2x2 grid tells top from bottom and
+# left from right. With it, the ID-only proxy models (benchmarks/quality/select.py) score block3 +
+# low-rank DDU 0.677 against 0.667, every near-OOD split improves on both metrics and so does
+# rotation. But its 512 grid means dilute the whole-map statistics that catch blur and noise: on a
+# fresh 10-class model the default with the grid loses shift-blur to the plain model's oracle and beats
+# it on 7 of 9 far sets, against 8 of 9 without. Far OOD is the detector's strength and not to be
+# traded, so the grid is opt-in. It also needs many training images: on scikit-learn's digits (about
+# 1,400 fit images; block3 has 768 features with the grid) the tied covariance is singular, and
+# `fused` flagged 40% of uniform noise instead of nearly all of it.
+DEFAULT_BLOCK_GRID = 0
 # Runs and checkpoints written before the grid existed pooled whole maps only.
 UNRECORDED_BLOCK_GRID = 0
 

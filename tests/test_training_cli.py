@@ -280,19 +280,6 @@ def test_a_run_from_before_precision_was_recorded_resumes_as_the_fp32_run_it_was
     assert (run_dir / "model.pt").is_file()
 
 
-def test_the_default_block_grid_needs_enough_training_images_per_block_feature():
-    """Fashion-MNIST-sized data gets the grid; scikit-learn's digits (about 1,400 fit images) would get a
-    singular tied covariance from it, so it pools whole maps; an explicit choice always wins."""
-    from ncguard.pooling import DEFAULT_BLOCK_GRID
-    from training.train import resolve_block_grid
-
-    channels = [32, 64, 128]  # the cnn's blocks: block3 has 768 features with the grid
-    assert resolve_block_grid(None, 54_000, channels) == DEFAULT_BLOCK_GRID
-    assert resolve_block_grid(None, 1_400, channels) == 0
-    assert resolve_block_grid(None, 54_000, []) == 0  # no feature maps (an mlp)
-    assert resolve_block_grid(2, 1_400, channels) == 2 and resolve_block_grid(0, 54_000, channels) == 0
-
-
 def test_blocks_are_pooled_on_the_recorded_grid(tmp_path):
     """A run records its block grid, fits its block statistics on it, and load_run rebuilds it."""
     run_dir = tmp_path / "run"

@@ -16,7 +16,6 @@ from .train import (
     DEFAULT_CALIBRATION_FRACTION,
     DEFAULT_LAYERS,
     DEFAULT_LR,
-    MIN_FIT_PER_BLOCK_FEATURE,
     TrainOptions,
     train,
 )
@@ -38,7 +37,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak AdamW learning rate")
     p.add_argument("--augment", default="auto", help="auto, none, shift or shift-flip (auto: shift-flip for fashion-mnist, shift for other images, none for vectors)")
     p.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help="comma-separated layers whose class statistics are fitted (transfer and detection always)")
-    p.add_argument("--block-grid", type=int, default=None, help=f"also average each conv block channel on an N x N grid, beside its whole-map mean and std, for the block statistics the OOD score reads; 0: whole maps only (default: {DEFAULT_BLOCK_GRID} when the training data has at least {MIN_FIT_PER_BLOCK_FEATURE} images per block feature, else 0)")
+    p.add_argument("--block-grid", type=int, default=DEFAULT_BLOCK_GRID, help="also average each conv block channel on an N x N grid, beside its whole-map mean and std, for the block statistics the OOD score reads: 2 helps near OOD and rotation, costs some blur and noise detection, and needs tens of thousands of training images (default 0: whole maps only; ncguard/pooling.py says why)")
     p.add_argument("--calibration-fraction", type=float, default=DEFAULT_CALIBRATION_FRACTION, help="fraction of the training data held out (validation while training; `ncguard export` calibrates the OOD threshold and the temperature on it)")
     p.add_argument("--tpr", type=float, default=DEFAULT_TPR, help="fraction of held-out in-distribution inputs the threshold keeps")
     p.add_argument("--deterministic", action="store_true", help="use deterministic kernels only (slower on GPU)")

@@ -67,7 +67,6 @@ THREADS = 2
 # What a run written before a setting existed was trained with (its config.json lacks the key), so
 # --resume of such a run compares against the value it really used.
 SETTINGS_BEFORE_THEY_WERE_RECORDED = {"precision": UNRECORDED_PRECISION, "block_grid": UNRECORDED_BLOCK_GRID}
-MIN_FIT_PER_BLOCK_FEATURE = 10  # fit samples per block feature before the default grid is used (resolve_block_grid)
 
 
 def default_epochs(n_train: int, batch_size: int) -> int:
@@ -94,7 +93,7 @@ class TrainOptions:
     lr: float = DEFAULT_LR
     augment: str = "auto"
     layers: tuple[str, ...] = DEFAULT_LAYERS
-    block_grid: int | None = None
+    block_grid: int = DEFAULT_BLOCK_GRID
     calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION
     tpr: float = DEFAULT_TPR
     deterministic: bool = False
@@ -143,11 +142,10 @@ class TrainOptions:
         if not self.layers or len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"--layers must list distinct layer names, got {','.join(self.layers)!r}")
         layers = tuple(dict.fromkeys((*self.layers, *REQUIRED_LAYERS)))
-        if self.block_grid is not None:
-            try:
-                check_block_grid(self.block_grid)
-            except ConfigError as exc:
-                raise ConfigError(f"--block-grid: {exc}") from None
+        try:
+            check_block_grid(self.block_grid)
+        except ConfigError as exc:
+            raise ConfigError(f"--block-grid: {exc}") from None
         resolve_precision(self.precision, resolve_device(self.device))
         return TrainOptions(**{**asdict(self), "layers": layers})
 
@@ -207,7 +205,7 @@ def _resolved_settings(options: TrainOptions, dataset: Dataset, n_fit: int, devi
         "deterministic": options.deterministic,
         "precision": resolve_precision(options.precision, device),
         "layers": list(options.layers),
-        "block_grid": options.block_grid,  # None until _train has the model's block widths (resolve_block_grid)
+        "block_grid": int(options.block_grid),
         "score": default_score(options.head),
         "tpr": options.tpr,
         "calibration_fraction": options.calibration_fraction,
@@ -263,29 +261,6 @@ def _is_write_leftover(path: Path) -> bool:
     """A temporary file that ncguard.atomic.atomic_write left behind when killed mid-write
     (`.NAME.XXXX.tmp`): not part of any run, so it does not make a directory "not empty"."""
     return path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp")
-
-
-def resolve_block_grid(requested: int | None, n_fit: int, block_channels: list[int]) -> int:
-    """The block grid a run uses: `requested`, or by default `DEFAULT_BLOCK_GRID` when the fit split
-    has at least `MIN_FIT_PER_BLOCK_FEATURE` samples per feature of the widest pooled block, else 0.
-
-    Why: the block statistics are scored with a tied covariance, and a grid multiplies a block's
-    width ((grid^2 + 2) x channels). On scikit-learn's digits (about 1,400 fit images, block3 768
-    features with the grid) the covariance is singular, its pseudo-inverse ignores the directions
-    noise moves in, and `fused` flagged 40% of uniform noise instead of nearly all of it.
-    """
-    if requested is not None:
-        return requested
-    widest = max(block_channels, default=0) * (DEFAULT_BLOCK_GRID**2 + 2)
-    return DEFAULT_BLOCK_GRID if widest and n_fit >= MIN_FIT_PER_BLOCK_FEATURE * widest else 0
-
-
-def _block_channels(model: DualHeadModel) -> list[int]:
-    """Channels of every feature map the backbone names (the blocks layer_features pools)."""
-    probe = torch.zeros((2, *model.input_shape))
-    model.eval()
-    with torch.inference_mode():
-        return [int(value.shape[1]) for value in model.backbone.forward_features(probe).values() if value.ndim >= 3]
 
 
 def _available_layers(model: DualHeadModel) -> tuple[str, ...]:
@@ -368,9 +343,9 @@ def _train(options: TrainOptions, callbacks: tuple = ()) -> dict | None:
     fit_data, calibration_data = dataset.subset(fit_index), dataset.subset(calibration_index)
     mean, std = normalization_stats(fit_data.x)
     model = build_model(
-        settings["arch"], dataset.input_shape, len(dataset.classes), settings["head"], settings["classifier"], mean, std
+        settings["arch"], dataset.input_shape, len(dataset.classes), settings["head"], settings["classifier"], mean, std,
+        settings["block_grid"],
     )
-    settings["block_grid"] = model.block_grid = resolve_block_grid(settings["block_grid"], len(fit_index), _block_channels(model))
     available = _available_layers(model)
     if tuple(settings["layers"]) == tuple(dict.fromkeys((*DEFAULT_LAYERS, *REQUIRED_LAYERS))):
         settings["layers"] = [layer for layer in settings["layers"] if layer in available or layer not in OPTIONAL_DEFAULT_LAYERS]

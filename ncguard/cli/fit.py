@@ -14,8 +14,7 @@ normalization done outside the model.
 
 Several --features tensors (early blocks first, the penultimate layer last) give a multi-layer
 score, `fused` by default (ncguard.scores.defaults): feature maps are read through their per-channel
-mean and std, as ncguard's own models give their blocks to it (without the grid means those add;
-export/byom.py says why).
+mean and std, as ncguard's own models give their blocks to it by default.
 """
 
 from __future__ import annotations
