@@ -1,6 +1,6 @@
 """What the OOD part of the exported graph costs, per set of `fused` components, at batch 1 and 64.
 
-    .venv/bin/python benchmarks/fused_cost.py --run RUN_DIR [--calls 300]
+    .venv/bin/python benchmarks/fused_cost.py --run RUN_DIR [--run RUN_DIR ...] [--calls 300]
 
 Issue 16's goal: the OOD part of the default graph at most 5% of the graph's time at batch 64 and 15%
 at batch 1. The run is exported once per variant (COMPONENTS: today's default, the defaults of rounds 2
@@ -51,18 +51,29 @@ COMPONENTS = (
 )
 
 
+def block_grid(run: str) -> int:
+    """The run's --block-grid (0 for runs from before it was recorded)."""
+    from ncguard.pooling import UNRECORDED_BLOCK_GRID
+
+    return json.loads((Path(run) / "config.json").read_text())["settings"].get("block_grid", UNRECORDED_BLOCK_GRID)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="a run directory of `ncguard train` (the default --layers)")
+    parser.add_argument("--run", required=True, action="append",
+                        help="a run directory of `ncguard train` (the default --layers); repeat it to compare runs, e.g. with and "
+                             "without --block-grid, in one session")
     parser.add_argument("--calls", type=int, default=300, help="profiled calls per batch size and variant")
     parser.add_argument("--out", default=str(RESULTS), help="folder for fused_cost.json and .md")
     args = parser.parse_args(argv)
 
     rows = {}
+    runs = [(run, f"{Path(run).name} (block grid {block_grid(run)}): " if len(args.run) > 1 else "") for run in args.run]
     with tempfile.TemporaryDirectory(prefix="fused-cost-") as folder:
-        for row, components in COMPONENTS:
+        for (run, label), (row, components) in ((run, component) for run in runs for component in COMPONENTS):
+            row = label + row
             path = Path(folder) / "model.onnx"
-            export_run(args.run, str(path), score="fused", components=components, provider="cpu")
+            export_run(run, str(path), score="fused", components=components, provider="cpu")
             shares = ood_node_share(path, BATCHES, calls=args.calls)
             rows[row] = {
                 "components": load_model(path).metadata.ood_components,
@@ -71,13 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(f"[fused-cost] {row}: " + ", ".join(f"batch {b}: +{rows[row][b]['ood_adds']:.1%}" for b in shares), flush=True)
 
-    payload = {"machine": f"{platform.machine()}, Python {platform.python_version()}", "run": str(args.run),
+    payload = {"machine": f"{platform.machine()}, Python {platform.python_version()}", "runs": [str(run) for run in args.run],
                "calls": args.calls, "goal": {"1": 0.15, "64": 0.05}, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "fused_cost.json", json.dumps(payload, indent=1, sort_keys=True) + "\n")
     lines = ["# What the OOD part of the graph costs, per set of fused components", "",
-             f"Written by `python benchmarks/fused_cost.py --run {args.run}` ({payload['machine']}, ONNX Runtime profiler, "
+             f"Written by `python benchmarks/fused_cost.py {' '.join('--run ' + str(run) for run in args.run)}` ({payload['machine']}, ONNX Runtime profiler, "
              f"{args.calls} calls per cell). Time of the OOD-only nodes relative to the rest of the graph (the network, "
              "its softmax and feature outputs), from the same calls; in brackets the OOD part's and the rest's kernel microseconds "
              "per call (profiler clock: each node also carries the profiler's own few microseconds). Goal (issue 16): at most "
