@@ -1,18 +1,19 @@
 """Seconds to 93% test accuracy and final accuracy of the default `ncguard train`, per head, seed and precision.
 
     .venv/bin/python benchmarks/train_time.py [--seeds 0,1,2] [--heads etf,plain] [--precisions auto,fp32]
-                                              [--work DIR] [--out DIR]
+                                              [--classifier learned|simplex] [--work DIR] [--out DIR] [--name STEM]
 
 Issue 16's goals: 93% Fashion-MNIST test accuracy in at most 5 minutes on 2 cores for the default
-configuration, and ID accuracy of the default (etf) head at least the plain head's over 3 seeds. Each run
-is `ncguard train --data fashion-mnist [--head H] [--seed S] [--precision P]` with every other setting
-at its default, through `training.train.train` (the command's own code), one run after another with
-the heads and precisions interleaved seed by seed, so slow spells of a shared machine hit every
-variant alike. After every epoch the test split's accuracy is measured by a Trainer callback, outside
-the epoch's timed seconds; "seconds to 93%" is the wall time from the start of `train` (data loading
-included) to the end of the first epoch at or above 93%, minus the time those test evaluations took.
-Writes train_time.json, train_time.md and train_time.png (test accuracy against seconds, one line a
-run) to --out (default benchmarks/results), atomically. Not a test: about 5 minutes a run.
+configuration, and ID accuracy of the default (etf) head at least the plain head's over 3 seeds. Each
+run is `ncguard train --data fashion-mnist [--head H] [--seed S] [--precision P] [--classifier C]` with
+every other setting at its default (`--classifier simplex`: the issue's class-simplex configuration),
+through `training.train.train` (the command's own code), one run after another with the heads and
+precisions interleaved seed by seed, so slow spells of a shared machine hit every variant alike. After
+every epoch the test split's accuracy is measured by a Trainer callback, outside the epoch's timed
+seconds; "seconds to 93%" is the wall time from the start of `train` (data loading included) to the end
+of the first epoch at or above 93%, minus the time those test evaluations took.
+Writes STEM.json, STEM.md and STEM.png (test accuracy against seconds, one line a run; STEM is --name,
+default train_time) to --out (default benchmarks/results), atomically. Not a test: about 5 minutes a run.
 """
 
 from __future__ import annotations
@@ -57,15 +58,16 @@ class TestAccuracyByEpoch:
         self.evaluation_seconds += time.perf_counter() - begin
 
 
-def one_run(data: str, head: str, seed: int, precision: str, work: Path, test) -> dict:
+def one_run(data: str, head: str, seed: int, precision: str, work: Path, test, classifier: str = "learned") -> dict:
     started = time.perf_counter()
     follow = TestAccuracyByEpoch(*test, started)
-    options = TrainOptions(data=data, out=str(work / f"{head}-{precision}-s{seed}"), head=head, seed=seed,
-                           precision=precision, quiet=True).validated()
+    options = TrainOptions(data=data, out=str(work / f"{head}-{classifier}-{precision}-s{seed}"), head=head, seed=seed,
+                           precision=precision, classifier=classifier, quiet=True).validated()
     summary = train(options, callbacks=[follow])
     total = time.perf_counter() - started - follow.evaluation_seconds
     reached = next((e["seconds"] for e in follow.epochs if e["test_accuracy"] >= TARGET), None)
     config = json.loads((Path(summary["run_dir"]) / "config.json").read_text())
+    head = head if classifier == "learned" else f"{head} ({classifier} classifier)"
     return {"head": head, "seed": seed, "precision": config["settings"]["precision"], "epochs": follow.epochs,
             "test_accuracy": summary["test_accuracy"], "seconds_to_target": reached, "total_seconds": total}
 
@@ -88,10 +90,10 @@ def summarize(runs: list[dict]) -> dict:
     return out
 
 
-def markdown(payload: dict) -> str:
+def markdown(payload: dict, stem: str = "train_time") -> str:
     lines = ["# Training time and accuracy of the default configuration", "",
              f"Written by `python benchmarks/train_time.py {payload['arguments']}` ({payload['machine']}). "
-             f"Data `{payload['data']}`, every `ncguard train` default except the head, seed and precision named. "
+             f"Data `{payload['data']}`, every `ncguard train` default except the head, seed, precision and classifier named. "
              f"Seconds to {TARGET:.0%}: wall time from the start of training (data loading included) to the end of the first "
              f"epoch whose test accuracy is at or above {TARGET:.0%} (test evaluations excluded). Goal (issue 16): "
              f"{TARGET:.0%} in at most {BUDGET_SECONDS / 60:.0f} min, and the etf head's accuracy at least the plain head's.", "",
@@ -106,7 +108,7 @@ def markdown(payload: dict) -> str:
         epoch = next((e["epoch"] for e in r["epochs"] if e["test_accuracy"] >= TARGET), None)
         seconds = f"{r['seconds_to_target']:.0f}" if r["seconds_to_target"] is not None else "-"
         lines.append(f"| {r['head']} | {r['precision']} | {r['seed']} | {r['test_accuracy']:.4f} | {seconds} | {epoch or '-'} | {r['total_seconds']:.0f} |")
-    lines += ["", "![test accuracy against seconds](train_time.png)"]
+    lines += ["", f"![test accuracy against seconds]({stem}.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -117,11 +119,11 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(7.0, 4.2))
-    styles = {"etf": "-", "plain": "--", "l2": ":"}
+    styles = {"etf": "-", "plain": "--", "l2": ":"}  # by the head's name, before any "(... classifier)"
     for run in runs:
         seconds = [e["seconds"] for e in run["epochs"]]
         accuracy = [e["test_accuracy"] for e in run["epochs"]]
-        axes.plot(seconds, accuracy, styles.get(run["head"], "-"), marker=".",
+        axes.plot(seconds, accuracy, styles.get(run["head"].split()[0], "-"), marker=".",
                   label=f"{run['head']} {run['precision']} seed {run['seed']}")
     axes.axhline(TARGET, color="grey", linewidth=0.8)
     axes.axvline(BUDGET_SECONDS, color="grey", linewidth=0.8)
@@ -141,30 +143,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", default="etf,plain")
     parser.add_argument("--precisions", default="auto", help="comma-separated --precision values (auto, fp32, bf16)")
     parser.add_argument("--work", default=None, help="folder for the run directories (default: a temporary one)")
+    parser.add_argument("--classifier", default="learned", help="--classifier of every run: learned (the default) or simplex")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--name", default="train_time", help="file stem of the results (default: train_time)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     heads, precisions = args.heads.split(","), args.precisions.split(",")
     test = load_dataset(test_split_of(args.data))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    arguments = " ".join(f"--{k} {v}" for k, v in (("data", args.data), ("seeds", args.seeds), ("heads", args.heads), ("precisions", args.precisions)))
+    arguments = " ".join(f"--{k} {v}" for k, v in (("data", args.data), ("seeds", args.seeds), ("heads", args.heads), ("precisions", args.precisions),
+                                                    ("classifier", args.classifier)))
     payload = {"machine": f"{platform.machine()}, Python {platform.python_version()}", "arguments": arguments, "data": args.data, "runs": []}
     with tempfile.TemporaryDirectory(prefix="train-time-") as scratch:
         work = Path(args.work) if args.work else Path(scratch)
         for seed in seeds:
             for precision in precisions:
                 for head in heads:
-                    run = one_run(args.data, head, seed, precision, work, (test.x, test.y))
+                    run = one_run(args.data, head, seed, precision, work, (test.x, test.y), args.classifier)
                     payload["runs"].append(run)
-                    print(f"[train-time] {head} {run['precision']} seed {seed}: test {run['test_accuracy']:.4f}, "
+                    print(f"[train-time] {run['head']} {run['precision']} seed {seed}: test {run['test_accuracy']:.4f}, "
                           f"93% after {run['seconds_to_target'] or float('nan'):.0f} s, whole run {run['total_seconds']:.0f} s", flush=True)
                     payload["summary"] = summarize(payload["runs"])
                     # written after every run: a long benchmark stopped midway keeps what it measured
-                    atomic_write(out / "train_time.json", json.dumps(payload, indent=1) + "\n")
-                    atomic_write(out / "train_time.md", markdown(payload))
-                    plot(payload["runs"], out / "train_time.png")
-    print(f"[train-time] written to {out / 'train_time.md'}")
+                    atomic_write(out / f"{args.name}.json", json.dumps(payload, indent=1) + "\n")
+                    atomic_write(out / f"{args.name}.md", markdown(payload, args.name))
+                    plot(payload["runs"], out / f"{args.name}.png")
+    print(f"[train-time] written to {out / (args.name + '.md')}")
     return 0
 
 
