@@ -1,12 +1,14 @@
 """Seconds to 93% test accuracy and final accuracy of the default `ncguard train`, per head, seed and precision.
 
     .venv/bin/python benchmarks/train_time.py [--seeds 0,1,2] [--heads etf,plain] [--precisions auto,fp32]
-                                              [--classifier learned|simplex] [--work DIR] [--out DIR] [--name STEM]
+                                              [--classifier learned|simplex] [--entropy-weight W]
+                                              [--work DIR] [--out DIR] [--name STEM]
 
 Issue 16's goals: 93% Fashion-MNIST test accuracy in at most 5 minutes on 2 cores for the default
 configuration, and ID accuracy of the default (etf) head at least the plain head's over 3 seeds. Each
-run is `ncguard train --data fashion-mnist [--head H] [--seed S] [--precision P] [--classifier C]` with
-every other setting at its default (`--classifier simplex`: the issue's class-simplex configuration),
+run is `ncguard train --data fashion-mnist [--head H] [--seed S] [--precision P] [--classifier C]
+[--entropy-weight W]` with every other setting at its default (`--classifier simplex`: the issue's
+class-simplex configuration; `--entropy-weight 0`: what the transfer layer's regularizer costs),
 through `training.train.train` (the command's own code), one run after another with the heads and
 precisions interleaved seed by seed, so slow spells of a shared machine hit every variant alike. After
 every epoch the test split's accuracy is measured by a Trainer callback, outside the epoch's timed
@@ -58,16 +60,18 @@ class TestAccuracyByEpoch:
         self.evaluation_seconds += time.perf_counter() - begin
 
 
-def one_run(data: str, head: str, seed: int, precision: str, work: Path, test, classifier: str = "learned") -> dict:
+def one_run(data: str, head: str, seed: int, precision: str, work: Path, test, classifier: str = "learned",
+            entropy_weight: float | None = None) -> dict:
     started = time.perf_counter()
     follow = TestAccuracyByEpoch(*test, started)
-    options = TrainOptions(data=data, out=str(work / f"{head}-{classifier}-{precision}-s{seed}"), head=head, seed=seed,
-                           precision=precision, classifier=classifier, quiet=True).validated()
+    options = TrainOptions(data=data, out=str(work / f"{head}-{classifier}-{entropy_weight}-{precision}-s{seed}"), head=head, seed=seed,
+                           precision=precision, classifier=classifier, entropy_weight=entropy_weight, quiet=True).validated()
     summary = train(options, callbacks=[follow])
     total = time.perf_counter() - started - follow.evaluation_seconds
     reached = next((e["seconds"] for e in follow.epochs if e["test_accuracy"] >= TARGET), None)
     config = json.loads((Path(summary["run_dir"]) / "config.json").read_text())
-    head = head if classifier == "learned" else f"{head} ({classifier} classifier)"
+    changed = ([f"{classifier} classifier"] if classifier != "learned" else []) + ([f"entropy weight {entropy_weight:g}"] if entropy_weight is not None else [])
+    head = f"{head} ({', '.join(changed)})" if changed else head
     return {"head": head, "seed": seed, "precision": config["settings"]["precision"], "epochs": follow.epochs,
             "test_accuracy": summary["test_accuracy"], "seconds_to_target": reached, "total_seconds": total}
 
@@ -93,7 +97,7 @@ def summarize(runs: list[dict]) -> dict:
 def markdown(payload: dict, stem: str = "train_time") -> str:
     lines = ["# Training time and accuracy of the default configuration", "",
              f"Written by `python benchmarks/train_time.py {payload['arguments']}` ({payload['machine']}). "
-             f"Data `{payload['data']}`, every `ncguard train` default except the head, seed, precision and classifier named. "
+             f"Data `{payload['data']}`, every `ncguard train` default except the settings named. "
              f"Seconds to {TARGET:.0%}: wall time from the start of training (data loading included) to the end of the first "
              f"epoch whose test accuracy is at or above {TARGET:.0%} (test evaluations excluded). Goal (issue 16): "
              f"{TARGET:.0%} in at most {BUDGET_SECONDS / 60:.0f} min, and the etf head's accuracy at least the plain head's.", "",
@@ -144,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default="auto", help="comma-separated --precision values (auto, fp32, bf16)")
     parser.add_argument("--work", default=None, help="folder for the run directories (default: a temporary one)")
     parser.add_argument("--classifier", default="learned", help="--classifier of every run: learned (the default) or simplex")
+    parser.add_argument("--entropy-weight", type=float, default=None, help="--entropy-weight of every run (default: the head's)")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--name", default="train_time", help="file stem of the results (default: train_time)")
     args = parser.parse_args(argv)
@@ -153,14 +158,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     arguments = " ".join(f"--{k} {v}" for k, v in (("data", args.data), ("seeds", args.seeds), ("heads", args.heads), ("precisions", args.precisions),
-                                                    ("classifier", args.classifier)))
+                                                    ("classifier", args.classifier))
+                         + ((("entropy-weight", f"{args.entropy_weight:g}"),) if args.entropy_weight is not None else ()))
     payload = {"machine": f"{platform.machine()}, Python {platform.python_version()}", "arguments": arguments, "data": args.data, "runs": []}
     with tempfile.TemporaryDirectory(prefix="train-time-") as scratch:
         work = Path(args.work) if args.work else Path(scratch)
         for seed in seeds:
             for precision in precisions:
                 for head in heads:
-                    run = one_run(args.data, head, seed, precision, work, (test.x, test.y), args.classifier)
+                    run = one_run(args.data, head, seed, precision, work, (test.x, test.y), args.classifier, args.entropy_weight)
                     payload["runs"].append(run)
                     print(f"[train-time] {run['head']} {run['precision']} seed {seed}: test {run['test_accuracy']:.4f}, "
                           f"93% after {run['seconds_to_target'] or float('nan'):.0f} s, whole run {run['total_seconds']:.0f} s", flush=True)
