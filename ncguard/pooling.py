@@ -24,7 +24,7 @@ import numpy as np
 
 # Cells per side of the grid on which `ncguard train --block-grid N` also averages each block
 # channel; the default, 0, pools whole maps. What a grid of 2 does (issue 16; benchmarks/results/near/
-# grid_study.md and benchmarks/results/check/): a rotated garment keeps its texture, edges and
+# grid_study.md and the README beside it): a rotated garment keeps its texture, edges and
 # intensity histogram, so whole-map [mean, std] barely move, and a 2x2 grid tells top from bottom and
 # left from right. With it, the ID-only proxy models (benchmarks/quality/select.py) score block3 +
 # low-rank DDU 0.677 against 0.667, every near-OOD split improves on both metrics and so does

@@ -65,7 +65,8 @@ def normalization_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def block_statistics(maps: torch.Tensor, grid: int) -> torch.Tensor:
     """[N, C, H, W] -> [N, C * grid^2 + 2C]: each channel's means on a grid x grid grid, then its mean
     and (population) standard deviation, by the core's one formula (`ncguard.pooling.block_statistics`,
-    run on torch tensors); `ncguard fit` pools a foreign model's feature maps with the same lines."""
+    run on torch tensors); `ncguard fit` pools a foreign model's feature maps with the same lines
+    (grid 0, `channel_mean_std`)."""
     return pooling.block_statistics(maps, grid, torch)
 
 
