@@ -30,6 +30,8 @@ from export.run import export_run  # noqa: E402
 from local_paths import ood_node_share  # noqa: E402
 from ncguard.atomic import atomic_write  # noqa: E402
 from ncguard.model_file import load_model  # noqa: E402
+from ncguard.pooling import UNRECORDED_BLOCK_GRID  # noqa: E402
+from ncguard.run_dir import read_config  # noqa: E402
 from ncguard.scores.fused import default_components  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -53,9 +55,7 @@ COMPONENTS = (
 
 def block_grid(run: str) -> int:
     """The run's --block-grid (0 for runs from before it was recorded)."""
-    from ncguard.pooling import UNRECORDED_BLOCK_GRID
-
-    return json.loads((Path(run) / "config.json").read_text())["settings"].get("block_grid", UNRECORDED_BLOCK_GRID)
+    return read_config(run)["settings"].get("block_grid", UNRECORDED_BLOCK_GRID)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,16 @@ def evaluation_inputs(spec: ModelSpec, budget: Budget) -> tuple[tuple[np.ndarray
     return (test.x[id_rows], test.y[id_rows]), far, shifts
 
 
+def read_feature_cache(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """{set: {layer: features}} from a cache `cached_features` wrote (keys "set|layer")."""
+    with np.load(path, allow_pickle=False) as stored:
+        features: dict[str, dict[str, np.ndarray]] = {}
+        for key in stored.files:
+            set_name, layer = key.split("|")
+            features.setdefault(set_name, {})[layer] = stored[key]
+    return features
+
+
 def cached_features(model, config: dict, inputs: dict[str, np.ndarray | None], path: Path, name: str) -> dict[str, dict[str, np.ndarray]]:
     """{set: {layer: features}}, read from `path` when an earlier evaluation saved them (keys "set|layer").
 
@@ -98,11 +108,7 @@ def cached_features(model, config: dict, inputs: dict[str, np.ndarray | None], p
     A `None` input is the run's calibration split, loaded only when it is not cached.
     """
     if path.exists():
-        with np.load(path, allow_pickle=False) as stored:
-            features: dict[str, dict[str, np.ndarray]] = {}
-            for key in stored.files:
-                set_name, layer = key.split("|")
-                features.setdefault(set_name, {})[layer] = stored[key]
+        features = read_feature_cache(path)
         if set(features) == set(inputs):
             return features
     features = {}

@@ -35,10 +35,11 @@ import numpy as np
 from ncguard.atomic import atomic_write
 from ncguard.data import load_dataset
 from ncguard.ood_metrics import ood_report
+from ncguard.run_dir import read_config
 from ncguard.scores import build_detector
 from ncguard.stats import ClassStatistics, StatisticsBundle
 
-from .evaluate import CALIBRATION, MAX_CALIBRATION, evaluation_inputs
+from .evaluate import CALIBRATION, MAX_CALIBRATION, evaluation_inputs, read_feature_cache
 from .near_report import HELD_OUT
 from .plan import BUDGETS, NEAR_SPLITS, PROXY_HELD_OUT, ModelSpec, proxy_spec
 from .report import beats, oracle, row_table
@@ -63,15 +64,6 @@ SEMANTIC_PARTS = (
 
 def _name(parts) -> str:
     return "+".join(f"{layer}:{score}" for layer, score in parts)
-
-
-def _load_cache(path: Path) -> dict[str, dict[str, np.ndarray]]:
-    with np.load(path, allow_pickle=False) as stored:
-        out: dict[str, dict[str, np.ndarray]] = {}
-        for key in stored.files:
-            set_name, layer = key.split("|")
-            out.setdefault(set_name, {})[layer] = stored[key]
-    return out
 
 
 def grid_block_statistics(model, x: np.ndarray, batch: int = 1000) -> np.ndarray:
@@ -124,7 +116,7 @@ def standardized_sums(spec: ModelSpec, work: Path, sets: list[str], split_held_o
 
     run_dir = work / "runs" / spec.name
     _, _, bundle = load_run(run_dir)
-    cached = _load_cache(work / "features" / f"{spec.name}.npz")
+    cached = read_feature_cache(work / "features" / f"{spec.name}.npz")
     grid = grid_features(spec, run_dir, work / "grid-study" / f"{spec.name}.npz")
     # Every block part is fitted here from the study's own pooling, whatever the run itself recorded
     # (a run trained with --block-grid 2 holds the gridded block3): [grid means | mean, std].
@@ -203,8 +195,10 @@ def check_results(work: Path) -> dict[tuple[str, str], dict]:
 
 def check_model(work: Path) -> str:
     """How the check folder's model of our head was trained: precision and block grid, from its config."""
-    settings = json.loads((work / "runs" / "etf-s0" / "config.json").read_text())["settings"]
-    return f"{settings.get('precision', 'fp32')}, trained with --block-grid {settings.get('block_grid', 0)}"
+    from training.train import SETTINGS_BEFORE_THEY_WERE_RECORDED
+
+    settings = {**SETTINGS_BEFORE_THEY_WERE_RECORDED, **read_config(work / "runs" / "etf-s0")["settings"]}
+    return f"{settings['precision']}, trained with --block-grid {settings['block_grid']}"
 
 
 def markdown(payload: dict, command: str) -> str:

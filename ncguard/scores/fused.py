@@ -27,9 +27,9 @@ BLOCK_SCORE, DETECTION_SCORE = "mahalanobis", "ddu-lowrank"
 def default_components(layers: Sequence[str], detection_layer: str = "detection", every_block: bool = False) -> tuple[tuple[str, str], ...]:
     """The default of `ncguard train` and `ncguard export`: Mahalanobis on the per-channel statistics
     of the last conv block among `layers` (with `ncguard train --block-grid N`, also each channel's
-    means on an N x N grid: ncguard.pooling.DEFAULT_BLOCK_GRID says why that is not the default), plus low-rank DDU (`ddu-lowrank`, rank 64) on the detection
-    layer. `every_block`: Mahalanobis
-    on every block instead, for `ncguard fit --features A,B,C`, where the user named the blocks (a
+    means on an N x N grid: ncguard.pooling.DEFAULT_BLOCK_GRID says why that is not the default),
+    plus low-rank DDU (`ddu-lowrank`, rank 64) on the detection layer. `every_block`: Mahalanobis on
+    every block instead, for `ncguard fit --features A,B,C`, where the user named the blocks (a
     trained run's statistics hold every block whether or not it is scored).
 
     The last block sees shapes (noise, photos, blur, contrast, rotation move its statistics by tens of
