@@ -53,6 +53,10 @@ BATCHES = [1, 16, 64]
 HEY_CLIENTS = {"npy": [1, 8, 32, 64], "json": [1, 32]}
 PYTHON_CELLS = [(1, 1), (1, 8), (64, 1), (64, 8)]  # (batch, clients) from Python, .npy bodies
 STEP_BATCH, STEP_CLIENTS = 1, 32
+# Issue 13's JSON goal compares two wires at batch 16. Measured one after the other, minutes apart,
+# the ratio moved with the machine's load (0.42 in one run, 0.62-0.64 on a quiet machine the next
+# day); measured as alternating pairs, both wires meet the same load.
+PAIR_BATCH, PAIR_CLIENTS = 16, (1, 32)
 
 
 def _show(what: str, cell: dict) -> None:
@@ -63,8 +67,24 @@ def _server_env(**extra: str) -> dict[str, str]:
     return {"BENTOML_HOME": tempfile.mkdtemp(prefix="bench-bentoml-"), **extra}
 
 
-def bench_http(model: Path, shape: tuple[int, ...], *, seconds: float, python_requests: int, raw: RawReference) -> tuple[list[dict], list[dict]]:
-    """(hey cells, Python-client cells) against one default `ncguard serve`; `raw` is sampled before each hey cell."""
+def wire_pairs(url: str, x: np.ndarray, *, seconds: float, rounds: int) -> list[dict]:
+    """JSON against .npy bodies of the same rows, `rounds` back-to-back pairs per client count:
+    [{"clients", "rounds": [{"npy", "json" (rows/s), "ratio"}], "median_ratio"}]."""
+    out = []
+    for clients in PAIR_CLIENTS:
+        pairs = []
+        for _ in range(rounds):
+            npy, json_cell = (hey_cell(url, x, wire=wire, clients=clients, seconds=seconds) for wire in ("npy", "json"))
+            pairs.append({"npy": npy["rows_per_s"], "json": json_cell["rows_per_s"], "ratio": round(json_cell["rows_per_s"] / npy["rows_per_s"], 3)})
+        out.append({"batch": len(x), "clients": clients, "rounds": pairs, "median_ratio": float(np.median([p["ratio"] for p in pairs]))})
+        print(f"  json / npy at batch {len(x)} x {clients:>2} clients: " + ", ".join(f"{p['ratio']:.2f}" for p in pairs), flush=True)
+    return out
+
+
+def bench_http(model: Path, shape: tuple[int, ...], *, seconds: float, python_requests: int, raw: RawReference,
+               pair_rounds: int) -> tuple[list[dict], list[dict], list[dict]]:
+    """(hey cells, Python-client cells, JSON/.npy pairs) against one default `ncguard serve`; `raw` is
+    sampled before each hey cell."""
     rng = np.random.default_rng(0)
     inputs = {batch: rng.uniform(0, 1, size=(batch, *shape)).astype(np.float32) for batch in BATCHES}
     hey_cells, python_cells = [], []
@@ -81,7 +101,8 @@ def bench_http(model: Path, shape: tuple[int, ...], *, seconds: float, python_re
             cell = load_cell(client.url, inputs[batch], wire="npy", clients=clients, requests=max(2, python_requests // clients), budget_s=seconds)
             python_cells.append(cell)
             _show("python  npy", cell)
-    return hey_cells, python_cells
+        pairs = wire_pairs(client.url, inputs[PAIR_BATCH], seconds=seconds, rounds=pair_rounds)
+    return hey_cells, python_cells, pairs
 
 
 def bench_steps(model: Path, shape: tuple[int, ...], *, seconds: float, rounds: int, baseline_ref: str | None) -> list[dict]:
@@ -148,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print("HTTP ...", flush=True)
     seconds = 1.0 if args.quick else 5.0
     raw64 = RawReference(model, 64, seconds=0.5 if args.quick else 1.5)
-    hey_cells, python_cells = bench_http(model, shape, seconds=seconds, python_requests=calls // 4, raw=raw64)
+    hey_cells, python_cells, pairs = bench_http(model, shape, seconds=seconds, python_requests=calls // 4, raw=raw64, pair_rounds=1 if args.quick else 3)
     print("request-path steps ...", flush=True)
     steps = bench_steps(model, shape, seconds=seconds, rounds=1 if args.quick else 3, baseline_ref=args.baseline_ref)
 
@@ -162,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "local": {**graphs, "ncguard_predict": predict},
         "http": python_cells,
         "hey": hey_cells,
+        "wire_pairs": pairs,
         "steps": steps,
         "raw64_during_http": {"rows_per_s": round(raw64.rows_per_s, 1), "samples": [round(v, 1) for v in raw64.samples]},
         "load_average_after": round(os.getloadavg()[0], 2),
