@@ -181,3 +181,23 @@ def test_results_without_the_few_shot_probe_still_report():
     assert half["goal"] == {} and not half["goal_met"]
     full = {head: {c: (0.95, 0.0) for c in ALL_PROBE_LAYERS} for head in ("etf", "plain")}
     assert "not checked" in "\n".join(_few_shot_md(half, full))
+
+
+def _study_row(run: str, seed: int, offset: float) -> dict:
+    draws = [0.80 + offset + 0.01 * i for i in range(5)]
+    summary = {"mean": float(np.mean(draws)), "se": 0.001, "draws": draws}
+    return {"run": run, "head": "etf", "arch": "cnn", "entropy_weight": 0.05, "classifier": "learned", "precision": "bf16",
+            "seed": seed, "test_accuracy": 0.93, "probe": {task: {"transfer": summary} for task in ("digits", "glyphs")}}
+
+
+def test_few_shot_study_pairs_each_run_with_the_plain_run_of_its_seed():
+    from benchmarks.quality.few_shot_study import compare, markdown
+
+    baselines = [_study_row("plain-s0", 0, 0.0), _study_row("plain-s1", 1, 0.05)]
+    runs = [_study_row("a-s0", 0, 0.02), _study_row("a-s1", 1, 0.06), _study_row("a-s7", 7, 0.01)]
+    compare(runs, baselines)
+    assert [r["baseline"] for r in runs] == ["plain-s0", "plain-s1", "plain-s0"]  # no seed 7: the first baseline
+    assert runs[0]["vs_baseline"]["digits"]["points"] == pytest.approx(2.0) and runs[0]["vs_baseline"]["digits"]["goal_met"]
+    assert runs[1]["vs_baseline"]["glyphs"]["points"] == pytest.approx(1.0) and not runs[1]["vs_baseline"]["glyphs"]["goal_met"]
+    text = markdown({"baselines": baselines, "runs": runs}, "cmd")
+    assert "+2.0 ± 0.0 **met**" in text and "+1.0 ± 0.0 |" in text and "(baseline)" in text
