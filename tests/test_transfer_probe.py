@@ -191,13 +191,21 @@ def _study_row(run: str, seed: int, offset: float) -> dict:
 
 
 def test_few_shot_study_pairs_each_run_with_the_plain_run_of_its_seed():
-    from benchmarks.quality.few_shot_study import compare, markdown
+    from benchmarks.quality.few_shot_study import by_setting, compare, markdown, matching_baseline
 
     baselines = [_study_row("plain-s0", 0, 0.0), _study_row("plain-s1", 1, 0.05)]
     runs = [_study_row("a-s0", 0, 0.02), _study_row("a-s1", 1, 0.06), _study_row("a-s7", 7, 0.01)]
     compare(runs, baselines)
     assert [r["baseline"] for r in runs] == ["plain-s0", "plain-s1", "plain-s0"]  # no seed 7: the first baseline
+    fp32 = {**_study_row("plain-s1-fp32", 1, 0.0), "precision": "fp32"}
+    assert matching_baseline({**runs[1], "precision": "fp32"}, [*baselines, fp32]) is fp32
+    assert matching_baseline({**runs[1], "precision": "fp16"}, [*baselines, fp32])["run"] == "plain-s1"
     assert runs[0]["vs_baseline"]["digits"]["points"] == pytest.approx(2.0) and runs[0]["vs_baseline"]["digits"]["goal_met"]
     assert runs[1]["vs_baseline"]["glyphs"]["points"] == pytest.approx(1.0) and not runs[1]["vs_baseline"]["glyphs"]["goal_met"]
-    text = markdown({"baselines": baselines, "runs": runs}, "cmd")
+    pooled = by_setting(runs)  # the three runs differ only in seed
+    assert len(pooled) == 1 and pooled[0]["seeds"] == [0, 1, 7]
+    assert pooled[0]["vs_baseline"]["digits"]["points"] == pytest.approx((2.0 + 1.0 + 1.0) / 3)
+    assert not pooled[0]["vs_baseline"]["digits"]["goal_met"]
+    text = markdown({"baselines": baselines, "runs": runs, "pooled": pooled}, "cmd")
     assert "+2.0 ± 0.0 **met**" in text and "+1.0 ± 0.0 |" in text and "(baseline)" in text
+    assert "| etf, cnn, entropy 0.05, learned, bf16 | 0, 1, 7 | 0.9300 | +1.3 (+2.0, +1.0, +1.0) |" in text

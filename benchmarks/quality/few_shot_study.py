@@ -11,8 +11,8 @@ trained once with `ncguard train` is judged in about half a minute.
 What it does: for every run (`--run`) and plain baseline (`--baseline`) it computes the probe
 features once (`probe.probe_features`: h, h before the head's final ReLU where the backbone has
 one, z, the pooled grid) and the few-shot accuracy of each layer on the benchmark's own 50 draws
-(`probe.few_shot_probe`). Each run's h is compared with the baseline of the same seed (else the
-first baseline) draw by draw (`probe.paired_difference`), which is the issue's goal: h at least 2
+(`probe.few_shot_probe`). Each run's h is compared with the baseline of the same seed and precision
+(else the same seed, else the first baseline) draw by draw (`probe.paired_difference`), which is the issue's goal: h at least 2
 points above the plain model's h on every task. Test accuracy and settings come from each run's
 own metrics.json and config.json. Writes benchmarks/results/study/few_shot_study.md and .json.
 Not a test.
@@ -60,10 +60,19 @@ def probe_run(run: Path, tasks: dict) -> dict:
     return {task: entry["layers"] for task, entry in result["tasks"].items()}
 
 
+def matching_baseline(run: dict, baselines: list[dict]) -> dict:
+    """The baseline trained most like `run`: same seed and precision, else same seed, else the first."""
+    for alike in (lambda b: (b["seed"], b["precision"]) == (run["seed"], run["precision"]), lambda b: b["seed"] == run["seed"]):
+        found = next((b for b in baselines if alike(b)), None)
+        if found is not None:
+            return found
+    return baselines[0]
+
+
 def compare(runs: list[dict], baselines: list[dict]) -> None:
-    """Add each run's paired h difference to its baseline (same seed, else the first), in place."""
+    """Add each run's paired h difference to its `matching_baseline`, in place."""
     for run in runs:
-        baseline = next((b for b in baselines if b["seed"] == run["seed"]), baselines[0])
+        baseline = matching_baseline(run, baselines)
         run["baseline"] = baseline["run"]
         run["vs_baseline"] = {}
         for task, layers in run["probe"].items():
@@ -72,6 +81,25 @@ def compare(runs: list[dict], baselines: list[dict]) -> None:
             # rounded as the quality report rounds it: a difference of exactly 2 points meets the goal
             run["vs_baseline"][task] = {"points": points, "se_points": 100 * difference["se"],
                                         "goal_met": bool(round(points, 9) >= FEW_SHOT_GOAL_POINTS)}
+
+
+def by_setting(runs: list[dict]) -> list[dict]:
+    """Runs that differ only in seed, pooled: the mean over seeds of test accuracy and of each task's
+    paired difference, and whether that mean meets the goal (how the quality report judges seeds)."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run[key] for key in SETTINGS if key != "seed"), []).append(run)
+    pooled = []
+    for members in groups.values():
+        tasks = {}
+        for task in members[0]["vs_baseline"]:
+            points = sum(m["vs_baseline"][task]["points"] for m in members) / len(members)
+            tasks[task] = {"points": points, "per_seed": [m["vs_baseline"][task]["points"] for m in members],
+                           "goal_met": bool(round(points, 9) >= FEW_SHOT_GOAL_POINTS)}
+        accuracies = [m["test_accuracy"] for m in members if m["test_accuracy"] is not None]
+        pooled.append({**{key: members[0][key] for key in SETTINGS if key != "seed"}, "seeds": [m["seed"] for m in members],
+                       "test_accuracy": sum(accuracies) / len(accuracies) if accuracies else None, "vs_baseline": tasks})
+    return pooled
 
 
 def _setting_cell(row: dict) -> str:
@@ -86,7 +114,7 @@ def markdown(payload: dict, command: str) -> str:
              "Few-shot probe: 10 labelled images per class, mean test accuracy over the quality benchmark's 50 draws "
              "(± standard error over draws). Goal: our h at least "
              f"{FEW_SHOT_GOAL_POINTS:g} points above the plain model's h on every task; differences are paired draw by draw "
-             "against the plain run of the same seed. Seed-to-seed spread is not in the ± (one run per row).", ""]
+             "against the plain run of the same seed and precision. Seed-to-seed spread is not in the ± (one run per row).", ""]
     header = "| run | settings | test accuracy | " + " | ".join(
         f"{task}: {LAYER_NAMES[layer]}" for task in tasks for layer in LAYERS) + " | " + " | ".join(f"{task}: h − plain h (points)" for task in tasks) + " |"
     lines += [header, "| --- | --- | ---: | " + " | ".join("---:" for _ in tasks for _ in LAYERS) + " | " + " | ".join("---:" for _ in tasks) + " |"]
@@ -101,6 +129,14 @@ def markdown(payload: dict, command: str) -> str:
             cells.append(f"{versus['points']:+.1f} ± {versus['se_points']:.1f}{' **met**' if versus['goal_met'] else ''}" if versus else "(baseline)")
         accuracy = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] is not None else ""
         lines.append(f"| `{row['run']}` | {_setting_cell(row)} | {accuracy} | " + " | ".join(cells) + " |")
+    lines += ["", "Pooled over seeds (runs that differ only in seed; mean of the per-seed paired differences):", "",
+              "| settings | seeds | test accuracy (mean) | " + " | ".join(f"{task}: h − plain h (points; per seed)" for task in tasks) + " |",
+              "| --- | --- | ---: | " + " | ".join("---:" for _ in tasks) + " |"]
+    for row in payload["pooled"]:
+        cells = [f"{row['vs_baseline'][task]['points']:+.1f} ({', '.join(f'{p:+.1f}' for p in row['vs_baseline'][task]['per_seed'])})"
+                 f"{' **met**' if row['vs_baseline'][task]['goal_met'] else ''}" for task in tasks]
+        accuracy = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] is not None else ""
+        lines.append(f"| {_setting_cell({**row, 'seed': None}).rsplit(', seed', 1)[0]} | {', '.join(map(str, row['seeds']))} | {accuracy} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -117,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     baselines = [{**describe(Path(run)), "probe": probe_run(Path(run), tasks)} for run in args.baseline]
     runs = [{**describe(Path(run)), "probe": probe_run(Path(run), tasks)} for run in args.run]
     compare(runs, baselines)
-    payload = {"baselines": baselines, "runs": runs}
+    payload = {"baselines": baselines, "runs": runs, "pooled": by_setting(runs)}
     command = "python -m benchmarks.quality.few_shot_study " + " ".join(
         [f"--baseline {run}" for run in args.baseline] + [f"--run {run}" for run in args.run])
     out = Path(args.out)
