@@ -11,11 +11,12 @@ trained once with `ncguard train` is judged in about half a minute.
 What it does: for every run (`--run`) and plain baseline (`--baseline`) it computes the probe
 features once (`probe.probe_features`: h, h before the head's final ReLU where the backbone has
 one, z, the pooled grid) and the few-shot accuracy of each layer on the benchmark's own 50 draws
-(`probe.few_shot_probe`). Each run's h is compared with the baseline of the same seed and precision
-(else the same seed, else the first baseline) draw by draw (`probe.paired_difference`), which is the issue's goal: h at least 2
-points above the plain model's h on every task. Test accuracy and settings come from each run's
-own metrics.json and config.json. Writes benchmarks/results/study/few_shot_study.md and .json.
-Not a test.
+(`probe.few_shot_probe`). Each run's h is compared draw by draw (`probe.paired_difference`) with
+the baseline of the same seed and precision (else the same seed, else the first baseline): the
+issue's goal is h at least 2 points above the plain model's h on every task. Runs that differ only
+in seed are also pooled, as the quality report pools seeds. Test accuracy and settings come from
+each run's own metrics.json and config.json. Writes benchmarks/results/study/few_shot_study.md and
+.json. Not a test.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ncguard.atomic import atomic_write
 from ncguard.run_dir import read_config
 
 from .probe import few_shot_probe, paired_difference, probe_features, probe_tasks
-from .report import FEW_SHOT_GOAL_POINTS
+from .report import FEW_SHOT_GOAL_POINTS, few_shot_goal_met
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "study"
 LAYERS = ("transfer", "transfer-preact", "detection", "grid")
@@ -78,9 +79,7 @@ def compare(runs: list[dict], baselines: list[dict]) -> None:
         for task, layers in run["probe"].items():
             difference = paired_difference(layers["transfer"]["draws"], baseline["probe"][task]["transfer"]["draws"])
             points = 100 * difference["mean"]
-            # rounded as the quality report rounds it: a difference of exactly 2 points meets the goal
-            run["vs_baseline"][task] = {"points": points, "se_points": 100 * difference["se"],
-                                        "goal_met": bool(round(points, 9) >= FEW_SHOT_GOAL_POINTS)}
+            run["vs_baseline"][task] = {"points": points, "se_points": 100 * difference["se"], "goal_met": few_shot_goal_met(points)}
 
 
 def by_setting(runs: list[dict]) -> list[dict]:
@@ -95,16 +94,16 @@ def by_setting(runs: list[dict]) -> list[dict]:
         for task in members[0]["vs_baseline"]:
             points = sum(m["vs_baseline"][task]["points"] for m in members) / len(members)
             tasks[task] = {"points": points, "per_seed": [m["vs_baseline"][task]["points"] for m in members],
-                           "goal_met": bool(round(points, 9) >= FEW_SHOT_GOAL_POINTS)}
+                           "goal_met": few_shot_goal_met(points)}
         accuracies = [m["test_accuracy"] for m in members if m["test_accuracy"] is not None]
         pooled.append({**{key: members[0][key] for key in SETTINGS if key != "seed"}, "seeds": [m["seed"] for m in members],
                        "test_accuracy": sum(accuracies) / len(accuracies) if accuracies else None, "vs_baseline": tasks})
     return pooled
 
 
-def _setting_cell(row: dict) -> str:
-    return (f"{row['head']}, {row['arch']}, entropy {row['entropy_weight']:g}, {row['classifier']}, "
-            f"{row['precision']}, seed {row['seed']}")
+def _setting_cell(row: dict, with_seed: bool = True) -> str:
+    cell = f"{row['head']}, {row['arch']}, entropy {row['entropy_weight']:g}, {row['classifier']}, {row['precision']}"
+    return f"{cell}, seed {row['seed']}" if with_seed else cell
 
 
 def markdown(payload: dict, command: str) -> str:
@@ -136,13 +135,13 @@ def markdown(payload: dict, command: str) -> str:
         cells = [f"{row['vs_baseline'][task]['points']:+.1f} ({', '.join(f'{p:+.1f}' for p in row['vs_baseline'][task]['per_seed'])})"
                  f"{' **met**' if row['vs_baseline'][task]['goal_met'] else ''}" for task in tasks]
         accuracy = f"{row['test_accuracy']:.4f}" if row["test_accuracy"] is not None else ""
-        lines.append(f"| {_setting_cell({**row, 'seed': None}).rsplit(', seed', 1)[0]} | {', '.join(map(str, row['seeds']))} | {accuracy} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_setting_cell(row, with_seed=False)} | {', '.join(map(str, row['seeds']))} | {accuracy} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", required=True, action="append", help="run directory of a plain model (repeatable; matched to runs by seed)")
+    parser.add_argument("--baseline", required=True, action="append", help="run directory of a plain model (repeatable; matched to runs by seed and precision)")
     parser.add_argument("--run", required=True, action="append", help="run directory of a variant (repeatable)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
