@@ -30,13 +30,13 @@ DEFAULT_ROW = "fused"  # the score ncguard train and ncguard export use by defau
 # Issue 16's goal for the few-shot transfer probe: our transfer features (h) at least 2 points above
 # the plain model's h, on every probe task (benchmarks/quality/probe.py).
 FEW_SHOT_GOAL_POINTS = 2.0
+FEW_SHOT_TASK_LABELS = {"digits": "digits (scikit-learn, 1,797)", "glyphs": "glyph letters A-J"}
 
 
 def few_shot_goal_met(points: float) -> bool:
     """Our h at least FEW_SHOT_GOAL_POINTS above the plain model's; rounded so that a difference of
     exactly 2 points, which float sums land just under, meets it."""
     return bool(round(points, 9) >= FEW_SHOT_GOAL_POINTS)
-FEW_SHOT_TASK_LABELS = {"digits": "digits (scikit-learn, 1,797)", "glyphs": "glyph letters A-J"}
 
 
 def load_results(work: Path) -> list[dict]:

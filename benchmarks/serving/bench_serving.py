@@ -54,8 +54,8 @@ HEY_CLIENTS = {"npy": [1, 8, 32, 64], "json": [1, 32]}
 PYTHON_CELLS = [(1, 1), (1, 8), (64, 1), (64, 8)]  # (batch, clients) from Python, .npy bodies
 STEP_BATCH, STEP_CLIENTS = 1, 32
 # Issue 13's JSON goal compares two wires at batch 16. Measured one after the other, minutes apart,
-# the ratio moved with the machine's load (0.42 in one run, 0.62-0.64 on a quiet machine the next
-# day); measured as alternating pairs, both wires meet the same load.
+# the ratio moved with the machine's load (0.42 in one run, 0.62-0.64 on a quiet machine an hour
+# later); measured as alternating pairs, both wires meet the same load.
 PAIR_BATCH, PAIR_CLIENTS = 16, (1, 32)
 
 
