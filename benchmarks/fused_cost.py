@@ -15,6 +15,7 @@ Writes benchmarks/results/fused_cost.json and .md (atomically). Not a test.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -30,9 +31,9 @@ from export.run import export_run  # noqa: E402
 from local_paths import ood_node_share  # noqa: E402
 from ncguard.atomic import atomic_write  # noqa: E402
 from ncguard.model_file import load_model  # noqa: E402
-from ncguard.pooling import UNRECORDED_BLOCK_GRID  # noqa: E402
 from ncguard.run_dir import read_config  # noqa: E402
 from ncguard.scores.fused import default_components  # noqa: E402
+from training.runs import run_settings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BATCHES = [1, 64]
@@ -55,7 +56,7 @@ COMPONENTS = (
 
 def block_grid(run: str) -> int:
     """The run's --block-grid (0 for runs from before it was recorded)."""
-    return read_config(run)["settings"].get("block_grid", UNRECORDED_BLOCK_GRID)
+    return run_settings(read_config(run))["block_grid"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     runs = [(run, f"{Path(run).name} (block grid {block_grid(run)}): " if len(args.run) > 1 else "") for run in args.run]
     with tempfile.TemporaryDirectory(prefix="fused-cost-") as folder:
-        for (run, label), (row, components) in ((run, component) for run in runs for component in COMPONENTS):
-            row = label + row
+        for (run, label), (variant, components) in itertools.product(runs, COMPONENTS):
+            row = label + variant
             path = Path(folder) / "model.onnx"
             export_run(run, str(path), score="fused", components=components, provider="cpu")
             shares = ood_node_share(path, BATCHES, calls=args.calls)

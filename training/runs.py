@@ -20,14 +20,24 @@ from ncguard.run_dir import RunFiles, read_config
 from ncguard.stats import StatisticsBundle
 
 from .model import DualHeadModel, build_model
+from .precision import UNRECORDED_PRECISION
+
+# What a run written before a setting existed was trained with (its config.json lacks the key), so
+# --resume of such a run compares against the value it really used, and readers rebuild it as it was.
+SETTINGS_BEFORE_THEY_WERE_RECORDED = {"precision": UNRECORDED_PRECISION, "block_grid": UNRECORDED_BLOCK_GRID}
+
+
+def run_settings(config: dict) -> dict:
+    """A run's settings from its config.json, with the values it trained with for settings it predates."""
+    return {**SETTINGS_BEFORE_THEY_WERE_RECORDED, **config["settings"]}
 
 def model_from_config(config: dict) -> DualHeadModel:
     """An untrained model with the run's architecture (weights come from model.pt or a checkpoint)."""
-    settings, data = config["settings"], config["data"]
+    settings, data = run_settings(config), config["data"]
     try:
         return build_model(
             settings["arch"], tuple(data["input_shape"]), len(data["classes"]), settings["head"], settings["classifier"],
-            block_grid=settings.get("block_grid", UNRECORDED_BLOCK_GRID),
+            block_grid=settings["block_grid"],
         )
     except NcguardError as exc:
         raise ModelError(f"the run config describes a model that cannot be built: {exc}") from None

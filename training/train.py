@@ -35,7 +35,7 @@ import ncguard
 from ncguard.calibration import DEFAULT_TPR, check_open_unit, split_for_calibration
 from ncguard.data import Dataset, load_dataset, test_split_of
 from ncguard.errors import ConfigError, DataError, ModelError, NcguardError
-from ncguard.pooling import DEFAULT_BLOCK_GRID, UNRECORDED_BLOCK_GRID, check_block_grid
+from ncguard.pooling import DEFAULT_BLOCK_GRID, check_block_grid
 from ncguard.run_dir import CONFIG_FILE, RUN_FORMAT, RunFiles, read_config
 from ncguard.scores.defaults import default_score
 
@@ -45,7 +45,8 @@ from .files import atomic_write_json
 from .finish import REQUIRED_LAYERS, finish_run
 from .losses import LABEL_SMOOTHING, LOSSES, TrainingLoss
 from .model import CLASSIFIERS, HEADS, DualHeadModel, build_model, normalization_stats
-from .precision import UNRECORDED_PRECISION, resolve_precision
+from .precision import resolve_precision
+from .runs import run_settings
 from .trainer import Trainer, TrainSettings, distributed_context, parameter_fingerprint, seed_everything
 
 DEFAULT_ENTROPY_WEIGHT = 0.05
@@ -64,9 +65,6 @@ OPTIONAL_DEFAULT_LAYERS = ("block2", "block3")
 TARGET_STEPS = 5000
 MIN_EPOCHS, MAX_EPOCHS = 3, 30
 THREADS = 2
-# What a run written before a setting existed was trained with (its config.json lacks the key), so
-# --resume of such a run compares against the value it really used.
-SETTINGS_BEFORE_THEY_WERE_RECORDED = {"precision": UNRECORDED_PRECISION, "block_grid": UNRECORDED_BLOCK_GRID}
 
 
 def default_epochs(n_train: int, batch_size: int) -> int:
@@ -227,7 +225,7 @@ def _prepare_run_dir(options: TrainOptions, settings: dict, data: dict, files: R
         if not files.config.is_file():
             raise ConfigError(f"--resume: {files.root} has no {CONFIG_FILE}; it is not a run directory (drop --resume)")
         config = read_config(files.root)
-        recorded = {**SETTINGS_BEFORE_THEY_WERE_RECORDED, **config["settings"]}
+        recorded = run_settings(config)
         changed = {key: (recorded.get(key), value) for key, value in settings.items() if recorded.get(key) != value}
         if config["data"]["spec"] != data["spec"]:
             changed["data"] = (config["data"]["spec"], data["spec"])

@@ -41,9 +41,9 @@ SETTINGS = ("head", "arch", "entropy_weight", "classifier", "precision", "seed")
 def describe(run: Path) -> dict:
     """Settings, test accuracy and the folder of one run, from its own files (a setting a run predates
     is the value it trained with, as `load_run` assumes)."""
-    from training.train import SETTINGS_BEFORE_THEY_WERE_RECORDED
+    from training.runs import run_settings
 
-    settings = {**SETTINGS_BEFORE_THEY_WERE_RECORDED, **read_config(run)["settings"]}
+    settings = run_settings(read_config(run))
     metrics = json.loads((run / "metrics.json").read_text())
     return {"run": str(run), **{key: settings.get(key) for key in SETTINGS}, "test_accuracy": (metrics.get("test") or {}).get("accuracy")}
 

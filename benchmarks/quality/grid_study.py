@@ -195,9 +195,9 @@ def check_results(work: Path) -> dict[tuple[str, str], dict]:
 
 def check_model(work: Path) -> str:
     """How the check folder's model of our head was trained: precision and block grid, from its config."""
-    from training.train import SETTINGS_BEFORE_THEY_WERE_RECORDED
+    from training.runs import run_settings
 
-    settings = {**SETTINGS_BEFORE_THEY_WERE_RECORDED, **read_config(work / "runs" / "etf-s0")["settings"]}
+    settings = run_settings(read_config(work / "runs" / "etf-s0"))
     return f"{settings['precision']}, trained with --block-grid {settings['block_grid']}"
 
 
