@@ -62,6 +62,21 @@ def _batch_dim(model: onnx.ModelProto, *tensors: str, types: dict) -> onnx.Tenso
     return dim
 
 
+def _name_output(graph: onnx.GraphProto, builder: GraphBuilder, tensor: str, name: str) -> None:
+    """Make `tensor` available as the graph output `name`: renamed where the score's own nodes made it
+    (an Identity copy is one more node, a few microseconds per call at batch 1), else copied by an
+    Identity (a tensor of the original model keeps its name for whatever else reads it)."""
+    ours = [node for node in graph.node if node.name.startswith(builder.prefix + "/")]
+    if not any(tensor in node.output for node in ours):
+        graph.node.append(helper.make_node("Identity", [tensor], [name], name=builder.fresh("output")))
+        return
+    for node in ours:  # only the score's nodes can read a tensor the score's nodes made
+        for names in (node.input, node.output):
+            for i, value in enumerate(names):
+                if value == tensor:
+                    names[i] = name
+
+
 def append_ood_head(
     model: onnx.ModelProto,
     detector: Detector,
@@ -119,7 +134,7 @@ def append_ood_head(
     for tensor, name, width in ((score, output, None), (components, components_output, len(detector.component_names()))):
         if name is None:
             continue
-        graph.node.append(helper.make_node("Identity", [tensor], [name], name=builder.fresh("output")))
+        _name_output(graph, builder, tensor, name)
         value = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
         value.type.tensor_type.shape.dim.append(copy.deepcopy(batch))
         if width is not None:

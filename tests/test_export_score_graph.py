@@ -12,6 +12,7 @@ from export.score_graph import append_ood_head
 from ncguard.errors import ConfigError, ModelError
 from ncguard.ood_metrics import auroc
 from ncguard.scores import SCORES, make_detector, one_layer
+from ncguard.scores.graph import GraphBuilder
 from ncguard.stats import ClassStatistics
 
 N_CLASSES, WIDTH = 5, 24
@@ -95,6 +96,51 @@ def test_parity_check_catches_a_graph_built_from_other_statistics(name, setting)
     logits = (id_features.astype(np.float64) @ weight.T + bias).astype(np.float32)
     with pytest.raises(ModelError, match="parity check failed"):
         compare_scores(name, detector.score(features=id_features, logits=logits), run(wrong, features=id_features, logits=logits), width=WIDTH)
+
+
+@pytest.mark.parametrize("scale, offset", [(0.37, 1.5), (-2.0, -0.25)])
+@pytest.mark.parametrize("name", sorted(set(SCORES) - {"fused"}))
+def test_a_part_of_a_combination_is_scaled_shifted_and_a_column(name, scale, offset, setting):
+    """build_graph(scale, offset, column=True) is scale * score - offset as [N, 1]: how `fused` reads
+    its parts (Mahalanobis and low-rank DDU fold all three into their own nodes, the rest add them)."""
+    stats, weight, bias, id_features, ood_features = setting
+    detector = make_detector(name).fit(one_layer(stats, weight, bias))
+    model = scoring_graph(18)
+    builder = GraphBuilder(model.graph, 18)
+    column = detector.build_graph(builder, {"features": "features", "logits": "logits"}, scale=scale, offset=offset, column=True)
+    model.graph.output.append(helper.make_tensor_value_info(column, TensorProto.FLOAT, ["N", 1]))
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    for features in (id_features, ood_features):
+        logits = (features.astype(np.float64) @ weight.T + bias).astype(np.float32)
+        graph_scores = session.run([column], {k: v for k, v in {"features": features, "logits": logits}.items() if k in wanted})[0]
+        assert graph_scores.shape == (len(features), 1)
+        reference = scale * detector.score(features=features, logits=logits) - offset
+        result = compare_scores(name, reference, graph_scores[:, 0], width=WIDTH)
+        assert result.worst_ratio < 0.1, result.describe()
+
+
+def test_the_default_combinations_parts_fold_into_few_nodes(setting):
+    """At batch 1 each node costs a few microseconds whatever it computes (benchmarks/fused_cost.py), so the
+    default's parts keep the node counts they were written with: Mahalanobis 5, low-rank DDU 13, and a
+    part's standardization and column cost nothing extra (a regression guard, not a timing)."""
+    stats = setting[0]
+    for name, nodes in (("mahalanobis", 5), ("ddu-lowrank", 13)):
+        detector = make_detector(name).fit(one_layer(stats))
+        for options in ({}, {"scale": 0.5, "offset": 2.0, "column": True}):
+            model = scoring_graph(18)
+            detector.build_graph(GraphBuilder(model.graph, 18), {"features": "features"}, **options)
+            assert len(model.graph.node) == nodes, (name, options)
+
+
+def test_outputs_are_the_score_nodes_own_tensors(setting):
+    """No Identity copies the score into `ood_score` or its parts into `ood_components` (one node each)."""
+    stats, weight, bias = setting[:3]
+    for name in ("mahalanobis", "msp"):
+        model = append_ood_head(scoring_graph(18), make_detector(name).fit(one_layer(stats, weight, bias)), features="features", logits="logits")
+        assert not [node for node in model.graph.node if node.op_type == "Identity"]
+        assert {"ood_score", "ood_components"} <= {output for node in model.graph.node for output in node.output}
 
 
 def test_tolerance_is_relative_to_the_scores_spread():

@@ -280,21 +280,30 @@ class Detector:
         score = self.build_graph(builder, inputs)
         return score, builder.node("Unsqueeze", [score, builder.axes(1)], "ood_components")
 
-    def build_graph(self, builder, inputs: Mapping[str, str], scale: float = 1.0) -> str:
-        """Append `scale` * this score to `builder`'s graph (ncguard.scores.graph.GraphBuilder).
+    def build_graph(self, builder, inputs: Mapping[str, str], scale: float = 1.0, offset: float = 0.0, column: bool = False) -> str:
+        """Append `scale` * this score - `offset` to `builder`'s graph (ncguard.scores.graph.GraphBuilder).
 
         `inputs` maps each of `layers` to a float32 [N, width] tensor of the graph; returns the
-        name of the float32 [N] score tensor. `scale` lets a combination fold its weights in.
+        name of the float32 score tensor, [N], or [N, 1] with `column`. `scale`, `offset` and
+        `column` are what a combination needs of each part (`Fused` standardizes its parts and
+        concatenates them as columns): a score that can fold them into its own constants and
+        reductions does so (`_affine_graph`), because at batch 1 every node costs a few
+        microseconds whatever it computes.
         """
         self._require_fitted()
         missing = [layer for layer in self.layers if not inputs.get(layer)]
         if missing:
             raise ConfigError(f"the {self.name!r} score reads {', '.join(missing)}: name the tensor(s) that hold them")
         features = inputs[self._feature_layer()] if self.uses_features else None
-        return self._scaled_graph(builder, features, inputs.get(LOGITS) if self.uses_logits else None, scale)
+        logits = inputs.get(LOGITS) if self.uses_logits else None
+        return self._affine_graph(builder, features, logits, float(scale), float(offset), bool(column))
 
-    def _scaled_graph(self, builder, features: str | None, logits: str | None, scale: float) -> str:
-        return builder.scale(self._graph(builder, features, logits), scale, hint=f"{self.name}_scaled")
+    def _affine_graph(self, builder, features: str | None, logits: str | None, scale: float, offset: float, column: bool) -> str:
+        """scale * `_graph` - offset, as [N] or [N, 1]: one node for each of the three that is not trivial."""
+        score = builder.scale(self._graph(builder, features, logits), scale, hint=f"{self.name}_scaled")
+        if offset:
+            score = builder.node("Sub", [score, builder.constant(f"{self.name}_offset", offset)], f"{self.name}_shifted")
+        return builder.node("Unsqueeze", [score, builder.axes(1)], f"{self.name}_column") if column else score
 
     def _graph(self, builder, features: str | None, logits: str | None) -> str:
         raise NotImplementedError

@@ -87,34 +87,45 @@ class LowRankDDU(Detector):
         return -logsumexp(log_joint)
 
     def _graph(self, b, features, logits):
-        return self._scaled_graph(b, features, logits, 1.0)
+        return self._affine_graph(b, features, logits, 1.0, 0.0, False)
 
-    def _scaled_graph(self, b, features, logits, scale):
-        # scale * -logsumexp_c(log_joint_c), with nothing of size [C, N, D] formed, so the cost stays near one
-        # [N, D] x [D, r] product. Centred on the global mean first (v' = v - m, mu'_c = mu_c - m) so the
-        # expanded squares below add numbers of the data's spread, not of its offset. With k_c = 1 / (2 s_c):
-        #   log_joint_c = g_c - k_c ||v'||^2 + k_c ||p_c||^2 - ||sqrt(1/2) L_c^-1 p_c||^2,
-        #   g_c = log w_c - k_c (||mu'_c||^2 - 2 mu'_c.v')  (one Gemm for all classes, log w_c in its bias),
-        #   p_c = v' B - mu'_c B  ([N, r] minus [C, 1, r] broadcasts to [C, N, r]),
-        # and the final Neg and the combination's scale are one Mul. The residual is a difference of
-        # squares, like the NumPy formula's; in float32 its error is about 1e-7 x ||v'||^2 / s_c, far
-        # below the score's own spread (parity tests). Every node counts at batch 1 (a few microseconds
-        # each, whatever it computes), hence the folding.
+    def _affine_graph(self, b, features, logits, scale, offset, column):
+        # scale * -logsumexp_c(log_joint_c) - offset in 13 nodes, nothing of size [C, N, D] or [C, N, r]
+        # formed, so the cost stays near one [N, D] x [D, r] product. Centred on the mean of the class means
+        # first (v' = v - m, mu'_c = mu_c - m), so the expanded squares below add numbers of the data's spread,
+        # not of its offset. With p = v' B, k_c = 1 / (2 s_c) and rho_c = (I - B B^T) mu'_c (the part of a
+        # class mean outside the subspace), the residual ||v' - mu'_c||^2 - ||B^T (v' - mu'_c)||^2 is
+        # t - 2 v'.rho_c + ||rho_c||^2 with t = ||v'||^2 - ||p||^2 the same for every class, so
+        #   log_joint_c = lin_c - k_c t - ||sqrt(1/2) (p - mu'_c B) L_c^-T||^2,
+        #   lin_c = log w_c - k_c ||rho_c||^2 + 2 k_c rho_c . v'   (one Gemm for all classes),
+        # the whitening of every class is one Gemm ([N, r] x [r, C r], the class means in its bias) read as
+        # [N, C, r], and k_c t joins lin_c in a Gemm of rank one. The offset goes into lin_c's bias
+        # (-scale lse(x) - offset = -scale lse(x + offset / scale)) and the final Neg and the scale are one
+        # Mul. t is a difference of squares, like the NumPy formula's residual; in float32 its error is about
+        # 1e-7 x ||v'||^2 / s_c, far below the score's own spread (parity tests). Every node counts at batch 1
+        # (a few microseconds each, whatever it computes), hence the folding.
+        if scale == 0:
+            return super()._affine_graph(b, features, logits, scale, offset, column)
+        n_classes, rank = self.means_.shape[0], self.basis_.shape[1]
         centre = self.means_.mean(axis=0)
         means = self.means_ - centre
         k = 0.5 * self.residual_precisions_
+        projected_means = means @ self.basis_  # [C, r]
+        outside = means - projected_means @ self.basis_.T  # rho_c [C, D]
+        half_whitening_t = np.sqrt(0.5) * np.transpose(self.whitening_, (0, 2, 1))  # [C, r, r]
+        whitening = np.concatenate(list(half_whitening_t), axis=1)  # [r, C r]: class c in columns c r .. (c + 1) r - 1
+        whitened_means = np.einsum("cr,crs->cs", projected_means, half_whitening_t).reshape(-1)
+        lin_offsets = self.log_weights_ - k * (outside**2).sum(axis=1) + offset / scale
+
         centred = b.node("Sub", [features, b.constant("centre", centre[None, :])], "centred")
         projected = b.node("MatMul", [centred, b.constant("basis", self.basis_)], "projected")  # [N, r]
-        inside = b.node("Sub", [projected, b.constant("projected_means", (means @ self.basis_)[:, None, :])], "inside")  # [C, N, r]
-        half_whitening_t = np.sqrt(0.5) * np.transpose(self.whitening_, (0, 2, 1))
-        whitened = b.reduce("ReduceSumSquare", b.node("MatMul", [inside, b.constant("half_whitening_t", half_whitening_t)], "whitened"), 2, hint="whitened_sq")
-        if not k.any():  # rank = D: no residual term
-            log_joint = b.node("Sub", [b.constant("log_weights", self.log_weights_[:, None]), whitened], "log_joint")
-        else:
-            offsets = self.log_weights_ - k * (means**2).sum(axis=1)
-            weighted = b.node("Gemm", [b.constant("gemm_means", 2.0 * k[:, None] * means), centred, b.constant("gemm_offsets", offsets[:, None])], "weighted_cross", transB=1)  # [C, N]
-            norms = b.node("Mul", [b.constant("residual_k", k[:, None]), b.reduce("ReduceSumSquare", centred, 1, hint="norm_sq")], "scaled_norm_sq")  # [C, N]
-            inside_sq = b.node("Mul", [b.constant("residual_k_inside", k[:, None]), b.reduce("ReduceSumSquare", inside, 2, hint="inside_sq")], "scaled_inside_sq")
-            log_joint = b.node("Sub", [b.node("Add", [b.node("Sub", [weighted, norms], "minus_norm"), inside_sq], "plus_inside"), whitened], "log_joint")
-        log_density = b.reduce("ReduceLogSumExp", log_joint, 0, hint="log_density")
+        whitened = b.node("Gemm", [projected, b.constant("half_whitening", whitening), b.constant("whitened_means", -whitened_means)], "whitened")
+        by_class = b.node("Reshape", [whitened, b.constant("by_class_shape", [0, n_classes, rank], np.int64)], "whitened_by_class")
+        whitened_sq = b.reduce("ReduceSumSquare", by_class, 2, hint="whitened_sq")  # [N, C]
+        residual = b.node("Sub", [b.reduce("ReduceSumSquare", centred, 1, keepdims=True, hint="norm_sq"),
+                                  b.reduce("ReduceSumSquare", projected, 1, keepdims=True, hint="projected_sq")], "residual")  # t [N, 1]
+        lin = b.node("Gemm", [centred, b.constant("outside_t", (2.0 * k[:, None] * outside).T), b.constant("lin_offsets", lin_offsets)], "lin")
+        lin_minus_residual = b.node("Gemm", [residual, b.constant("minus_k", -k[None, :]), lin], "lin_minus_residual")  # [N, C]
+        log_joint = b.node("Sub", [lin_minus_residual, whitened_sq], "log_joint")
+        log_density = b.reduce("ReduceLogSumExp", log_joint, 1, keepdims=column, hint="log_density")
         return b.node("Mul", [log_density, b.constant("ddu_lowrank_scale", -float(scale))], "ddu_lowrank_scaled")

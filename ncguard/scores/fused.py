@@ -238,19 +238,20 @@ class Fused(Detector):
 
     # ------------------------------------------------------------------ ONNX
 
-    def build_graph(self, builder, inputs: Mapping[str, str], scale: float = 1.0) -> str:
-        """The combined score alone (see `build_component_graph`, which also gives the parts)."""
-        score, _ = self.build_component_graph(builder, inputs, scale)
-        return score
+    def build_graph(self, builder, inputs: Mapping[str, str], scale: float = 1.0, offset: float = 0.0, column: bool = False) -> str:
+        """scale * the combined score - offset, [N] or [N, 1] (see `build_component_graph`, which also gives the parts)."""
+        score, _ = self.build_component_graph(builder, inputs, scale, column=column)
+        return builder.node("Sub", [score, builder.constant("fused_offset", offset)], "fused_shifted") if offset else score
 
-    def build_component_graph(self, builder, inputs: Mapping[str, str], scale: float = 1.0) -> tuple[str, str]:
-        """Each component with its own builder, standardized as (s - mu) / sigma into one [N, K]
-        tensor, then combined: (score [N], components [N, K]).
+    def build_component_graph(self, builder, inputs: Mapping[str, str], scale: float = 1.0, column: bool = False) -> tuple[str, str]:
+        """Each component with its own builder, standardized as (s - mu) / sigma, as the columns of one
+        [N, K] tensor, then combined: (score [N] (or [N, 1] with `column`), components [N, K]).
 
-        The standardization costs no node per component: each component takes its 1 / sigma_l as
-        its graph's `scale` (Mahalanobis folds it into its precision), the K scaled scores are
-        stacked, and one Sub takes mu_l / sigma_l off all of them; "sum" and "max" are then one
-        reduction over the stack.
+        The standardization and the columns cost no node of their own: each component gets 1 / sigma_l
+        as its graph's `scale` and mu_l / sigma_l as its `offset`, and ends in a reduction that keeps
+        its axis (Mahalanobis and low-rank DDU fold all three into constants and reductions they have
+        anyway; see `Detector.build_graph`). One Concat stacks them and "sum" or "max" is one more
+        reduction.
         """
         self._require_fitted()
         missing = [layer for layer in self.layers if not inputs.get(layer)]
@@ -258,13 +259,12 @@ class Fused(Detector):
             raise ConfigError(f"the 'fused' score reads {', '.join(missing)}: name the tensor(s) that hold them")
         mu, sigma = np.asarray(self.mu_, dtype=np.float64), np.asarray(self.sigma_, dtype=np.float64)
         parts = [
-            builder.node("Unsqueeze", [detector.build_graph(builder, inputs, scale=scale / float(s)), builder.axes(1)], f"{layer}_{score}_scaled")
-            for (layer, score), detector, s in zip(self.components_, self.detectors_, sigma)
+            detector.build_graph(builder, inputs, scale=scale / float(s), offset=scale * float(m) / float(s), column=True)
+            for detector, m, s in zip(self.detectors_, mu, sigma)
         ]
-        stacked = builder.node("Concat", parts, "components_scaled", axis=1) if len(parts) > 1 else parts[0]
-        components = builder.node("Sub", [stacked, builder.constant("components_offset", scale * mu / sigma)], "ood_components")
+        components = builder.node("Concat", parts, "ood_components", axis=1) if len(parts) > 1 else parts[0]
         reduce = "ReduceSum" if self.combine == "sum" else "ReduceMax"
-        return builder.reduce(reduce, components, 1, hint="fused"), components
+        return builder.reduce(reduce, components, 1, keepdims=column, hint="fused"), components
 
     def params(self) -> dict[str, np.ndarray]:
         """The numeric learned arrays (mu_, sigma_); the components' own live in `detectors_`."""

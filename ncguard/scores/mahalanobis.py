@@ -83,23 +83,31 @@ class Mahalanobis(Detector):
         return np.maximum(best, 0.0)  # the precision is PSD; clip round-off below zero
 
     def _graph(self, b, features, logits):
-        return self._scaled_graph(b, features, logits, 1.0)
+        return self._affine_graph(b, features, logits, 1.0, 0.0, False)
 
-    def _scaled_graph(self, b, features, logits, scale):
-        """scale * min_c (v - mu_c)^T P (v - mu_c) = min_c ||v F - mu_c F||^2 with scale P = F F^T (P is PSD).
+    def _affine_graph(self, b, features, logits, scale, offset, column):
+        """scale * min_c (v - mu_c)^T P (v - mu_c) - offset in five nodes, nothing of size [N, C, D] formed.
 
-        One [D, r] product per input instead of C [D, D] ones, F from the eigendecomposition of the
-        scaled precision: a positive scale (a combination's 1 / sigma) is folded in and costs no node.
+        With scale P = F F^T (P is PSD; a positive scale, a combination's 1 / sigma, is folded into F),
+        y = (v - m) F centred on the mean m of the class means (one Gemm, m F its bias) and
+        a_c = (mu_c - m) F:
+            min_c ||y - a_c||^2 = ||y||^2 + min_c (||a_c||^2 - 2 y . a_c),
+        the bracket one Gemm for all classes with the offset in its bias. Centring keeps the expanded
+        squares at the size of the data's spread, not of its offset, so float32 cancellation stays
+        far below the score's own spread (parity tests). The reference clips round-off below zero; here
+        it is left, a few float32 ulps of the largest squares.
         """
         if not scale > 0:
-            return b.scale(self._graph(b, features, logits), scale, hint="mahalanobis_scaled")
+            return super()._affine_graph(b, features, logits, scale, offset, column)
         values, vectors = np.linalg.eigh(self.precision_ * scale)
         keep = values > values.max(initial=0.0) * values.size * np.finfo(np.float64).eps
         factor = vectors[:, keep] * np.sqrt(values[keep])
         if factor.shape[1] == 0:  # a zero precision: every distance is 0, as in the reference
             factor = np.zeros((values.size, 1))
-        projected = b.node("MatMul", [features, b.constant("precision_factor", factor)], "whitened")
-        means = b.constant("whitened_means", (self.means_ @ factor)[None])  # [1, C, r]
-        diff = b.node("Sub", [b.node("Unsqueeze", [projected, b.axes(1)]), means], "diff")  # [N, C, r]
-        distances = b.reduce("ReduceSumSquare", diff, 2, hint="distances")
-        return b.reduce("ReduceMin", distances, 1, hint="mahalanobis")
+        centre = self.means_.mean(axis=0)
+        whitened_means = (self.means_ - centre) @ factor  # [C, r]
+        y = b.node("Gemm", [features, b.constant("precision_factor", factor), b.constant("whitened_centre", -(centre @ factor))], "whitened")
+        cross = b.node("Gemm", [y, b.constant("whitened_means_t", -2.0 * whitened_means.T),
+                                b.constant("whitened_means_sq", (whitened_means**2).sum(axis=1) - offset)], "cross")  # [N, C]
+        nearest = b.reduce("ReduceMin", cross, 1, keepdims=column, hint="nearest")
+        return b.node("Add", [b.reduce("ReduceSumSquare", y, 1, keepdims=column, hint="whitened_sq"), nearest], "mahalanobis")
