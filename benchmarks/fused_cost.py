@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "serving"))
 
 from benchmarks.quality.plan import LAYERS  # noqa: E402  (the layers of a benchmark run)
 from export.run import export_run  # noqa: E402
-from local_paths import ood_node_share  # noqa: E402
+from local_paths import ood_node_share, ood_wall_cost  # noqa: E402
 from ncguard.atomic import atomic_write  # noqa: E402
 from ncguard.model_file import load_model  # noqa: E402
 from ncguard.run_dir import read_config  # noqa: E402
@@ -37,6 +37,7 @@ from training.runs import run_settings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BATCHES = [1, 64]
+WALL_BUDGET_S = 20.0  # per batch size and variant, for the paired wall-clock calls
 
 
 def components_text(components) -> str:
@@ -76,12 +77,14 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(folder) / "model.onnx"
             export_run(run, str(path), score="fused", components=components, provider="cpu")
             shares = ood_node_share(path, BATCHES, calls=args.calls)
+            wall = ood_wall_cost(path, BATCHES, calls=args.calls, budget_s=WALL_BUDGET_S)
             rows[row] = {
                 "components": load_model(path).metadata.ood_components,
                 **{batch: {"ood_share": s["ood_share"], "ood_adds": s["ood_adds"], "ood_us": s["ood_us"], "rest_us": s["rest_us"],
-                           "ood_nodes": len(s["ood_nodes"])} for batch, s in shares.items()},
+                           "ood_nodes": len(s["ood_nodes"]), "wall_adds": wall[int(batch)]} for batch, s in shares.items()},
             }
-            print(f"[fused-cost] {row}: " + ", ".join(f"batch {b}: +{rows[row][b]['ood_adds']:.1%}" for b in shares), flush=True)
+            print(f"[fused-cost] {row}: " + ", ".join(f"batch {b}: +{rows[row][b]['ood_adds']:.1%} (wall clock {rows[row][b]['wall_adds']:+.1%})"
+                                                     for b in shares), flush=True)
 
     payload = {"machine": f"{platform.machine()}, Python {platform.python_version()}", "runs": [str(run) for run in args.run],
                "calls": args.calls, "goal": {"1": 0.15, "64": 0.05}, "rows": rows}
@@ -93,11 +96,15 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.calls} calls per cell). Time of the OOD-only nodes relative to the rest of the graph (the network, "
              "its softmax and feature outputs), from the same calls; in brackets the OOD part's and the rest's kernel microseconds "
              "per call (profiler clock: each node also carries the profiler's own few microseconds). Goal (issue 16): at most "
-             "+15% at batch 1 and +5% at batch 64.", "",
-             "| components | OOD nodes | batch 1 | batch 64 |", "| --- | ---: | ---: | ---: |"]
+             "+15% at batch 1 and +5% at batch 64, judged by the profiler. Beside it, by wall clock: the median over "
+             f"paired calls (at most {args.calls}, alternating) of the exported graph's time over the same graph without the OOD "
+             "part, minus 1 (what a caller waits for; no per-node profiler overhead).", "",
+             "| components | OOD nodes | batch 1 | batch 64 | batch 1, wall clock | batch 64, wall clock |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for row, r in rows.items():
         cells = [f"+{r[b]['ood_adds']:.1%} ({r[b]['ood_us']:.0f} of {r[b]['rest_us']:.0f} us)"
                  + (" (goal met)" if r[b]["ood_adds"] <= payload["goal"][b] else "") for b in ("1", "64")]
+        cells += [f"{r[b]['wall_adds']:+.1%}" for b in ("1", "64")]
         lines.append(f"| {row}: {', '.join(r['components'])} | {r['1']['ood_nodes']} | " + " | ".join(cells) + " |")
     atomic_write(out / "fused_cost.md", "\n".join(lines) + "\n")
     print(f"[fused-cost] written to {out / 'fused_cost.md'}")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from benchmarks.serving.local_paths import _ood_only_nodes, ood_node_share
+from benchmarks.serving.local_paths import _ood_only_nodes, ood_node_share, ood_wall_cost
 
 
 def _graph() -> onnx.GraphProto:
@@ -35,3 +36,9 @@ def test_the_scores_nodes_of_the_graph_onnx_runtime_runs_are_attributed(digits_m
     assert 0.0 < share["ood_share"] < 1.0
     assert share["ood_us"] > 0 and share["rest_us"] > 0
     assert abs(share["ood_us"] / share["rest_us"] - share["ood_adds"]) < 0.01
+
+
+def test_the_wall_clock_cost_pairs_the_graph_with_and_without_the_score(digits_model_path):
+    costs = ood_wall_cost(digits_model_path, [1, 4], calls=20, budget_s=5.0)
+    assert set(costs) == {1, 4}
+    assert all(np.isfinite(cost) and cost > -1.0 for cost in costs.values())

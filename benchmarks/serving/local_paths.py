@@ -63,6 +63,42 @@ def stripped_graph(serialized: bytes) -> bytes:
     return cut.SerializeToString()
 
 
+def paired_latencies(runs, *, calls: int, budget_s: float) -> tuple[list[float], list[float]]:
+    """Per-call seconds of two callables, run back to back in alternation (the order swapping every
+    time, after 10 warm-up calls each), so load from other processes falls on both alike; at most
+    `calls` pairs, stopping after `budget_s` seconds."""
+    for run in runs:  # warm-up: first calls allocate
+        for _ in range(10):
+            run()
+    samples: tuple[list[float], list[float]] = ([], [])
+    deadline = time.perf_counter() + budget_s
+    for i in range(calls):
+        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            runs[k]()
+            samples[k].append(time.perf_counter() - t0)
+        if time.perf_counter() > deadline:
+            break
+    return samples
+
+
+def ood_wall_cost(model: Path, batches: list[int], *, calls: int, budget_s: float) -> dict[int, float]:
+    """Per batch: the wall-clock cost of the OOD part, the median over paired calls of the exported
+    graph's time over the same graph without it (`stripped_graph`), minus 1. What a caller waits for,
+    where `ood_node_share`'s profiler also charges every node its own few microseconds."""
+    serialized = load_model(model).serialized
+    full, cut = open_session(serialized, provider="cpu"), open_session(stripped_graph(serialized), provider="cpu")
+    shape = tuple(load_model(model).metadata.input_shape)
+    rng = np.random.default_rng(0)
+    costs = {}
+    for batch in batches:
+        x = rng.uniform(0, 1, size=(batch, *shape)).astype(np.float32)
+        with_ood, without = paired_latencies((lambda: full.run(list(OUTPUT_NAMES), {INPUT_NAME: x}),
+                                              lambda: cut.run(list(WITHOUT_OOD), {INPUT_NAME: x})), calls=calls, budget_s=budget_s)
+        costs[batch] = float(np.median(np.asarray(with_ood) / np.asarray(without))) - 1.0
+    return costs
+
+
 def bench_graphs(model: Path, batches: list[int], *, calls: int, budget_s: float, threads: int = 8) -> dict:
     """Raw session (all outputs) and the stripped graph, call by call in alternation, per batch size.
 
@@ -88,18 +124,7 @@ def bench_graphs(model: Path, batches: list[int], *, calls: int, budget_s: float
     for batch in batches:
         x = rng.uniform(0, 1, size=(batch, *shape)).astype(np.float32)
         runs = (lambda: full.run(list(OUTPUT_NAMES), {INPUT_NAME: x}), lambda: cut.run(list(WITHOUT_OOD), {INPUT_NAME: x}))
-        for run in runs:  # warm-up: first calls allocate
-            for _ in range(10):
-                run()
-        samples: tuple[list[float], list[float]] = ([], [])
-        deadline = time.perf_counter() + budget_s
-        for i in range(calls):
-            for k in ((0, 1) if i % 2 == 0 else (1, 0)):
-                t0 = time.perf_counter()
-                runs[k]()
-                samples[k].append(time.perf_counter() - t0)
-            if time.perf_counter() > deadline:
-                break
+        samples = paired_latencies(runs, calls=calls, budget_s=budget_s)
         for name, latencies in zip(("raw_onnxruntime", "graph_without_ood"), samples):
             result[name][str(batch)] = summarize(latencies, batch, float(np.sum(latencies)))
         result["paired_median_ratio"][str(batch)] = round(float(np.median(np.asarray(samples[0]) / np.asarray(samples[1]))), 4)
