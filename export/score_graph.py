@@ -62,11 +62,12 @@ def _batch_dim(model: onnx.ModelProto, *tensors: str, types: dict) -> onnx.Tenso
     return dim
 
 
-def _name_output(graph: onnx.GraphProto, builder: GraphBuilder, tensor: str, name: str) -> None:
-    """Make `tensor` available as the graph output `name`: renamed where the score's own nodes made it
-    (an Identity copy is one more node, a few microseconds per call at batch 1), else copied by an
-    Identity (a tensor of the original model keeps its name for whatever else reads it)."""
-    ours = [node for node in graph.node if node.name.startswith(builder.prefix + "/")]
+def _name_output(graph: onnx.GraphProto, builder: GraphBuilder, first_ours: int, tensor: str, name: str) -> None:
+    """Make `tensor` available as the graph output `name`: renamed where the score's own nodes (those
+    from index `first_ours` on) made it, since an Identity copy is one more node, a few microseconds per
+    call at batch 1; else copied by an Identity (a tensor of the original model keeps its name for
+    whatever else reads it)."""
+    ours = graph.node[first_ours:]
     if not any(tensor in node.output for node in ours):
         graph.node.append(helper.make_node("Identity", [tensor], [name], name=builder.fresh("output")))
         return
@@ -120,6 +121,7 @@ def append_ood_head(
             raise ModelError(f"the model already has a tensor named {name!r}; choose another output name")
     types = _tensor_types(model)
     builder = GraphBuilder(graph, opset)
+    first_ours = len(graph.node)
     matrices = {}
     for layer in detector.layers:
         what = "logits" if layer == LOGITS else "features"
@@ -134,7 +136,7 @@ def append_ood_head(
     for tensor, name, width in ((score, output, None), (components, components_output, len(detector.component_names()))):
         if name is None:
             continue
-        _name_output(graph, builder, tensor, name)
+        _name_output(graph, builder, first_ours, tensor, name)
         value = helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
         value.type.tensor_type.shape.dim.append(copy.deepcopy(batch))
         if width is not None:
