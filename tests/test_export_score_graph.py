@@ -121,6 +121,25 @@ def test_a_part_of_a_combination_is_scaled_shifted_and_a_column(name, scale, off
         assert result.worst_ratio < 0.1, result.describe()
 
 
+@pytest.mark.parametrize("options", [{}, {"scale": 0.37, "offset": 1.5, "column": True}])
+def test_lowrank_ddu_below_full_rank_matches_its_reference(options, setting):
+    """The residual term (rank < width: isotropic variance outside the shared subspace) in the graph;
+    at the default rank 64 the fixtures' 24-wide features are full rank and have no residual."""
+    stats, weight, bias, id_features, ood_features = setting
+    detector = make_detector("ddu-lowrank", rank=4).fit(one_layer(stats))
+    assert detector.residual_precisions_.min() > 0
+    model = scoring_graph(18)
+    tensor = detector.build_graph(GraphBuilder(model.graph, 18), {"features": "features"}, **options)
+    model.graph.output.append(helper.make_tensor_value_info(tensor, TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for features in (id_features, ood_features):
+        logits = np.zeros((len(features), N_CLASSES), np.float32)  # an input of the graph, unread by this score
+        graph_scores = session.run([tensor], {"features": features, "logits": logits})[0].reshape(-1)
+        reference = options.get("scale", 1.0) * detector.score(features=features) - options.get("offset", 0.0)
+        result = compare_scores("ddu-lowrank", reference, graph_scores, width=WIDTH)
+        assert result.worst_ratio < 0.1, result.describe()
+
+
 def test_the_default_combinations_parts_fold_into_few_nodes(setting):
     """At batch 1 each node costs a few microseconds whatever it computes (benchmarks/fused_cost.py), so the
     default's parts keep the node counts they were written with: Mahalanobis 5, low-rank DDU 13, and a
