@@ -8,7 +8,9 @@ and 1, the default with KNN beside its DDU, and the detection-layer scores alone
 gives the OOD-only nodes' share of the kernel time of the same calls
 (benchmarks/serving/local_paths.ood_node_share, the measure benchmarks/serving uses): a ratio within
 one session's calls, so load between variants does not bias it. Run it on a quiet machine anyway:
-small kernels suffer more from preemption than large ones, which inflates the batch-1 share.
+small kernels suffer more from preemption than large ones, which inflates the batch-1 share. Beside
+it, the wall-clock cost (local_paths.ood_wall_cost: the graph against the same graph without the OOD
+part, call by call), which does not charge every node the profiler's own few microseconds.
 Writes benchmarks/results/fused_cost.json and .md (atomically). Not a test.
 """
 

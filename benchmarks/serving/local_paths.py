@@ -86,9 +86,9 @@ def ood_wall_cost(model: Path, batches: list[int], *, calls: int, budget_s: floa
     """Per batch: the wall-clock cost of the OOD part, the median over paired calls of the exported
     graph's time over the same graph without it (`stripped_graph`), minus 1. What a caller waits for,
     where `ood_node_share`'s profiler also charges every node its own few microseconds."""
-    serialized = load_model(model).serialized
-    full, cut = open_session(serialized, provider="cpu"), open_session(stripped_graph(serialized), provider="cpu")
-    shape = tuple(load_model(model).metadata.input_shape)
+    loaded = load_model(model)
+    full, cut = open_session(loaded.serialized, provider="cpu"), open_session(stripped_graph(loaded.serialized), provider="cpu")
+    shape = tuple(loaded.metadata.input_shape)
     rng = np.random.default_rng(0)
     costs = {}
     for batch in batches:
