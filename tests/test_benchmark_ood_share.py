@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper
 
 from benchmarks.serving.local_paths import _ood_only_nodes, ood_node_share, ood_wall_cost
@@ -42,3 +45,22 @@ def test_the_wall_clock_cost_pairs_the_graph_with_and_without_the_score(digits_m
     costs = ood_wall_cost(digits_model_path, [1, 4], calls=20, budget_s=5.0)
     assert set(costs) == {1, 4}
     assert all(np.isfinite(cost) and cost > -1.0 for cost in costs.values())
+
+
+def test_graph_ab_reports_every_model_profiled_alternately(digits_model_path, tmp_path):
+    from benchmarks.graph_ab import main
+
+    assert main(["--model", f"one={digits_model_path}", "--model", f"two={digits_model_path}", "--rounds", "2", "--calls", "3",
+                 "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "graph_ab.md").read_text()
+    assert "| one |" in report and "| two |" in report
+    payload = json.loads((tmp_path / "graph_ab.json").read_text())
+    assert len(payload["models"]["one"]["1"]["rounds"]) == 2
+
+
+def test_graph_ab_names_a_bad_model_argument(tmp_path, capsys):
+    from benchmarks.graph_ab import main
+
+    with pytest.raises(SystemExit):
+        main(["--model", "no-label.onnx", "--out", str(tmp_path)])
+    assert "LABEL=FILE.onnx" in capsys.readouterr().err
