@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "serving"))
 
 from benchmarks.quality.plan import LAYERS  # noqa: E402  (the layers of a benchmark run)
 from export.run import export_run  # noqa: E402
-from local_paths import ood_node_share, ood_wall_cost  # noqa: E402
+from local_paths import ood_cost  # noqa: E402
 from ncguard.atomic import atomic_write  # noqa: E402
 from ncguard.model_file import load_model  # noqa: E402
 from ncguard.run_dir import read_config  # noqa: E402
@@ -39,7 +39,6 @@ from training.runs import run_settings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BATCHES = [1, 64]
-WALL_BUDGET_S = 20.0  # per batch size and variant, for the paired wall-clock calls
 
 
 def components_text(components) -> str:
@@ -78,15 +77,14 @@ def main(argv: list[str] | None = None) -> int:
             row = label + variant
             path = Path(folder) / "model.onnx"
             export_run(run, str(path), score="fused", components=components, provider="cpu")
-            shares = ood_node_share(path, BATCHES, calls=args.calls)
-            wall = ood_wall_cost(path, BATCHES, calls=args.calls, budget_s=WALL_BUDGET_S)
+            costs = ood_cost(path, BATCHES, calls=args.calls)
             rows[row] = {
                 "components": load_model(path).metadata.ood_components,
                 **{batch: {"ood_share": s["ood_share"], "ood_adds": s["ood_adds"], "ood_us": s["ood_us"], "rest_us": s["rest_us"],
-                           "ood_nodes": len(s["ood_nodes"]), "wall_adds": wall[int(batch)]} for batch, s in shares.items()},
+                           "ood_nodes": len(s["ood_nodes"]), "wall_adds": s["wall_adds"]} for batch, s in costs.items()},
             }
             print(f"[fused-cost] {row}: " + ", ".join(f"batch {b}: +{rows[row][b]['ood_adds']:.1%} (wall clock {rows[row][b]['wall_adds']:+.1%})"
-                                                     for b in shares), flush=True)
+                                                     for b in costs), flush=True)
 
     payload = {"machine": f"{platform.machine()}, Python {platform.python_version()}", "runs": [str(run) for run in args.run],
                "calls": args.calls, "goal": {"1": 0.15, "64": 0.05}, "rows": rows}

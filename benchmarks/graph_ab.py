@@ -5,9 +5,8 @@
 `fused_cost.py` exports one run per set of components with today's code; a change to how a score is
 *written* as a graph needs the same model exported by two versions of the code instead (e.g.
 `ncguard export RUN --out before.onnx` in a worktree of the old commit, and again at the new one).
-Each round profiles every model in turn (benchmarks/serving/local_paths.ood_node_share, the
-profiler's share, and ood_wall_cost, the wall-clock share), so load drifting during the session falls
-on all of them; the medians over rounds are reported. Writes graph_ab.json and .md (atomically) to
+Each round measures every model in turn (benchmarks/serving/local_paths.ood_cost: the profiler's
+share and the wall-clock share), so load drifting during the session falls on all of them; the medians over rounds are reported. Writes graph_ab.json and .md (atomically) to
 --out. Not a test.
 """
 
@@ -24,13 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks" / "serving"))
 
-from local_paths import ood_node_share, ood_wall_cost  # noqa: E402
+from local_paths import ood_cost  # noqa: E402
 from ncguard.atomic import atomic_write  # noqa: E402
 from ncguard.errors import ConfigError  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BATCHES = [1, 64]
-WALL_BUDGET_S = 20.0  # per batch size, model and round
 
 
 def labelled(text: str) -> tuple[str, Path]:
@@ -49,12 +47,11 @@ def measure(models: list[tuple[str, Path]], rounds: int, calls: int) -> dict[str
     nodes = {}
     for round_index in range(rounds):
         for label, path in models:
-            shares = ood_node_share(path, BATCHES, calls=calls)
-            wall = ood_wall_cost(path, BATCHES, calls=calls, budget_s=WALL_BUDGET_S)
+            costs = ood_cost(path, BATCHES, calls=calls)
             for batch in BATCHES:
-                share = shares[str(batch)]
-                samples[label][batch].append((share["ood_adds"], share["ood_us"], share["rest_us"], wall[batch]))
-                nodes[label] = len(share["ood_nodes"])
+                cost = costs[str(batch)]
+                samples[label][batch].append((cost["ood_adds"], cost["ood_us"], cost["rest_us"], cost["wall_adds"]))
+                nodes[label] = len(cost["ood_nodes"])
             print(f"[graph-ab] round {round_index + 1}/{rounds} {label}: "
                   + ", ".join(f"batch {b}: +{samples[label][b][-1][0]:.1%} (wall clock {samples[label][b][-1][3]:+.1%})" for b in BATCHES), flush=True)
     out = {}

@@ -82,6 +82,11 @@ def paired_latencies(runs, *, calls: int, budget_s: float) -> tuple[list[float],
     return samples
 
 
+def median_ratio(samples: tuple[list[float], list[float]]) -> float:
+    """The median over pairs of the first callable's time over the second's (`paired_latencies`' samples)."""
+    return float(np.median(np.asarray(samples[0]) / np.asarray(samples[1])))
+
+
 def ood_wall_cost(model: Path, batches: list[int], *, calls: int, budget_s: float) -> dict[int, float]:
     """Per batch: the wall-clock cost of the OOD part, the median over paired calls of the exported
     graph's time over the same graph without it (`stripped_graph`), minus 1. What a caller waits for,
@@ -95,8 +100,19 @@ def ood_wall_cost(model: Path, batches: list[int], *, calls: int, budget_s: floa
         x = rng.uniform(0, 1, size=(batch, *shape)).astype(np.float32)
         with_ood, without = paired_latencies((lambda: full.run(list(OUTPUT_NAMES), {INPUT_NAME: x}),
                                               lambda: cut.run(list(WITHOUT_OOD), {INPUT_NAME: x})), calls=calls, budget_s=budget_s)
-        costs[batch] = float(np.median(np.asarray(with_ood) / np.asarray(without))) - 1.0
+        costs[batch] = median_ratio((with_ood, without)) - 1.0
     return costs
+
+
+WALL_BUDGET_S = 20.0  # per batch size, for `ood_cost`'s paired wall-clock calls
+
+
+def ood_cost(model: Path, batches: list[int], *, calls: int, wall_budget_s: float = WALL_BUDGET_S) -> dict[str, dict]:
+    """Per batch (keyed as a string): `ood_node_share`'s profiler figures plus "wall_adds", `ood_wall_cost`'s
+    wall-clock share; the two measures every OOD-cost benchmark reports side by side."""
+    shares = ood_node_share(model, batches, calls=calls)
+    wall = ood_wall_cost(model, batches, calls=calls, budget_s=wall_budget_s)
+    return {str(batch): {**shares[str(batch)], "wall_adds": wall[batch]} for batch in batches}
 
 
 def bench_graphs(model: Path, batches: list[int], *, calls: int, budget_s: float, threads: int = 8) -> dict:
@@ -108,11 +124,12 @@ def bench_graphs(model: Path, batches: list[int], *, calls: int, budget_s: float
     """
     import onnx
 
-    serialized = load_model(model).serialized
+    loaded = load_model(model)
+    serialized = loaded.serialized
     full = open_session(serialized, provider="cpu")
     stripped_bytes = stripped_graph(serialized)
     cut = open_session(stripped_bytes, provider="cpu")
-    shape = tuple(load_model(model).metadata.input_shape)
+    shape = tuple(loaded.metadata.input_shape)
     rng = np.random.default_rng(0)
     result = {
         "raw_onnxruntime": {},
@@ -127,7 +144,7 @@ def bench_graphs(model: Path, batches: list[int], *, calls: int, budget_s: float
         samples = paired_latencies(runs, calls=calls, budget_s=budget_s)
         for name, latencies in zip(("raw_onnxruntime", "graph_without_ood"), samples):
             result[name][str(batch)] = summarize(latencies, batch, float(np.sum(latencies)))
-        result["paired_median_ratio"][str(batch)] = round(float(np.median(np.asarray(samples[0]) / np.asarray(samples[1]))), 4)
+        result["paired_median_ratio"][str(batch)] = round(median_ratio(samples), 4)
         result[f"raw_onnxruntime_{threads}_threads"][str(batch)] = _threaded(runs[0], batch, threads=threads, calls=calls, budget_s=budget_s / 2)
     return result
 
