@@ -149,24 +149,25 @@ def standardized_sums(spec: ModelSpec, work: Path, sets: list[str], split_held_o
             for block in BLOCK_PARTS for part in SEMANTIC_PARTS}
 
 
-def proxy_objectives(work: Path) -> dict[tuple[str, str], list[float]]:
+def proxy_objectives(work: Path, sums=standardized_sums) -> dict[tuple[str, str], list[float]]:
+    """{row key: objective per proxy}; `sums` is a study's `standardized_sums` (this one's by default)."""
     out: dict[tuple[str, str], list[float]] = {}
     for split in NEAR_SPLITS:
         for proxy in range(len(PROXY_HELD_OUT[split])):
-            for key, z in standardized_sums(proxy_spec(split, proxy), work, ["id", PROXY_OOD], split_held_out=True).items():
+            for key, z in sums(proxy_spec(split, proxy), work, ["id", PROXY_OOD], split_held_out=True).items():
                 report = ood_report(z["id"], z[PROXY_OOD])
                 out.setdefault(key, []).append(objective(report["auroc"], report["fpr95"]))
     return out
 
 
-def near_results(work: Path, near: dict) -> dict[tuple[str, str], dict]:
+def near_results(work: Path, near: dict, sums=standardized_sums) -> dict[tuple[str, str], dict]:
     out: dict[tuple[str, str], dict] = {}
     for split, summary in near["splits"].items():
         far = summary["far_sets"]
         per_seed: dict[tuple[str, str], dict[str, list]] = {}
         for seed in (0, 1):
             spec = ModelSpec(f"near-{split}-etf-s{seed}", "etf", seed, task="near", split=split)
-            for key, z in standardized_sums(spec, work, ["id", HELD_OUT, *far]).items():
+            for key, z in sums(spec, work, ["id", HELD_OUT, *far]).items():
                 for name in [HELD_OUT, *far]:
                     report = ood_report(z["id"], z[name])
                     per_seed.setdefault(key, {}).setdefault(name, []).append((report["auroc"], report["fpr95"]))
@@ -180,13 +181,13 @@ def near_results(work: Path, near: dict) -> dict[tuple[str, str], dict]:
     return out
 
 
-def check_results(work: Path) -> dict[tuple[str, str], dict]:
+def check_results(work: Path, sums=standardized_sums) -> dict[tuple[str, str], dict]:
     """Far sets of the 10-class model of a `--size check` work folder, against its own plain model's oracle."""
     plain = json.loads((work / "results" / "plain-s0.json").read_text())
     sets = [name for name in plain["metrics"]["msp"] if name != "id"]
     best = oracle(row_table([plain], "auroc"), row_table([plain], "fpr95"), sets)
     out = {}
-    for key, z in standardized_sums(ModelSpec("etf-s0", "etf", 0), work, ["id", *sets]).items():
+    for key, z in sums(ModelSpec("etf-s0", "etf", 0), work, ["id", *sets]).items():
         reports = {name: ood_report(z["id"], z[name]) for name in sets}
         out[key] = {"sets": {name: [r["auroc"], r["fpr95"]] for name, r in reports.items()},
                     "far_lost": [name for name, r in reports.items() if not beats(r["auroc"], r["fpr95"], best[name])], "far_sets": len(sets)}
