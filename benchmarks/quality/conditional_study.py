@@ -18,7 +18,8 @@ What it does, with the trained models and feature caches of `python -m benchmark
 and `--size check` (nothing is trained): block3's whole-map statistics of every set come from
 grid_study's cache (WORK/grid-study/: the same inputs and pooling, computed there if missing); the head
 features of the fit split from one pass of the model (cached in WORK/conditional-study/). Each block
-part (BLOCK_PARTS) is fitted on the fit split, standardized on held-out ID data and summed with the
+part (BLOCK_PARTS: the whole-map statistics, or those and each channel's means on grid_study's 2x2
+grid, conditioned on nothing or on head layers) is fitted on the fit split, standardized on held-out ID data and summed with the
 default's semantic part, then judged as grid_study judges: the ID-only proxy objective, the near
 splits' unseen classes against the plain model's per-split oracle, and the far sets against the plain
 model's per-set oracle. Writes benchmarks/results/near/conditional_study.md and .json. Not a test.
@@ -44,12 +45,16 @@ from .plan import ModelSpec
 
 RESULTS = grid_study.RESULTS
 BLOCK = "block3"
-# block part -> the head layers its statistics are conditioned on (none: today's block component)
+# block part -> (whether it also reads each channel's means on grid_study's 2x2 grid, the head layers it is
+# conditioned on); "block3" is today's block component, "block3+grid" what `ncguard train --block-grid 2` scores
 BLOCK_PARTS = {
-    "block3": (),
-    "block3 given detection": ("detection",),
-    "block3 given transfer": ("transfer",),
-    "block3 given detection, transfer": ("detection", "transfer"),
+    "block3": (False, ()),
+    "block3 given detection": (False, ("detection",)),
+    "block3 given transfer": (False, ("transfer",)),
+    "block3 given detection, transfer": (False, ("detection", "transfer")),
+    "block3+grid": (True, ()),
+    "block3+grid given transfer": (True, ("transfer",)),
+    "block3+grid given detection, transfer": (True, ("detection", "transfer")),
 }
 SEMANTIC = (("detection", "ddu-lowrank"),)  # the default's semantic part
 # Ridge on the regression's normal equations: tens of thousands of fit rows make them well posed; this
@@ -101,17 +106,21 @@ def standardized_sums(spec: ModelSpec, work: Path, sets: list[str], split_held_o
     cached = read_feature_cache(work / "features" / f"{spec.name}.npz")
     grid = grid_study.grid_features(spec, run_dir, work / "grid-study" / f"{spec.name}.npz")
     whole_map = slice(grid["fit"].shape[1] // (grid_study.GRID**2 + 2) * grid_study.GRID**2, None)  # [mean, std] after the grid means
+    columns = {False: whole_map, True: slice(None)}  # whatever --block-grid the run itself had
     for name, values in grid.items():
         if name not in ("fit", "fit_y"):
-            cached.setdefault(name, {})[BLOCK] = values[:, whole_map]  # whatever --block-grid the run had
-    fit = {BLOCK: grid["fit"][:, whole_map], **head_features(run_dir, work / "conditional-study" / f"{spec.name}.npz")}
+            cached.setdefault(name, {}).update({(BLOCK, gridded): values[:, cut] for gridded, cut in columns.items()})
+    head = head_features(run_dir, work / "conditional-study" / f"{spec.name}.npz")
     held = cached[CALIBRATION]
     half = len(held["logits"]) // 2 if split_held_out else 0
     reference = {layer: values[:half] if split_held_out else values for layer, values in held.items()}
     if split_held_out:
         cached["id"] = {layer: values[half:] for layer, values in held.items()}
 
-    scorers = {part: conditional_block_score(fit, grid["fit_y"], bundle, given) for part, given in BLOCK_PARTS.items()}
+    scorers = {}
+    for part, (gridded, given) in BLOCK_PARTS.items():
+        score = conditional_block_score({BLOCK: grid["fit"][:, columns[gridded]], **head}, grid["fit_y"], bundle, given)
+        scorers[part] = lambda features, score=score, gridded=gridded: score({**features, BLOCK: features[(BLOCK, gridded)]})
     scorers.update({f"{layer}:{score}": build_detector(score, bundle, layer=layer).fit(bundle).score for layer, score in SEMANTIC})
     standardized = {}
     for key, score in scorers.items():
@@ -131,7 +140,8 @@ def markdown(payload: dict, command: str) -> str:
              f"Written by `{command}` (benchmarks/quality/conditional_study.py; its docstring says what is computed).", "",
              "- Block part: `block3` = Mahalanobis on block3's per-channel [mean, std] (the default's block component); "
              "`block3 given f` = Mahalanobis of the residual of those statistics after a least-squares regression on the head "
-             "features f, fitted on the fit split. Every row adds the default's semantic part (`detection:ddu-lowrank`), "
+             "features f, fitted on the fit split; `block3+grid` also reads each channel's means on a 2x2 grid (what "
+             "`ncguard train --block-grid 2` scores; grid_study.md). Every row adds the default's semantic part (`detection:ddu-lowrank`), "
              "each part standardized on held-out ID data.",
              "- Proxy objective: (AUROC + 1 - FPR95) / 2 on the held-out known classes, mean of the 9 ID-only proxies; in "
              "brackets, on how many of the 9 the row is above the default's block part.",
