@@ -308,7 +308,31 @@ class ClassStatistics:
 # ---------------------------------------------------------------------- bundle
 
 LAYER_PREFIX = "layer/"
+JOINT_PREFIX = "joint/"
+JOINT_SEPARATOR = "+"
 CHECKSUM_KEY = "checksum"
+
+
+def joint_name(parts: tuple[str, ...] | list[str]) -> str:
+    """The key of the joint statistics of several layers' features concatenated in this order:
+    ("block3", "detection", "transfer") -> "block3+detection+transfer"."""
+    parts = tuple(parts)
+    if len(parts) < 2 or any(not isinstance(part, str) or not part or JOINT_SEPARATOR in part or "/" in part for part in parts):
+        raise DataError(f"joint statistics need at least two layer names without {JOINT_SEPARATOR!r} or '/', got {parts!r}")
+    return JOINT_SEPARATOR.join(parts)
+
+
+def joint_parts(name: str) -> tuple[str, ...]:
+    """The layers a joint statistic concatenates, in order (the inverse of `joint_name`)."""
+    return tuple(name.split(JOINT_SEPARATOR))
+
+
+def joint_features(features, name: str) -> np.ndarray:
+    """[N, sum of widths]: the layers of joint statistic `name` from a {layer: [N, D]} mapping, concatenated."""
+    missing = [part for part in joint_parts(name) if part not in features]
+    if missing:
+        raise DataError(f"the joint statistics {name!r} need the features of {', '.join(missing)}")
+    return np.concatenate([np.asarray(features[part], dtype=np.float64) for part in joint_parts(name)], axis=1)
 
 
 def arrays_checksum(arrays: dict[str, np.ndarray]) -> str:
@@ -330,6 +354,9 @@ class StatisticsBundle:
 
     `layers` may hold any number of named layers (e.g. "transfer", "detection", pooled conv
     blocks). `weight` [C, D] and `bias` [C] are the linear classifier, logits = f @ W.T + b.
+    `joint` holds statistics of several layers' features concatenated (`joint_name`), for scores that
+    need how layers vary together (the cross-covariances that per-layer statistics do not keep);
+    each joint statistic's parts are layers of the bundle. Bundles written before it load with none.
     """
 
     layers: dict[str, ClassStatistics]
@@ -337,6 +364,7 @@ class StatisticsBundle:
     bias: np.ndarray | None = None
     classes: tuple[str, ...] = ()
     meta: dict = field(default_factory=dict)
+    joint: dict[str, ClassStatistics] = field(default_factory=dict)
 
     def _check(self) -> None:
         if not self.layers:
@@ -350,6 +378,16 @@ class StatisticsBundle:
             stats._require_fitted()
             if stats.means_.shape[0] != n_classes:
                 raise DataError(f"layer {name!r} has {stats.means_.shape[0]} classes but {n_classes} class names were given")
+        for name, stats in self.joint.items():
+            parts = joint_parts(name)
+            if joint_name(parts) != name or any(part not in self.layers for part in parts):
+                raise DataError(f"joint statistics {name!r} must join layers of the bundle ({', '.join(self.layers)})")
+            if not isinstance(stats, ClassStatistics):
+                raise DataError(f"joint statistics {name!r} are not a ClassStatistics")
+            stats._require_fitted()
+            width = sum(self.layers[part].means_.shape[1] for part in parts)
+            if stats.means_.shape != (n_classes, width):
+                raise DataError(f"joint statistics {name!r} have means of shape {stats.means_.shape}, expected ({n_classes}, {width})")
         if self.weight is not None:
             weight = np.asarray(self.weight)
             if weight.ndim != 2 or weight.shape[0] != n_classes:
@@ -375,9 +413,10 @@ class StatisticsBundle:
             arrays["weight"] = np.asarray(self.weight, dtype=np.float64)
         if self.bias is not None:
             arrays["bias"] = np.asarray(self.bias, dtype=np.float64)
-        for layer, stats in self.layers.items():
-            for name, array in stats.to_arrays().items():
-                arrays[f"{LAYER_PREFIX}{layer}/{name}"] = array
+        for prefix, group in ((LAYER_PREFIX, self.layers), (JOINT_PREFIX, self.joint)):
+            for layer, stats in group.items():
+                for name, array in stats.to_arrays().items():
+                    arrays[f"{prefix}{layer}/{name}"] = array
         return arrays
 
     def checksum(self) -> str:
@@ -415,14 +454,15 @@ class StatisticsBundle:
             raise ModelError(f"statistics file {path} lacks class names or meta: {exc}") from exc
         weight = arrays.pop("weight", None)
         bias = arrays.pop("bias", None)
-        grouped: dict[str, dict[str, np.ndarray]] = {}
+        grouped: dict[str, dict[str, dict[str, np.ndarray]]] = {LAYER_PREFIX: {}, JOINT_PREFIX: {}}
         for key, array in arrays.items():
-            if not key.startswith(LAYER_PREFIX) or key.count("/") != 2:
+            prefix = next((prefix for prefix in grouped if key.startswith(prefix)), None)
+            if prefix is None or key.count("/") != 2:
                 raise ModelError(f"statistics file {path} has an unexpected array {key!r}")
             _, layer, name = key.split("/")
-            grouped.setdefault(layer, {})[name] = array
-        layers = {layer: ClassStatistics.from_arrays(group) for layer, group in grouped.items()}
-        bundle = cls(layers=layers, weight=weight, bias=bias, classes=classes, meta=meta)
+            grouped[prefix].setdefault(layer, {})[name] = array
+        layers, joint = ({layer: ClassStatistics.from_arrays(group) for layer, group in grouped[prefix].items()} for prefix in (LAYER_PREFIX, JOINT_PREFIX))
+        bundle = cls(layers=layers, weight=weight, bias=bias, classes=classes, meta=meta, joint=joint)
         try:
             bundle._check()
         except DataError as exc:

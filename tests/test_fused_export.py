@@ -103,3 +103,25 @@ def test_bad_fused_options_are_clear_errors(digits_run_dir, tmp_path, kwargs, me
     with pytest.raises(ConfigError, match=message):
         export_run(str(digits_run_dir), str(tmp_path / "x.onnx"), provider="cpu", **kwargs)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_run_streams_the_joint_statistics_and_exports_the_conditional_block(digits_run_dir, tmp_path):
+    """`ncguard train` streams block3's joint statistics with the head layers; `ncguard export --components
+    block3:conditional-mahalanobis,...` writes it (Concat + the Mahalanobis graph) and its parity check passes."""
+    model, config, bundle = load_run(digits_run_dir)
+    assert list(bundle.joint) == ["block3+detection+transfer"]
+    joint = bundle.joint["block3+detection+transfer"]
+    assert joint.means_.shape[1] == sum(bundle.layers[name].means_.shape[1] for name in ("block3", "detection", "transfer"))
+    np.testing.assert_allclose(joint.means_[:, : bundle.layers["block3"].means_.shape[1]], bundle.layers["block3"].means_, rtol=1e-9, atol=1e-9)
+    components = "block3:conditional-mahalanobis,detection:ddu-lowrank"
+    path, report = export_run(str(digits_run_dir), str(tmp_path / "conditional.onnx"), score="fused", components=components, provider="cpu")
+    meta = load_model(path).metadata
+    assert [[c["layer"], c["score"]] for c in meta.extra["fused"]["components"]] == [["block3", "conditional-mahalanobis"], ["detection", "ddu-lowrank"]]
+    assert meta.extra["score_layer"] == ["block3", "detection", "transfer"]
+    calibration_x, _ = calibration_inputs(config)
+    reference = fit_on_held_out(build_detector("fused", bundle, components=components), bundle, model, calibration_x)
+    x = load_dataset("digits:test").x
+    features = _features(model, x, ("block3", "detection", "transfer"))
+    graph = Predictor(path, provider="cpu").predict(x).ood_score
+    result = compare_scores("fused", reference.score(features), graph, width=sum(features[k].shape[1] for k in reference.layers))
+    assert result.worst_ratio <= 1.0, result.describe()

@@ -21,7 +21,8 @@ import numpy as np
 from ncguard.collapse import NearestMeanAgreement, collapse_report
 from ncguard.data import Dataset, load_dataset
 from ncguard.run_dir import RunFiles
-from ncguard.stats import ClassStatistics, StatisticsBundle
+from ncguard.scores.conditional_mahalanobis import streamed_joint
+from ncguard.stats import ClassStatistics, StatisticsBundle, joint_features, joint_name
 
 from .files import atomic_torch_save, atomic_write_json
 from .inference import accuracy_and_loss, iter_layer_features
@@ -37,7 +38,7 @@ def finish_run(
     settings, data = config["settings"], config["data"]
     fit_start = time.perf_counter()
     layers = tuple(settings["layers"])
-    stats = fit_statistics(model, fit_data, layers, settings, device)
+    stats, joint = fit_statistics(model, fit_data, layers, settings, device)
     agreement = nearest_mean_agreement(model, fit_data, stats, settings["seed"], device)
     weight, bias = model.classifier_weight_bias()
     reports = {}
@@ -54,7 +55,7 @@ def finish_run(
         test = {"spec": data["test_spec"], "accuracy": accuracy, "loss": loss, "n": len(test_data)}
 
     bundle = StatisticsBundle(
-        layers=stats, weight=weight, bias=bias, classes=tuple(data["classes"]),
+        layers=stats, joint=joint, weight=weight, bias=bias, classes=tuple(data["classes"]),
         meta={
             "run_id": config["run_id"],
             "score": settings["score"],
@@ -99,14 +100,20 @@ def finish_run(
     }
 
 
-def fit_statistics(model, dataset: Dataset, layers, settings, device) -> dict[str, ClassStatistics]:
-    """Class statistics of every fitted layer, streaming over the fit split (one pass)."""
+def fit_statistics(model, dataset: Dataset, layers, settings, device) -> tuple[dict[str, ClassStatistics], dict[str, ClassStatistics]]:
+    """(class statistics of every fitted layer, the joint statistics of `streamed_joint(layers)`),
+    streaming over the fit split (one pass). The joint statistic keeps a tied covariance and no bank:
+    what `conditional-mahalanobis` reads, the cross-covariances per-layer statistics lack."""
     n_classes = len(dataset.classes)
     stats = {layer: ClassStatistics(n_classes, seed=settings["seed"]) for layer in layers}
+    parts = streamed_joint(layers)
+    joint = {joint_name(parts): ClassStatistics(n_classes, per_class_covariance=False, bank_size=0)} if parts else {}
     for rows, features in iter_layer_features(model, dataset.x, layers, device=device):
         for layer in layers:
             stats[layer].partial_fit(features[layer], dataset.y[rows])
-    return {layer: value.finalize() for layer, value in stats.items()}
+        for name, value in joint.items():
+            value.partial_fit(joint_features(features, name), dataset.y[rows])
+    return ({layer: value.finalize() for layer, value in stats.items()}, {name: value.finalize() for name, value in joint.items()})
 
 
 def nearest_mean_agreement(model, dataset: Dataset, stats, seed: int, device) -> dict[str, NearestMeanAgreement]:

@@ -43,16 +43,23 @@ def discover_scores(package: ModuleType) -> dict[str, type[Detector]]:
     return dict(sorted(found.items()))
 
 
-SCORES: dict[str, type[Detector]] = discover_scores(importlib.import_module(__name__))
+_DISCOVERED = discover_scores(importlib.import_module(__name__))
+# Single-layer scores, fitted on any one layer's statistics: the standard detectors, what
+# `build_detector` and the benchmarks' oracles iterate over.
+SCORES: dict[str, type[Detector]] = {name: cls for name, cls in _DISCOVERED.items() if not cls.needs_joint_statistics}
+# Scores that read several layers and need a bundle's joint statistics of them
+# (`conditional-mahalanobis`): parts of a `fused` combination ("block3:conditional-mahalanobis").
+JOINT_SCORES: dict[str, type[Detector]] = {name: cls for name, cls in _DISCOVERED.items() if cls.needs_joint_statistics}
+COMPONENT_SCORES: dict[str, type[Detector]] = {**SCORES, **JOINT_SCORES}  # what a fused component may name
 SCORE_NAMES = (*sorted(SCORES), Fused.name)  # every name `build_detector` takes
 
 
 def make_detector(name: str, **kwargs) -> Detector:
     """A new, unfitted single-score detector `name` (ConfigError if unknown or given bad options)."""
-    if name not in SCORES:
-        raise ConfigError(f"unknown score {name!r}; choose one of: {', '.join(sorted(SCORES))}")
+    if name not in COMPONENT_SCORES:
+        raise ConfigError(f"unknown score {name!r}; choose one of: {', '.join(sorted(COMPONENT_SCORES))}")
     try:
-        return SCORES[name](**kwargs)
+        return COMPONENT_SCORES[name](**kwargs)
     except TypeError as exc:
         raise ConfigError(f"bad options for score {name!r}: {exc}") from exc
 

@@ -142,6 +142,7 @@ class Detector:
     needs_fit: ClassVar[bool] = True
     needs_held_out: ClassVar[bool] = False  # fit needs held-out ID features (see `layers`)
     needs_class_covariances: ClassVar[bool] = False  # fit needs per-class covariances in the statistics
+    needs_joint_statistics: ClassVar[bool] = False  # fit needs a StatisticsBundle's joint statistics of several layers
     layer: str | None = None  # hyperparameter of feature scores (their __init__ takes it)
 
     def __init__(self, layer: str | None = None) -> None:

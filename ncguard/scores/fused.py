@@ -58,9 +58,9 @@ def default_components(layers: Sequence[str], detection_layer: str = "detection"
 
 
 def _registry():
-    from . import SCORES  # the package imports this module, so look the registry up late
+    from . import COMPONENT_SCORES  # the package imports this module, so look the registry up late
 
-    return SCORES
+    return COMPONENT_SCORES
 
 
 def _component_detector(layer: str, score: str) -> Detector:
@@ -172,10 +172,9 @@ class Fused(Detector):
             )
         else:
             components = check_components(self.components, self.combine)
-        scores = _registry()
-        features = [layer for layer, score in components if scores[score].uses_features]
-        logits = any(scores[score].uses_logits for _, score in components)
-        return tuple(dict.fromkeys(features)) + ((LOGITS,) if logits else ())
+        detectors = getattr(self, "detectors_", None) or [_component_detector(layer, score) for layer, score in components]
+        reads = [layer for detector in detectors for layer in detector.layers]  # a component may read several layers
+        return tuple(dict.fromkeys(layer for layer in reads if layer != LOGITS)) + ((LOGITS,) if LOGITS in reads else ())
 
     def fit(self, statistics, held_out: Mapping[str, np.ndarray] | None = None) -> "Fused":
         """Fit every component on its layer's statistics, then mu_l, sigma_l on the held-out ID features."""
