@@ -51,6 +51,9 @@ FUSED_CANDIDATES = (
     ("fused-blocks+vim", (*BLOCK_MAHALANOBIS, ("detection", "vim")), "sum"),
     ("fused-blocks+mahalanobis", (*BLOCK_MAHALANOBIS, ("detection", "mahalanobis")), "sum"),
     ("fused-blocks", BLOCK_MAHALANOBIS, "sum"),
+    # Round 7: the default's block part scored given the head's features (runs trained since it exists;
+    # older runs skip it, their statistics hold no joint statistic)
+    ("fused-conditional", (("block3", "conditional-mahalanobis"), ("detection", "ddu-lowrank")), "sum"),
 )
 CALIBRATION = "cal"  # the key of the run's held-out split in the feature cache
 # Feature scores that need no classifier, so they read any layer; the others (vim, nci, neco and the
