@@ -10,7 +10,9 @@ classes' textures (split c) the block part carries that class-driven ID variatio
 0.87), while on split a the same part is what wins. Conditioning keeps only what the head's features
 do not explain: the block part scores the residual r = b - A^T [f, 1] of a least-squares regression of
 the block statistics b on head features f (the detection layer, the transfer layer, or both), fitted
-on the model's fit split, with a tied-covariance Mahalanobis of r around the classes' mean residuals.
+on the model's fit split, with a tied-covariance Mahalanobis of r around the classes' mean residuals:
+the product's `conditional-mahalanobis` (ncguard/scores/conditional_mahalanobis.py), fitted here on
+statistics streamed from the fit rows because these runs predate the joint statistic.
 For Gaussian features that is -log p(b | f) up to a constant, so the sum reads as one joint density,
 -log p(b | f) - log p(f), instead of two densities that count the class content twice.
 
@@ -36,8 +38,8 @@ import numpy as np
 
 from ncguard.atomic import atomic_write
 from ncguard.data import load_dataset
-from ncguard.scores import build_detector
-from ncguard.stats import ClassStatistics, StatisticsBundle
+from ncguard.scores import build_detector, make_detector
+from ncguard.stats import ClassStatistics, StatisticsBundle, joint_features, joint_name
 
 from . import grid_study
 from .evaluate import CALIBRATION, read_feature_cache
@@ -57,9 +59,6 @@ BLOCK_PARTS = {
     "block3+grid given detection, transfer": (True, ("detection", "transfer")),
 }
 SEMANTIC = (("detection", "ddu-lowrank"),)  # the default's semantic part
-# Ridge on the regression's normal equations: tens of thousands of fit rows make them well posed; this
-# only keeps a constant feature (a dead ReLU unit of h) from making them singular.
-RIDGE = 1e-3
 
 
 def head_features(run_dir: Path, cache: Path) -> dict[str, np.ndarray]:
@@ -80,21 +79,20 @@ def head_features(run_dir: Path, cache: Path) -> dict[str, np.ndarray]:
     return features
 
 
-def _design(features: dict[str, np.ndarray], given: tuple[str, ...]) -> np.ndarray:
-    columns = [np.asarray(features[layer], dtype=np.float64) for layer in given]
-    return np.concatenate([*columns, np.ones((len(features[BLOCK]), 1))], axis=1)
-
-
 def conditional_block_score(fit: dict[str, np.ndarray], labels: np.ndarray, bundle: StatisticsBundle, given: tuple[str, ...]):
-    """score({layer: features}) -> [N]: Mahalanobis of block3's residual after regressing it on `given`
-    (the library's own Mahalanobis, on a one-layer bundle of the residual's class statistics)."""
-    block = np.asarray(fit[BLOCK], dtype=np.float64)
-    design = _design(fit, given)
-    coefficients = np.linalg.solve(design.T @ design + RIDGE * np.eye(design.shape[1]), design.T @ block)
-    stats = ClassStatistics(len(bundle.classes), per_class_covariance=False).fit(block - design @ coefficients, labels)
-    residual = StatisticsBundle(layers={"residual": stats}, weight=bundle.weight, bias=bundle.bias, classes=bundle.classes, meta=bundle.meta)
-    detector = build_detector("mahalanobis", residual, layer="residual").fit(residual)
-    return lambda features: detector.score({"residual": np.asarray(features[BLOCK], dtype=np.float64) - _design(features, given) @ coefficients})
+    """score({layer: features}) -> [N]: the product's `conditional-mahalanobis` on block3 given `given`
+    (plain `mahalanobis` when `given` is empty), fitted on statistics streamed from the fit rows here, as
+    `ncguard train` streams them for a run (the runs of rounds 3-4 predate the joint statistic)."""
+    classes = bundle.classes
+    layers = {name: ClassStatistics(len(classes), per_class_covariance=False, bank_size=0).fit(fit[name], labels) for name in (BLOCK, *given)}
+    joint = {}
+    if given:
+        name = joint_name((BLOCK, *given))
+        joint[name] = ClassStatistics(len(classes), per_class_covariance=False, bank_size=0).fit(joint_features(fit, name), labels)
+    fitted = StatisticsBundle(layers=layers, classes=classes, joint=joint)
+    if not given:
+        return build_detector("mahalanobis", fitted, layer=BLOCK).fit(fitted).score
+    return make_detector("conditional-mahalanobis", layer=BLOCK, given=given).fit(fitted).score
 
 
 def standardized_sums(spec: ModelSpec, work: Path, sets: list[str], split_held_out: bool = False) -> dict[tuple[str, str], dict[str, np.ndarray]]:
@@ -182,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = {work: grid_study.check_results(Path(work), standardized_sums) for work in args.check_work}
     rows = [{"block": block, "semantic": semantic, "proxy": proxies[(block, semantic)], "near": splits[(block, semantic)],
              "check": {work: check[(block, semantic)] for work, check in checks.items()}} for block, semantic in proxies]
-    payload = {"ridge": RIDGE, "check_models": {work: grid_study.check_model(Path(work)) for work in args.check_work}, "rows": rows}
+    payload = {"check_models": {work: grid_study.check_model(Path(work)) for work in args.check_work}, "rows": rows}
     command = f"python -m benchmarks.quality.conditional_study --near-work {args.near_work} " + " ".join(f"--check-work {w}" for w in args.check_work)
     atomic_write(out / "conditional_study.json", json.dumps(payload, indent=1) + "\n")
     atomic_write(out / "conditional_study.md", markdown(payload, command))

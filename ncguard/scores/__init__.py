@@ -55,7 +55,8 @@ SCORE_NAMES = (*sorted(SCORES), Fused.name)  # every name `build_detector` takes
 
 
 def make_detector(name: str, **kwargs) -> Detector:
-    """A new, unfitted single-score detector `name` (ConfigError if unknown or given bad options)."""
+    """A new, unfitted detector `name`, a single score or a multi-layer fused component
+    (`COMPONENT_SCORES`; ConfigError if unknown or given bad options)."""
     if name not in COMPONENT_SCORES:
         raise ConfigError(f"unknown score {name!r}; choose one of: {', '.join(sorted(COMPONENT_SCORES))}")
     try:

@@ -129,4 +129,3 @@ class ConditionalMahalanobis(Mahalanobis):
             raise ConfigError(f"the {self.name!r} score reads {', '.join(missing)}: name the tensor(s) that hold them")
         joined = builder.node("Concat", [inputs[layer] for layer in self.layers], "conditioned_on", axis=1)
         return self._affine_graph(builder, joined, None, float(scale), float(offset), bool(column))
-
