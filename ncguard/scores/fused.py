@@ -51,6 +51,11 @@ def default_components(layers: Sequence[str], detection_layer: str = "detection"
     proxies prefer it (mean objective 0.667 against 0.642, better on 8 of 9 proxies; the
     `ddu_lowrank` module docstring says why). The near and far results it gave are in
     benchmarks/results/near/ and benchmarks/results/check/.
+
+    Not (yet) the default: the block part scored given the head's features
+    (`block3:conditional-mahalanobis`, for runs that stream its joint statistic). The ID-only proxies
+    prefer it and it keeps the far sets, but it makes split a's FPR95 worse and the graph dearer
+    (benchmarks/results/near/README.md, round 7).
     """
     blocks = [layer for layer in layers if layer not in HEAD_LAYERS and layer != detection_layer]
     scored = blocks if every_block else blocks[-1:]
