@@ -171,15 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(2)
-    out, near_work = Path(args.out), Path(args.near_work)
-    if not (out / "near.json").is_file():
-        parser.error(f"{out / 'near.json'} not found: --out must hold the near benchmark's report (python -m benchmarks.quality --size near)")
-    near = json.loads((out / "near.json").read_text())
-    proxies = grid_study.proxy_objectives(near_work, standardized_sums)
-    splits = grid_study.near_results(near_work, near, standardized_sums)
-    checks = {work: grid_study.check_results(Path(work), standardized_sums) for work in args.check_work}
-    rows = [{"block": block, "semantic": semantic, "proxy": proxies[(block, semantic)], "near": splits[(block, semantic)],
-             "check": {work: check[(block, semantic)] for work, check in checks.items()}} for block, semantic in proxies]
+    out = Path(args.out)
+    rows = grid_study.judged_rows(Path(args.near_work), grid_study.near_report(parser, out), args.check_work, standardized_sums)
     payload = {"check_models": {work: grid_study.check_model(Path(work)) for work in args.check_work}, "rows": rows}
     command = f"python -m benchmarks.quality.conditional_study --near-work {args.near_work} " + " ".join(f"--check-work {w}" for w in args.check_work)
     atomic_write(out / "conditional_study.json", json.dumps(payload, indent=1) + "\n")

@@ -194,6 +194,22 @@ def check_results(work: Path, sums=standardized_sums) -> dict[tuple[str, str], d
     return out
 
 
+def judged_rows(near_work: Path, near: dict, check_works: list[str], sums=standardized_sums) -> list[dict]:
+    """Every (block part, semantic part) row of a study judged three ways: the proxies' objectives, the near
+    splits and the far sets of each check folder's 10-class model (`sums`: the study's `standardized_sums`)."""
+    proxies, splits = proxy_objectives(near_work, sums), near_results(near_work, near, sums)
+    checks = {work: check_results(Path(work), sums) for work in check_works}
+    return [{"block": block, "semantic": semantic, "proxy": proxies[(block, semantic)], "near": splits[(block, semantic)],
+             "check": {work: check[(block, semantic)] for work, check in checks.items()}} for block, semantic in proxies]
+
+
+def near_report(parser: argparse.ArgumentParser, out: Path) -> dict:
+    """The near benchmark's near.json in `out` (its per-split oracles), or a CLI error saying where it comes from."""
+    if not (out / "near.json").is_file():
+        parser.error(f"{out / 'near.json'} not found: --out must hold the near benchmark's report (python -m benchmarks.quality --size near)")
+    return json.loads((out / "near.json").read_text())
+
+
 def check_model(work: Path) -> str:
     """How the check folder's model of our head was trained: precision and block grid, from its config."""
     from training.runs import run_settings
@@ -246,11 +262,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(2)
     out = Path(args.out)
-    near = json.loads((out / "near.json").read_text())
-    proxies, splits = proxy_objectives(Path(args.near_work)), near_results(Path(args.near_work), near)
-    checks = {work: check_results(Path(work)) for work in args.check_work}
-    rows = [{"block": block, "semantic": semantic, "proxy": proxies[(block, semantic)], "near": splits[(block, semantic)],
-             "check": {work: check[(block, semantic)] for work, check in checks.items()}} for block, semantic in proxies]
+    rows = judged_rows(Path(args.near_work), near_report(parser, out), args.check_work)
     payload = {"grid": GRID, "check_models": {work: check_model(Path(work)) for work in args.check_work}, "rows": rows}
     command = f"python -m benchmarks.quality.grid_study --near-work {args.near_work} " + " ".join(f"--check-work {w}" for w in args.check_work)
     atomic_write(out / "grid_study.json", json.dumps(payload, indent=1) + "\n")
