@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --score fused: the components, e.g. block1:mahalanobis,detection:etf "
                         "(default: mahalanobis on the last conv block, plus detection:ddu-lowrank); "
                         "block3:conditional-mahalanobis scores the block given the detection and transfer layers "
-                        "(runs trained since it was added)")
+                        "(runs trained since it was added, on tens of thousands of images)")
     p.add_argument("--combine", default=None, choices=COMBINES, help="with --score fused: how the standardized components combine (default sum)")
     p.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES, help="ONNX Runtime provider for the parity check")
     p.add_argument("--sign-key", default=None, metavar="FILE",

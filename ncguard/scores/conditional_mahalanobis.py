@@ -54,6 +54,11 @@ class ConditionalMahalanobis(Mahalanobis):
     joint class means, so the score is the Mahalanobis score of v with precision M P M^T
     (P = Sigma_r^-1 floored): `means_` and `precision_` are those, and the ONNX graph is the
     Mahalanobis graph (five nodes, its whitening of rank dim b) after one Concat.
+
+    It needs data: the regression has dim f + 1 coefficients per block feature (513 for the default
+    cnn), fitted on the fit split. On scikit-learn's digits (1,212 fit rows) the fitted residual is
+    too small for new inputs and the score loses noise it otherwise catches (uniform noise FPR95
+    0.19 against 0.00 for the default `fused`; on Fashion-MNIST's 54,000 rows it keeps every far set).
     """
 
     name = "conditional-mahalanobis"
