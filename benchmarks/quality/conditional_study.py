@@ -10,21 +10,22 @@ classes' textures (split c) the block part carries that class-driven ID variatio
 0.87), while on split a the same part is what wins. Conditioning keeps only what the head's features
 do not explain: the block part scores the residual r = b - A^T [f, 1] of a least-squares regression of
 the block statistics b on head features f (the detection layer, the transfer layer, or both), fitted
-on the model's fit split, with a tied-covariance Mahalanobis of r around the classes' mean residuals:
-the product's `conditional-mahalanobis` (ncguard/scores/conditional_mahalanobis.py), fitted here on
-statistics streamed from the fit rows because these runs predate the joint statistic.
+on the model's fit split, with a tied-covariance Mahalanobis of r around the classes' mean residuals.
 For Gaussian features that is -log p(b | f) up to a constant, so the sum reads as one joint density,
--log p(b | f) - log p(f), instead of two densities that count the class content twice.
+-log p(b | f) - log p(f), instead of two densities that count the class content twice. The score is
+the product's `conditional-mahalanobis` (ncguard/scores/conditional_mahalanobis.py), fitted here on
+statistics streamed from the fit rows, because these runs predate the joint statistic.
 
 What it does, with the trained models and feature caches of `python -m benchmarks.quality --size near`
 and `--size check` (nothing is trained): block3's whole-map statistics of every set come from
 grid_study's cache (WORK/grid-study/: the same inputs and pooling, computed there if missing); the head
 features of the fit split from one pass of the model (cached in WORK/conditional-study/). Each block
 part (BLOCK_PARTS: the whole-map statistics, or those and each channel's means on grid_study's 2x2
-grid, conditioned on nothing or on head layers) is fitted on the fit split, standardized on held-out ID data and summed with the
-default's semantic part, then judged as grid_study judges: the ID-only proxy objective, the near
-splits' unseen classes against the plain model's per-split oracle, and the far sets against the plain
-model's per-set oracle. Writes benchmarks/results/near/conditional_study.md and .json. Not a test.
+grid, conditioned on nothing or on head layers) is fitted on the fit split, standardized on held-out
+ID data and summed with the default's semantic part, then judged as grid_study judges: the ID-only
+proxy objective, the near splits' unseen classes against the plain model's per-split oracle, and the
+far sets against the plain model's per-set oracle. Writes benchmarks/results/near/conditional_study.md
+and .json. Not a test.
 """
 
 from __future__ import annotations
