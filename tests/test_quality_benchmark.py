@@ -81,6 +81,7 @@ def test_oracle_is_the_best_standard_score_of_the_plain_model(smoke_report):
 def test_metrics_are_probabilities_and_early_layers_catch_noise(smoke_report):
     result = json.loads((smoke_report / "results" / "etf-s0.json").read_text())
     assert set(SCORES) <= set(result["metrics"]), result["skipped_scores"]
+    assert "fused-conditional" in result["metrics"], result["skipped_scores"]  # a fresh run streams its joint statistic
     for row, by_set in result["metrics"].items():
         for name, report in by_set.items():
             assert 0.0 <= report["auroc"] <= 1.0 and 0.0 <= report["fpr95"] <= 1.0, (row, name)
