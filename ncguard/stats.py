@@ -196,20 +196,29 @@ class ClassStatistics:
         self.global_mean_ = (self._counts[:, None] * self._means).sum(axis=0) / total
         self.covariance_ = self._within_scatter / total
         self.covariance_ = (self.covariance_ + self.covariance_.T) / 2
-        self.precision_ = np.linalg.pinv(self.covariance_, rtol=pinv_rtol(width), hermitian=True)
         if self._class_scatter is not None:
             class_cov = self._class_scatter / self._counts[:, None, None]
             self.class_covariances_ = (class_cov + np.swapaxes(class_cov, 1, 2)) / 2
         elif hasattr(self, "class_covariances_"):
             del self.class_covariances_
-        offsets = self._means - self.global_mean_
-        between = (offsets * (self._counts / total)[:, None]).T @ offsets
-        total_covariance = self.covariance_ + between
-        self.second_moment_ = total_covariance + np.outer(self.global_mean_, self.global_mean_)
-        self.feature_std_ = np.sqrt(np.clip(np.diag(total_covariance), 0.0, None))
+        self._derive()
         self.bank_ = self._bank.copy()
         self.bank_labels_ = self._bank_labels.copy()
         return self
+
+    def _derive(self) -> None:
+        """precision_, second_moment_ and feature_std_ from counts_, means_, global_mean_ and covariance_.
+
+        Recomputed rather than stored (`to_arrays` leaves them out): they are functions of the moments,
+        and the two [D, D] ones are two thirds of a tied-only statistic's file (a run's 768-wide joint
+        statistic: 14 MB of 19)."""
+        width = self.covariance_.shape[0]
+        self.precision_ = np.linalg.pinv(self.covariance_, rtol=pinv_rtol(width), hermitian=True)
+        offsets = self.means_ - self.global_mean_
+        between = (offsets * (self.counts_ / self.counts_.sum())[:, None]).T @ offsets
+        total_covariance = self.covariance_ + between
+        self.second_moment_ = total_covariance + np.outer(self.global_mean_, self.global_mean_)
+        self.feature_std_ = np.sqrt(np.clip(np.diag(total_covariance), 0.0, None))
 
     def fit(self, features: np.ndarray, labels: np.ndarray) -> "ClassStatistics":
         """Fit on all data at once: one `partial_fit` from a fresh start, then `finalize`."""
@@ -235,9 +244,12 @@ class ClassStatistics:
         "bank_",
         "bank_labels_",
     )
+    _DERIVED = ("precision_", "second_moment_", "feature_std_")  # recomputed on load (`_derive`), not stored
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The fitted state as plain arrays (names without the trailing `_`), for `np.savez`."""
+        """The fitted state as plain arrays (names without the trailing `_`), for `np.savez`; the derived
+        arrays (`_DERIVED`) are left out and recomputed by `from_arrays`, except for statistics read from a
+        file that stored them, which are written back as they were (the same checksum)."""
         self._require_fitted()
         arrays = {
             "n_classes": np.asarray(int(self.n_classes), dtype=np.int64),
@@ -246,8 +258,9 @@ class ClassStatistics:
             "seed": np.asarray(int(self.seed), dtype=np.int64),
             "bank_keys": self._bank_keys.copy(),
         }
+        stored_derived = getattr(self, "_stored_derived", False)  # a file from before keeps its arrays and checksum
         for name in self._LEARNED:
-            if hasattr(self, name):
+            if hasattr(self, name) and (stored_derived or name not in self._DERIVED):
                 arrays[name[:-1]] = np.asarray(getattr(self, name)).copy()
         return arrays
 
@@ -255,7 +268,7 @@ class ClassStatistics:
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "ClassStatistics":
         """Rebuild fitted statistics from `to_arrays` output; they can take more `partial_fit` chunks."""
         required = {"n_classes", "per_class_covariance", "bank_size", "seed", "bank_keys"}
-        required |= {name[:-1] for name in cls._LEARNED if name != "class_covariances_"}
+        required |= {name[:-1] for name in cls._LEARNED if name != "class_covariances_" and name not in cls._DERIVED}
         missing = sorted(required - set(arrays))
         if missing:
             raise ModelError(f"class statistics are missing arrays: {', '.join(missing)}")
@@ -290,6 +303,9 @@ class ClassStatistics:
             raise ModelError("class statistics say per_class_covariance but the arrays disagree")
         for name, value in learned.items():
             setattr(stats, name, value)
+        stats._stored_derived = all(name in learned for name in cls._DERIVED)
+        if not stats._stored_derived:  # files written since they are not stored
+            stats._derive()
         # Rebuild the accumulators so that more chunks can be merged in.
         stats._width = width
         stats._n_seen = int(counts.sum())

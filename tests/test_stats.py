@@ -189,6 +189,21 @@ def test_arrays_round_trip_and_continue_fitting():
     np.testing.assert_array_equal(restored.bank_, whole.bank_)
 
 
+def test_derived_arrays_are_recomputed_not_stored_and_older_files_still_load():
+    features, labels = make_data()
+    stats = ClassStatistics(N_CLASSES).fit(features, labels)
+    arrays = stats.to_arrays()
+    assert not {"precision", "second_moment", "feature_std"} & set(arrays)
+    restored = ClassStatistics.from_arrays(arrays)
+    for name in ("precision_", "second_moment_", "feature_std_"):
+        np.testing.assert_array_equal(getattr(restored, name), getattr(stats, name), err_msg=name)
+    # a file written before: the stored arrays are what it loads with
+    older = {**arrays, "precision": np.eye(WIDTH), "second_moment": stats.second_moment_, "feature_std": stats.feature_std_}
+    loaded = ClassStatistics.from_arrays(older)
+    np.testing.assert_array_equal(loaded.precision_, np.eye(WIDTH))
+    assert set(loaded.to_arrays()) == set(older)  # written back as it was, so its checksum does not change
+
+
 def test_from_arrays_rejects_missing_or_misshapen_arrays():
     features, labels = make_data()
     arrays = ClassStatistics(N_CLASSES).fit(features, labels).to_arrays()
