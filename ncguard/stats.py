@@ -211,7 +211,7 @@ class ClassStatistics:
 
         Recomputed rather than stored (`to_arrays` leaves them out): they are functions of the moments,
         and the two [D, D] ones are two thirds of a tied-only statistic's file (a run's 768-wide joint
-        statistic: 14 MB of 19)."""
+        statistic: 9.4 MB of 14)."""
         width = self.covariance_.shape[0]
         self.precision_ = np.linalg.pinv(self.covariance_, rtol=pinv_rtol(width), hermitian=True)
         offsets = self.means_ - self.global_mean_
