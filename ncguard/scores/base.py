@@ -221,11 +221,15 @@ class Detector:
         """Scores [N] (float64, higher = more OOD) of `{layer: features}` (module docstring)."""
         self._require_fitted()
         layers = self._mapping(features, logits)
-        features = check_array(layers.get(self._feature_layer()), "features", self._feature_width()) if self.uses_features else None
+        features = check_array(self._feature_input(layers), "features", self._feature_width()) if self.uses_features else None
         logits = check_array(layers.get(LOGITS), "logits", self._logit_width()) if self.uses_logits else None
         if features is not None and logits is not None and features.shape[0] != logits.shape[0]:
             raise DataError(f"got {features.shape[0]} feature rows but {logits.shape[0]} logit rows")
         return np.asarray(self._score(features, logits), dtype=np.float64)
+
+    def _feature_input(self, layers: Mapping[str, np.ndarray]):
+        """The features `_score` reads, from the `{layer: features}` mapping: its one layer's."""
+        return layers.get(self._feature_layer())
 
     def _score(self, features: np.ndarray | None, logits: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
@@ -292,12 +296,20 @@ class Detector:
         microseconds whatever it computes.
         """
         self._require_fitted()
+        self._require_inputs(inputs)
+        features = self._graph_input(builder, inputs) if self.uses_features else None
+        logits = inputs.get(LOGITS) if self.uses_logits else None
+        return self._affine_graph(builder, features, logits, float(scale), float(offset), bool(column))
+
+    def _require_inputs(self, inputs: Mapping[str, str]) -> None:
+        """ConfigError naming every layer of `layers` that `inputs` maps to no graph tensor."""
         missing = [layer for layer in self.layers if not inputs.get(layer)]
         if missing:
             raise ConfigError(f"the {self.name!r} score reads {', '.join(missing)}: name the tensor(s) that hold them")
-        features = inputs[self._feature_layer()] if self.uses_features else None
-        logits = inputs.get(LOGITS) if self.uses_logits else None
-        return self._affine_graph(builder, features, logits, float(scale), float(offset), bool(column))
+
+    def _graph_input(self, builder, inputs: Mapping[str, str]) -> str:
+        """The graph tensor `_affine_graph` reads, the graph's twin of `_feature_input`: its one layer's."""
+        return inputs[self._feature_layer()]
 
     def _affine_graph(self, builder, features: str | None, logits: str | None, scale: float, offset: float, column: bool) -> str:
         """scale * `_graph` - offset, as [N] or [N, 1]: one node for each of the three that is not trivial."""

@@ -9,7 +9,6 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..stats import StatisticsBundle, joint_features, joint_name, pinv_rtol
-from .base import check_array
 from .mahalanobis import DEFAULT_EIGENVALUE_FLOOR, Mahalanobis, floored_precision
 
 HEAD_LAYERS = ("detection", "transfer")  # what a trained run's block statistics are conditioned on
@@ -101,36 +100,27 @@ class ConditionalMahalanobis(Mahalanobis):
                 f"{key!r}, which these statistics do not hold (they hold: {held}); runs trained before they were streamed "
                 f"can use 'mahalanobis'"
             )
-        floor = self.eigenvalue_floor
-        if isinstance(floor, bool) or not isinstance(floor, (int, float, np.floating)) or not 0.0 <= floor < 1.0:
-            raise ConfigError(f"conditional-mahalanobis eigenvalue_floor must be a number in [0, 1), got {floor!r}")
+        floor = self._checked_floor()
         stats = statistics.joint[key]
         width = statistics.layers[self._feature_layer()].means_.shape[1]
-        within = stats.covariance_
-        weights = stats.counts_ / stats.counts_.sum()
-        centred = stats.means_ - stats.global_mean_
-        total = within + (centred * weights[:, None]).T @ centred
+        within, total = stats.covariance_, stats.total_covariance_
         head = total[width:, width:]
         regression = np.linalg.pinv(head, rtol=pinv_rtol(head.shape[0]), hermitian=True) @ total[width:, :width]  # A [D_f, D_b]
         residual_map = np.concatenate([np.eye(width), -regression], axis=0)  # M [D_b + D_f, D_b]
-        residual_precision = floored_precision(residual_map.T @ within @ residual_map, float(floor))
+        residual_precision = floored_precision(residual_map.T @ within @ residual_map, floor)
         self.means_ = stats.means_.copy()
         self.precision_ = residual_map @ residual_precision @ residual_map.T
         self.layer_ = self._feature_layer()
         self.fitted_ = True
         return self
 
-    def score(self, features=None, logits: np.ndarray | None = None) -> np.ndarray:
-        self._require_fitted()
+    def _mapping(self, features, logits) -> dict:
         if not isinstance(features, Mapping):
             raise DataError(f"conditional-mahalanobis reads {', '.join(self.layers)}: give its features as {{layer: features}}")
-        joined = check_array(joint_features(features, self._joint_name()), "features", self._feature_width())
-        return np.asarray(self._score(joined, None), dtype=np.float64)
+        return super()._mapping(features, logits)
 
-    def build_graph(self, builder, inputs: Mapping[str, str], scale: float = 1.0, offset: float = 0.0, column: bool = False) -> str:
-        self._require_fitted()
-        missing = [layer for layer in self.layers if not inputs.get(layer)]
-        if missing:
-            raise ConfigError(f"the {self.name!r} score reads {', '.join(missing)}: name the tensor(s) that hold them")
-        joined = builder.node("Concat", [inputs[layer] for layer in self.layers], "conditioned_on", axis=1)
-        return self._affine_graph(builder, joined, None, float(scale), float(offset), bool(column))
+    def _feature_input(self, layers: Mapping[str, np.ndarray]) -> np.ndarray:
+        return joint_features(layers, self._joint_name())
+
+    def _graph_input(self, builder, inputs: Mapping[str, str]) -> str:
+        return builder.node("Concat", [inputs[layer] for layer in self.layers], "conditioned_on", axis=1)

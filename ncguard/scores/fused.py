@@ -258,9 +258,7 @@ class Fused(Detector):
         reduction.
         """
         self._require_fitted()
-        missing = [layer for layer in self.layers if not inputs.get(layer)]
-        if missing:
-            raise ConfigError(f"the 'fused' score reads {', '.join(missing)}: name the tensor(s) that hold them")
+        self._require_inputs(inputs)
         mu, sigma = np.asarray(self.mu_, dtype=np.float64), np.asarray(self.sigma_, dtype=np.float64)
         parts = [
             detector.build_graph(builder, inputs, scale=scale / float(s), offset=scale * float(m) / float(s), column=True)

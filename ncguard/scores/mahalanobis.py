@@ -65,10 +65,14 @@ class Mahalanobis(Detector):
         self.eigenvalue_floor = eigenvalue_floor
         self.layer = layer
 
-    def _fit(self, stats, weight, bias):
+    def _checked_floor(self) -> float:
         floor = self.eigenvalue_floor
         if isinstance(floor, bool) or not isinstance(floor, (int, float, np.floating)) or not 0.0 <= floor < 1.0:
-            raise ConfigError(f"mahalanobis eigenvalue_floor must be a number in [0, 1), got {floor!r}")
+            raise ConfigError(f"{self.name} eigenvalue_floor must be a number in [0, 1), got {floor!r}")
+        return float(floor)
+
+    def _fit(self, stats, weight, bias):
+        floor = self._checked_floor()
         self.means_ = stats.means_.copy()
         self.precision_ = stats.precision_.copy() if floor == 0.0 else floored_precision(stats.covariance_, float(floor))
 
