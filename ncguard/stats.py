@@ -214,11 +214,18 @@ class ClassStatistics:
         statistic: 9.4 MB of 14)."""
         width = self.covariance_.shape[0]
         self.precision_ = np.linalg.pinv(self.covariance_, rtol=pinv_rtol(width), hermitian=True)
-        offsets = self.means_ - self.global_mean_
-        between = (offsets * (self.counts_ / self.counts_.sum())[:, None]).T @ offsets
-        total_covariance = self.covariance_ + between
+        total_covariance = self.total_covariance_
         self.second_moment_ = total_covariance + np.outer(self.global_mean_, self.global_mean_)
         self.feature_std_ = np.sqrt(np.clip(np.diag(total_covariance), 0.0, None))
+
+    @property
+    def total_covariance_(self) -> np.ndarray:
+        """The covariance of all samples about the global mean: the tied within-class covariance plus
+        the count-weighted between-class covariance of the class means (centred, so no large-offset
+        cancellation as second_moment_ - mean mean^T would have)."""
+        self._require_fitted()
+        offsets = self.means_ - self.global_mean_
+        return self.covariance_ + (offsets * (self.counts_ / self.counts_.sum())[:, None]).T @ offsets
 
     def fit(self, features: np.ndarray, labels: np.ndarray) -> "ClassStatistics":
         """Fit on all data at once: one `partial_fit` from a fresh start, then `finalize`."""
