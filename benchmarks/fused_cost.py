@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks" / "serving"))
 
 from benchmarks.quality.plan import LAYERS  # noqa: E402  (the layers of a benchmark run)
 from export.run import export_run  # noqa: E402
-from local_paths import ood_cost  # noqa: E402
+from local_paths import ood_cost_both_ways  # noqa: E402
 from ncguard.atomic import atomic_write  # noqa: E402
 from ncguard.model_file import load_model  # noqa: E402
 from ncguard.run_dir import read_config  # noqa: E402
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             row = label + variant
             path = Path(folder) / "model.onnx"
             export_run(run, str(path), score="fused", components=components, provider="cpu")
-            costs = ood_cost(path, BATCHES, calls=args.calls)
+            costs = ood_cost_both_ways(path, BATCHES, calls=args.calls)
             rows[row] = {
                 "components": load_model(path).metadata.ood_components,
                 **{batch: {"ood_share": s["ood_share"], "ood_adds": s["ood_adds"], "ood_us": s["ood_us"], "rest_us": s["rest_us"],

@@ -5,8 +5,9 @@
 `fused_cost.py` exports one run per set of components with today's code; a change to how a score is
 *written* as a graph needs the same model exported by two versions of the code instead (e.g.
 `ncguard export RUN --out before.onnx` in a worktree of the old commit, and again at the new one).
-Each round measures every model in turn (benchmarks/serving/local_paths.ood_cost: the profiler's
-share and the wall-clock share), so load drifting during the session falls on all of them; the medians over rounds are reported. Writes graph_ab.json and .md (atomically) to
+Each round measures every model in turn (benchmarks/serving/local_paths.ood_cost_both_ways: the
+profiler's share and the wall-clock share), so load drifting during the session falls on all of them;
+the medians over rounds are reported. Writes graph_ab.json and .md (atomically) to
 --out. Not a test.
 """
 
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks" / "serving"))
 
-from local_paths import ood_cost  # noqa: E402
+from local_paths import ood_cost_both_ways  # noqa: E402
 from ncguard.atomic import atomic_write  # noqa: E402
 from ncguard.errors import ConfigError  # noqa: E402
 
@@ -47,7 +48,7 @@ def measure(models: list[tuple[str, Path]], rounds: int, calls: int) -> dict[str
     nodes = {}
     for round_index in range(rounds):
         for label, path in models:
-            costs = ood_cost(path, BATCHES, calls=calls)
+            costs = ood_cost_both_ways(path, BATCHES, calls=calls)
             for batch in BATCHES:
                 cost = costs[str(batch)]
                 samples[label][batch].append((cost["ood_adds"], cost["ood_us"], cost["rest_us"], cost["wall_adds"]))

@@ -87,27 +87,36 @@ def median_ratio(samples: tuple[list[float], list[float]]) -> float:
     return float(np.median(np.asarray(samples[0]) / np.asarray(samples[1])))
 
 
+class GraphPair:
+    """An exported model's graph and the same graph without its OOD part (`stripped_graph`), each in
+    its own session: what `ood_wall_cost` and `bench_graphs` time call by call against each other."""
+
+    def __init__(self, model: Path):
+        loaded = load_model(model)
+        self.serialized, self.stripped = loaded.serialized, stripped_graph(loaded.serialized)
+        self.full, self.cut = open_session(self.serialized, provider="cpu"), open_session(self.stripped, provider="cpu")
+        self.shape = tuple(loaded.metadata.input_shape)
+
+    def runs_by_batch(self, batches: list[int]):
+        """(batch, (run the full graph, run the stripped graph)) on one uniform-noise input per batch size."""
+        rng = np.random.default_rng(0)
+        for batch in batches:
+            x = rng.uniform(0, 1, size=(batch, *self.shape)).astype(np.float32)
+            yield batch, (lambda x=x: self.full.run(list(OUTPUT_NAMES), {INPUT_NAME: x}), lambda x=x: self.cut.run(list(WITHOUT_OOD), {INPUT_NAME: x}))
+
+
 def ood_wall_cost(model: Path, batches: list[int], *, calls: int, budget_s: float) -> dict[int, float]:
     """Per batch: the wall-clock cost of the OOD part, the median over paired calls of the exported
     graph's time over the same graph without it (`stripped_graph`), minus 1. What a caller waits for,
     where `ood_node_share`'s profiler also charges every node its own few microseconds."""
-    loaded = load_model(model)
-    full, cut = open_session(loaded.serialized, provider="cpu"), open_session(stripped_graph(loaded.serialized), provider="cpu")
-    shape = tuple(loaded.metadata.input_shape)
-    rng = np.random.default_rng(0)
-    costs = {}
-    for batch in batches:
-        x = rng.uniform(0, 1, size=(batch, *shape)).astype(np.float32)
-        with_ood, without = paired_latencies((lambda: full.run(list(OUTPUT_NAMES), {INPUT_NAME: x}),
-                                              lambda: cut.run(list(WITHOUT_OOD), {INPUT_NAME: x})), calls=calls, budget_s=budget_s)
-        costs[batch] = median_ratio((with_ood, without)) - 1.0
-    return costs
+    return {batch: median_ratio(paired_latencies(runs, calls=calls, budget_s=budget_s)) - 1.0
+            for batch, runs in GraphPair(model).runs_by_batch(batches)}
 
 
-WALL_BUDGET_S = 20.0  # per batch size, for `ood_cost`'s paired wall-clock calls
+WALL_BUDGET_S = 20.0  # per batch size, for `ood_cost_both_ways`'s paired wall-clock calls
 
 
-def ood_cost(model: Path, batches: list[int], *, calls: int, wall_budget_s: float = WALL_BUDGET_S) -> dict[str, dict]:
+def ood_cost_both_ways(model: Path, batches: list[int], *, calls: int, wall_budget_s: float = WALL_BUDGET_S) -> dict[str, dict]:
     """Per batch (keyed as a string): `ood_node_share`'s profiler figures plus "wall_adds", `ood_wall_cost`'s
     wall-clock share; the two measures every OOD-cost benchmark reports side by side."""
     shares = ood_node_share(model, batches, calls=calls)
@@ -119,28 +128,20 @@ def bench_graphs(model: Path, batches: list[int], *, calls: int, budget_s: float
     """Raw session (all outputs) and the stripped graph, call by call in alternation, per batch size.
 
     Each iteration runs both graphs back to back (the order swapping every time), so load from
-    other processes falls on both alike; `ood_cost` compares their medians. The raw session is also
+    other processes falls on both alike; "paired_median_ratio" is the median of their ratios. The raw session is also
     run from `threads` caller threads at once, to show what concurrency alone gains on this machine.
     """
     import onnx
 
-    loaded = load_model(model)
-    serialized = loaded.serialized
-    full = open_session(serialized, provider="cpu")
-    stripped_bytes = stripped_graph(serialized)
-    cut = open_session(stripped_bytes, provider="cpu")
-    shape = tuple(loaded.metadata.input_shape)
-    rng = np.random.default_rng(0)
+    pair = GraphPair(model)
     result = {
         "raw_onnxruntime": {},
         "graph_without_ood": {},
         f"raw_onnxruntime_{threads}_threads": {},
         "paired_median_ratio": {},
-        "nodes": {"full": len(onnx.load_from_string(serialized).graph.node), "without_ood": len(onnx.load_from_string(stripped_bytes).graph.node)},
+        "nodes": {"full": len(onnx.load_from_string(pair.serialized).graph.node), "without_ood": len(onnx.load_from_string(pair.stripped).graph.node)},
     }
-    for batch in batches:
-        x = rng.uniform(0, 1, size=(batch, *shape)).astype(np.float32)
-        runs = (lambda: full.run(list(OUTPUT_NAMES), {INPUT_NAME: x}), lambda: cut.run(list(WITHOUT_OOD), {INPUT_NAME: x}))
+    for batch, runs in pair.runs_by_batch(batches):
         samples = paired_latencies(runs, calls=calls, budget_s=budget_s)
         for name, latencies in zip(("raw_onnxruntime", "graph_without_ood"), samples):
             result[name][str(batch)] = summarize(latencies, batch, float(np.sum(latencies)))
