@@ -1,8 +1,8 @@
 """`ncguard export RUN_DIR --out MODEL.onnx [--score NAME] [--tpr 0.95] [--provider P] [--bentoml [NAME]]`: flags and handler.
 
 `--score fused` embeds the multi-layer score (ncguard.scores.fused) with `--components
-block1:mahalanobis,detection:etf` (default: `ncguard.scores.fused.default_components` of the run's
-statistics) and `--combine sum|max`. Without --score and --tpr the run's own are used.
+block1:mahalanobis,detection:etf` and `--combine sum|max|joint` (default: `ncguard.scores.fused.default_fused`
+of the run's statistics). Without --score and --tpr the run's own are used.
 
 The work is `export.run.export_run`; with --bentoml the written file is also copied into BentoML's
 model store the way the service loads it (serving.model_source).
@@ -30,10 +30,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", default=None, help="statistics layer the score reads (default: detection)")
     p.add_argument("--components", default=None, metavar="LAYER:SCORE,...",
                    help="with --score fused: the components, e.g. block1:mahalanobis,detection:etf "
-                        "(default: mahalanobis on the last conv block, plus detection:ddu-lowrank); "
-                        "block3:conditional-mahalanobis scores the block given the detection and transfer layers "
-                        "(runs trained since it was added, on tens of thousands of images)")
-    p.add_argument("--combine", default=None, choices=COMBINES, help="with --score fused: how the standardized components combine (default sum)")
+                        "(default: the last conv block given the detection and transfer layers, block3:conditional-mahalanobis, "
+                        "plus detection:ddu-lowrank, combined 'joint', for runs trained on enough images to stream their joint "
+                        "statistic; otherwise mahalanobis on the last conv block plus detection:ddu-lowrank, combined 'sum')")
+    p.add_argument("--combine", default=None, choices=COMBINES,
+                   help="with --score fused: how the standardized components combine: sum, max, or joint (negative log-densities "
+                        "added as one density; mahalanobis, conditional-mahalanobis, ddu, ddu-lowrank). Default: the default "
+                        "components' own, else sum")
     p.add_argument("--provider", default="auto", choices=PROVIDER_CHOICES, help="ONNX Runtime provider for the parity check")
     p.add_argument("--sign-key", default=None, metavar="FILE",
                    help="Ed25519 private key (PREFIX.key of `ncguard keygen`): sign the model, so consumers given the public key can verify it")

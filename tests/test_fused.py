@@ -105,6 +105,7 @@ def test_separates_outliers_better_than_chance(setup):
         ((("logits", "energy"),), "sum", "at least one feature-based"),
         ((("block1",),), "sum", "pair"),
         ((("block1", "mahalanobis"),), "mean", "combine must be one of"),
+        ((("block1", "mahalanobis"), ("detection", "etf")), "joint", "'etf' is not one"),
     ],
 )
 def test_bad_components_are_refused_clearly(setup, components, combine, message):
@@ -141,17 +142,18 @@ def test_parse_components_and_registry():
     with pytest.raises(ConfigError, match="LAYER:SCORE"):
         parse_components("block1")
     assert "fused" in SCORE_NAMES and "fused" not in SCORES
-    assert Fused().components is None and not hasattr(Fused(), "mu_")  # None: default_components at fit time
+    assert Fused().components is None and not hasattr(Fused(), "mu_")  # None: default_fused at fit time
 
 
 def test_default_export_components_follow_the_run_layers(setup):
     stats, weight, bias, *_ = setup
     classes = tuple("abc")
     with_block = StatisticsBundle(layers={"block1": stats["block1"], "detection": stats["detection"]}, weight=weight, bias=bias, classes=classes)
-    assert fused_components(with_block) == (("block1", "mahalanobis"), ("detection", "ddu-lowrank"))
-    assert fused_components(with_block, "detection:etf,block1:knn", "max") == (("detection", "etf"), ("block1", "knn"))
+    assert fused_components(with_block) == ((("block1", "mahalanobis"), ("detection", "ddu-lowrank")), "sum")  # no joint statistic
+    assert fused_components(with_block, "detection:etf,block1:knn", "max") == ((("detection", "etf"), ("block1", "knn")), "max")
+    assert fused_components(with_block, "detection:etf")[1] == "sum"  # named components: sum unless told
     without = StatisticsBundle(layers={"detection": stats["detection"]}, weight=weight, bias=bias, classes=classes)
-    assert fused_components(without) == (("detection", "ddu-lowrank"),)
+    assert fused_components(without) == ((("detection", "ddu-lowrank"),), "sum")
     with pytest.raises(ConfigError, match="no layer 'block1'"):
         fused_components(without, "block1:mahalanobis")
 
@@ -182,3 +184,64 @@ def test_default_components_score_the_last_block_and_every_named_block_on_reques
     assert default_components(layers, every_block=True) == (
         ("block1", "mahalanobis"), ("block2", "mahalanobis"), ("block3", "mahalanobis"), ("detection", "ddu-lowrank"))
     assert default_components(("transfer",), "transfer") == (("transfer", "ddu-lowrank"),)  # no block: low-rank DDU alone
+
+
+def test_joint_combine_adds_negative_log_densities(setup):
+    """"joint": 1/2 Mahalanobis (a squared distance) plus DDU (-log p), up to a positive factor and a constant,
+    with the weighted parts summing to the score; equal weights after standardization would not be that."""
+    stats, weight, bias, held_out, held_logits, test, test_logits = setup
+    components = (("block1", "mahalanobis"), ("detection", "ddu-lowrank"))
+    fused = _fit(setup, components, "joint")
+    by_hand = {}
+    for data, name in ((held_out, "held"), (test, "test")):
+        by_hand[name] = [make_detector(score, layer=layer).fit(_bundle(stats, weight, bias)).score(data) for layer, score in components]
+    spread = np.array([0.5 * by_hand["held"][0].std(), by_hand["held"][1].std()])
+    natural = (0.5 * by_hand["test"][0] + by_hand["test"][1]) / spread.mean()
+    score = fused.score(test, test_logits)
+    offset = score - natural
+    np.testing.assert_allclose(offset, offset[0], atol=1e-9 * (1 + np.abs(natural).max()))
+    np.testing.assert_allclose(fused.weights_, spread / spread.mean())
+    np.testing.assert_allclose(fused.component_scores(test, test_logits).sum(axis=1), score)
+    assert not np.allclose(fused.weights_, 1.0)  # the two spreads differ, so "sum" would weigh them otherwise
+    described = fused.describe()
+    assert described["combine"] == "joint" and [c["weight"] for c in described["components"]] == pytest.approx(list(fused.weights_))
+    assert np.allclose(_fit(setup, components, "sum").weights_, 1.0)
+
+
+def _head_bundle(n, seed=0):
+    """A trained run's layers in miniature (block3 [n, 6], transfer [n, 3], detection [n, 4]) with the joint
+    statistic `ncguard train` streams (block3 given detection and transfer), fitted on n rows."""
+    from ncguard.scores.conditional_mahalanobis import streamed_joint
+    from ncguard.stats import joint_features, joint_name
+
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.arange(N_CLASSES), rng.integers(0, N_CLASSES, n - N_CLASSES)]
+    detection = 5 * np.eye(N_CLASSES, 4)[labels] + rng.normal(0, 0.7, (n, 4))
+    transfer = detection[:, :3] + rng.normal(0, 0.5, (n, 3))
+    block3 = np.c_[transfer, detection[:, :2]] @ rng.normal(size=(5, 6)) + rng.normal(0, 1, (n, 6))
+    features = {"block3": block3, "transfer": transfer, "detection": detection}
+    layers = {name: ClassStatistics(N_CLASSES, bank_size=32).fit(x, labels) for name, x in features.items()}
+    name = joint_name(streamed_joint(tuple(layers)))
+    joint = {name: ClassStatistics(N_CLASSES, per_class_covariance=False, bank_size=0).fit(joint_features(features, name), labels)}
+    weight = np.random.default_rng(4).normal(size=(N_CLASSES, 4))
+    return StatisticsBundle(layers=layers, weight=weight, bias=np.zeros(N_CLASSES), classes=tuple("abc"), joint=joint), features
+
+
+def test_default_conditions_the_block_on_the_head_when_the_data_allow_it():
+    from ncguard.scores.fused import ROWS_PER_COEFFICIENT, default_fused
+
+    needed = ROWS_PER_COEFFICIENT * (3 + 4 + 1)  # the regression of block3 on [detection, transfer, 1]
+    bundle, features = _head_bundle(needed)
+    assert default_fused(bundle) == ((("block3", "conditional-mahalanobis"), ("detection", "ddu-lowrank")), "joint")
+    fused = build_detector("fused", bundle)
+    assert fused.combine == "joint" and set(fused.layers) == {"block3", "detection", "transfer"}
+    fused.fit(bundle, features)
+    assert fused.combine_ == "joint" and np.isfinite(fused.score(features)).all()
+    assert build_detector("fused", bundle, combine="sum").combine == "sum"  # a named combine keeps the default components
+    # one row short of the rule, no joint statistic, or a classifier on another layer: today's components, summed
+    assert default_fused(_head_bundle(needed - 1)[0]) == ((("block3", "mahalanobis"), ("detection", "ddu-lowrank")), "sum")
+    bare = StatisticsBundle(layers=bundle.layers, weight=bundle.weight, bias=bundle.bias, classes=bundle.classes)
+    assert default_fused(bare)[1] == "sum"
+    transfer_classifier = StatisticsBundle(layers=bundle.layers, weight=np.ones((N_CLASSES, 3)), bias=bundle.bias, classes=bundle.classes,
+                                           joint=bundle.joint, meta={"classifier_layer": "transfer"})
+    assert default_fused(transfer_classifier)[1] == "sum"

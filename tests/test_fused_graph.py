@@ -40,9 +40,13 @@ COMPONENT_SETS = [
 ]
 
 
+DENSITIES = (("block1", "mahalanobis"), ("detection", "ddu-lowrank"))  # what the "joint" combine accepts
+
+CASES = [(components, combine) for components in COMPONENT_SETS for combine in ("sum", "max")] + [(DENSITIES, "joint")]
+
+
 @pytest.mark.parametrize("opset", [13, 18])
-@pytest.mark.parametrize("combine", ["sum", "max"])
-@pytest.mark.parametrize("components", COMPONENT_SETS, ids=["default", "five"])
+@pytest.mark.parametrize("components, combine", CASES, ids=["default-sum", "default-max", "five-sum", "five-max", "densities-joint"])
 def test_fused_graph_matches_reference(fitted_parts, components, combine, opset):
     stats, weight, bias, held_out, test_id, test_ood = fitted_parts
     logits_of = lambda layers: layers["detection"] @ weight.T + bias  # noqa: E731
@@ -59,9 +63,9 @@ def test_fused_graph_matches_reference(fitted_parts, components, combine, opset)
         width = sum(widths[layer] for layer in fused.layers if layer != "logits")
         result = compare_scores("fused", reference, graph_scores, width=width)
         assert result.worst_ratio < 0.1, result.describe()
-        # the parts: standardized components, in component_names order, that combine to the score
+        # the parts: weighted standardized components, in component_names order, that combine to the score
         parts = fused.component_scores({layer: value.astype(np.float64) for layer, value in feeds.items()})
         assert graph_components.shape == parts.shape == (len(feeds["logits"]), len(fused.component_names()))
         np.testing.assert_allclose(graph_components, parts, rtol=1e-3, atol=1e-3 * (1 + np.abs(parts).max()))
-        combined = graph_components.sum(axis=1) if combine == "sum" else graph_components.max(axis=1)
+        combined = graph_components.max(axis=1) if combine == "max" else graph_components.sum(axis=1)
         np.testing.assert_allclose(combined, graph_scores, rtol=1e-5, atol=1e-4)

@@ -78,8 +78,8 @@ def build_detector(
 
     `name` None: the default of `head` (ncguard.scores.defaults). A feature score reads `layer`, by
     default the one the classifier acts on (`classifier_layer`: "detection" for a trained run);
-    "fused" reads its `components` ("block1:mahalanobis,..." or pairs; default
-    `fused.default_components` of the statistics' layers) combined by `combine` ("sum"). Everything
+    "fused" reads its `components` ("block1:mahalanobis,..." or pairs) combined by `combine` ("sum"
+    unless named); without components, `fused.default_fused` decides both. Everything
     is checked against the statistics here, before any pass over data, and `detector.layers` says
     which features `fit` (held-out ones, for "fused") and `score` need.
     """
@@ -89,8 +89,8 @@ def build_detector(
     if name == Fused.name:
         if layer is not None:
             raise ConfigError("--layer does not apply to --score fused: name the layers in --components")
-        combine = combine or "sum"
-        return Fused(components=fused_components(statistics, components, combine), combine=combine)
+        components, combine = fused_components(statistics, components, combine)
+        return Fused(components=components, combine=combine)
     if components is not None or combine is not None:
         raise ConfigError("--components and --combine apply to --score fused only")
     if not SCORES[name].uses_features:

@@ -143,6 +143,10 @@ class Detector:
     needs_held_out: ClassVar[bool] = False  # fit needs held-out ID features (see `layers`)
     needs_class_covariances: ClassVar[bool] = False  # fit needs per-class covariances in the statistics
     needs_joint_statistics: ClassVar[bool] = False  # fit needs a StatisticsBundle's joint statistics of several layers
+    # c such that c * score is -log p(input) up to a constant, for a score that is a Gaussian density's
+    # negative log (or a squared Mahalanobis distance, c = 1/2); None for every other score. `fused`'s
+    # "joint" combine adds such scores in these units, as one density over all their layers.
+    log_density_scale: ClassVar[float | None] = None
     layer: str | None = None  # hyperparameter of feature scores (their __init__ takes it)
 
     def __init__(self, layer: str | None = None) -> None:

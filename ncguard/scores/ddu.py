@@ -60,6 +60,7 @@ class DDU(Detector):
     """
 
     name = "ddu"
+    log_density_scale = 1.0  # score = -log p(v) itself
     uses_features = True
     needs_class_covariances = True
 

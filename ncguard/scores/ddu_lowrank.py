@@ -40,6 +40,7 @@ class LowRankDDU(Detector):
     """
 
     name = "ddu-lowrank"
+    log_density_scale = 1.0  # score = -log p(v) itself
     uses_features = True
     needs_class_covariances = True
 

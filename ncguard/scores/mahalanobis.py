@@ -59,6 +59,7 @@ class Mahalanobis(Detector):
     """
 
     name = "mahalanobis"
+    log_density_scale = 0.5  # score = -2 log N(v; mu_c, Sigma_f) of the nearest class up to a constant
     uses_features = True
 
     def __init__(self, eigenvalue_floor: float = DEFAULT_EIGENVALUE_FLOOR, layer: str | None = None) -> None:
