@@ -42,7 +42,7 @@ def test_default_fused_export_matches_the_reference(fused_export, digits_run_dir
     meta = load_model(path).metadata
     assert meta.score == "fused" and report.score == "fused"
     fused_meta = meta.extra["fused"]
-    expected = [["block3", "mahalanobis"], ["detection", "ddu-lowrank"]]  # default_components: the last block, low-rank DDU
+    expected = [["block3", "mahalanobis"], ["detection", "ddu-lowrank"]]  # default_fused on 1,212 fit rows: the last block, low-rank DDU, summed
     assert [[c["layer"], c["score"]] for c in fused_meta["components"]] == expected
     assert fused_meta["combine"] == "sum" and meta.extra["score_layer"] == ["block3", "detection"]
     assert all(c["sigma"] > 0 for c in fused_meta["components"])
@@ -125,3 +125,11 @@ def test_a_run_streams_the_joint_statistics_and_exports_the_conditional_block(di
     graph = Predictor(path, provider="cpu").predict(x).ood_score
     result = compare_scores("fused", reference.score(features), graph, width=sum(features[k].shape[1] for k in reference.layers))
     assert result.worst_ratio <= 1.0, result.describe()
+    # The same parts added as one density (the default's combine on large training sets): its parity check passes
+    # in export and the metadata carries the weights; digits' 1,212 fit rows are too few for that default itself.
+    assert build_detector("fused", bundle).components == (("block3", "mahalanobis"), ("detection", "ddu-lowrank"))
+    path, _ = export_run(str(digits_run_dir), str(tmp_path / "joint.onnx"), score="fused", components=components, combine="joint", provider="cpu")
+    fused_meta = load_model(path).metadata.extra["fused"]
+    assert fused_meta["combine"] == "joint"
+    weights = [c["weight"] for c in fused_meta["components"]]
+    assert np.mean(weights) == pytest.approx(1.0) and not np.allclose(weights, 1.0)

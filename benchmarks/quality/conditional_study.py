@@ -22,7 +22,8 @@ grid_study's cache (WORK/grid-study/: the same inputs and pooling, computed ther
 features of the fit split from one pass of the model (cached in WORK/conditional-study/). Each block
 part (BLOCK_PARTS: the whole-map statistics, or those and each channel's means on grid_study's 2x2
 grid, conditioned on nothing or on head layers) is fitted on the fit split, standardized on held-out
-ID data and summed with the default's semantic part, then judged as grid_study judges: the ID-only
+ID data and summed with the default's semantic part (or, JOINT_PARTS, added to it as one density by the
+product's `fused --combine joint`), then judged as grid_study judges: the ID-only
 proxy objective, the near splits' unseen classes against the plain model's per-split oracle, and the
 far sets against the plain model's per-set oracle. Writes benchmarks/results/near/conditional_study.md
 and .json. Not a test.
@@ -39,7 +40,7 @@ import numpy as np
 
 from ncguard.atomic import atomic_write
 from ncguard.data import load_dataset
-from ncguard.scores import build_detector, make_detector
+from ncguard.scores import Fused, build_detector, make_detector
 from ncguard.stats import ClassStatistics, StatisticsBundle, joint_features, joint_name
 
 from . import grid_study
@@ -58,6 +59,12 @@ BLOCK_PARTS = {
     "block3+grid": (True, ()),
     "block3+grid given transfer": (True, ("transfer",)),
     "block3+grid given detection, transfer": (True, ("detection", "transfer")),
+}
+# block parts added to the semantic part as one density (`fused --combine joint`, the product's own Fused)
+# instead of as equal standardized parts; "block3 given detection, transfer; joint" is today's default
+JOINT_PARTS = {
+    "block3; joint": (False, ()),
+    "block3 given detection, transfer; joint": (False, ("detection", "transfer")),
 }
 SEMANTIC = (("detection", "ddu-lowrank"),)  # the default's semantic part
 
@@ -80,17 +87,28 @@ def head_features(run_dir: Path, cache: Path) -> dict[str, np.ndarray]:
     return features
 
 
-def conditional_block_score(fit: dict[str, np.ndarray], labels: np.ndarray, bundle: StatisticsBundle, given: tuple[str, ...]):
-    """score({layer: features}) -> [N]: the product's `conditional-mahalanobis` on block3 given `given`
-    (plain `mahalanobis` when `given` is empty), fitted on statistics streamed from the fit rows here, as
-    `ncguard train` streams them for a run (the runs of rounds 3-4 predate the joint statistic)."""
+def block_statistics(fit: dict[str, np.ndarray], labels: np.ndarray, bundle: StatisticsBundle, given: tuple[str, ...]) -> StatisticsBundle:
+    """The run's bundle with block3's statistics (as the study pools it) refitted on the fit rows, and
+    block3's joint statistic with `given`, streamed as `ncguard train` streams them for a run (the runs
+    of rounds 3-4 predate the joint statistic)."""
     classes = bundle.classes
-    layers = {name: ClassStatistics(len(classes), per_class_covariance=False, bank_size=0).fit(fit[name], labels) for name in (BLOCK, *given)}
+    layers = {BLOCK: ClassStatistics(len(classes), per_class_covariance=False, bank_size=0).fit(fit[BLOCK], labels)}
     joint = {}
     if given:
         name = joint_name((BLOCK, *given))
         joint[name] = ClassStatistics(len(classes), per_class_covariance=False, bank_size=0).fit(joint_features(fit, name), labels)
-    fitted = StatisticsBundle(layers=layers, classes=classes, joint=joint)
+    return StatisticsBundle(layers={**bundle.layers, **layers}, weight=bundle.weight, bias=bundle.bias, classes=classes, joint=joint)
+
+
+def block_part(given: tuple[str, ...]) -> tuple[str, str]:
+    """The fused component that scores block3 given `given` (plain Mahalanobis when it is empty)."""
+    return (BLOCK, "conditional-mahalanobis") if given else (BLOCK, "mahalanobis")
+
+
+def conditional_block_score(fit: dict[str, np.ndarray], labels: np.ndarray, bundle: StatisticsBundle, given: tuple[str, ...]):
+    """score({layer: features}) -> [N]: the product's `conditional-mahalanobis` on block3 given `given`
+    (plain `mahalanobis` when `given` is empty), fitted on `block_statistics`."""
+    fitted = block_statistics(fit, labels, bundle, given)
     if not given:
         return build_detector("mahalanobis", fitted, layer=BLOCK).fit(fitted).score
     return make_detector("conditional-mahalanobis", layer=BLOCK, given=given).fit(fitted).score
@@ -127,9 +145,15 @@ def standardized_sums(spec: ModelSpec, work: Path, sets: list[str], split_held_o
         mean, sd = on_reference.mean(), on_reference.std()
         standardized[key] = {name: (np.asarray(score(cached[name])) - mean) / sd for name in sets}
     semantic = grid_study._name(SEMANTIC)
-    return {(part, semantic): {name: standardized[part][name] + sum(standardized[f"{layer}:{score}"][name] for layer, score in SEMANTIC)
+    sums = {(part, semantic): {name: standardized[part][name] + sum(standardized[f"{layer}:{score}"][name] for layer, score in SEMANTIC)
                                for name in sets}
             for part in BLOCK_PARTS}
+    for part, (gridded, given) in JOINT_PARTS.items():
+        fitted = block_statistics({BLOCK: grid["fit"][:, columns[gridded]], **head}, grid["fit_y"], bundle, given)
+        as_run = lambda features, gridded=gridded: {**features, BLOCK: features[(BLOCK, gridded)]}  # noqa: E731
+        fused = Fused(components=(block_part(given), *SEMANTIC), combine="joint").fit(fitted, as_run(reference))
+        sums[(part, semantic)] = {name: fused.score(as_run(cached[name])) for name in sets}
+    return sums
 
 
 def markdown(payload: dict, command: str) -> str:
@@ -141,9 +165,11 @@ def markdown(payload: dict, command: str) -> str:
              "`block3 given f` = Mahalanobis of the residual of those statistics after a least-squares regression on the head "
              "features f, fitted on the fit split; `block3+grid` also reads each channel's means on a 2x2 grid (what "
              "`ncguard train --block-grid 2` scores; grid_study.md). Every row adds the default's semantic part (`detection:ddu-lowrank`), "
-             "each part standardized on held-out ID data.",
+             "each part standardized on held-out ID data; rows ending in `; joint` add the two parts as the negative "
+             "log-densities they are instead (`fused --combine joint`: 1/2 the squared Mahalanobis distance plus DDU's -log p, one "
+             "density over both layers; the default of `ncguard train` since round 8).",
              "- Proxy objective: (AUROC + 1 - FPR95) / 2 on the held-out known classes, mean of the 9 ID-only proxies; in "
-             "brackets, on how many of the 9 the row is above the default's block part.",
+             "brackets, on how many of the 9 the row is above the first row (`block3`, the default until round 8).",
              "- Splits a, b, c: unseen classes, AUROC / FPR95, mean of 2 seeds; **beats** = better than the plain model's "
              "per-split oracle on both metrics; far k/9 = far sets of the same models beaten.",
              "- Check k: far sets of a 10-class model beaten (against the oracle of the plain model trained beside it): "
