@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/fused_cost.py --run RUN_DIR [--run RUN_DIR ...] [--calls 300]
 
 Issue 16's goal: the OOD part of the default graph at most 5% of the graph's time at batch 64 and 15%
-at batch 1. The run is exported once per variant (COMPONENTS: today's default, the defaults of rounds 2
+at batch 1. The run is exported once per variant (COMPONENTS: today's default, the defaults of rounds 3-7, 2
 and 1, the default with KNN beside its DDU, and the detection-layer scores alone), and ONNX Runtime's profiler
 gives the OOD-only nodes' share of the kernel time of the same calls
 (benchmarks/serving/local_paths.ood_node_share, the measure benchmarks/serving uses): a ratio within
@@ -48,6 +48,7 @@ def components_text(components) -> str:
 # (row, --components): None is whatever ncguard.scores.fused ships today
 COMPONENTS = (
     ("default", None),
+    ("round 3-7 default (block3 + low-rank DDU, summed)", "block3:mahalanobis,detection:ddu-lowrank"),
     ("round 2 default (block3 + full-covariance DDU)", "block3:mahalanobis,detection:ddu"),
     ("round 1 default (block1 + block3 + DDU)", "block1:mahalanobis,block3:mahalanobis,detection:ddu"),
     ("default + KNN on the detection layer", components_text(default_components(LAYERS.split(","))) + ",detection:knn"),
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             costs = ood_cost_both_ways(path, BATCHES, calls=args.calls)
             rows[row] = {
                 "components": load_model(path).metadata.ood_components,
+                "combine": load_model(path).metadata.extra["fused"]["combine"],
                 **{batch: {"ood_share": s["ood_share"], "ood_adds": s["ood_adds"], "ood_us": s["ood_us"], "rest_us": s["rest_us"],
                            "ood_nodes": len(s["ood_nodes"]), "wall_adds": s["wall_adds"]} for batch, s in costs.items()},
             }
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"+{r[b]['ood_adds']:.1%} ({r[b]['ood_us']:.0f} of {r[b]['rest_us']:.0f} us)"
                  + (" (goal met)" if r[b]["ood_adds"] <= payload["goal"][b] else "") for b in ("1", "64")]
         cells += [f"{r[b]['wall_adds']:+.1%}" for b in ("1", "64")]
-        lines.append(f"| {row}: {', '.join(r['components'])} | {r['1']['ood_nodes']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row}: {', '.join(r['components'])} ({r['combine']}) | {r['1']['ood_nodes']} | " + " | ".join(cells) + " |")
     atomic_write(out / "fused_cost.md", "\n".join(lines) + "\n")
     print(f"[fused-cost] written to {out / 'fused_cost.md'}")
     return 0

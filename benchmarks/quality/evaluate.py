@@ -33,7 +33,7 @@ LAYERS = ("block1", "block2", "block3", "transfer", "detection", "logits")
 BLOCKS = ("block1", "block2", "block3")
 MAX_CALIBRATION = 5000
 # Multi-layer candidates: (row name, components, combine). The benchmark picks the default among them;
-# "fused" (components None) is the shipped default, ncguard.scores.fused.default_components.
+# "fused" (components and combine None) is the shipped default, ncguard.scores.fused.default_fused.
 BLOCK_MAHALANOBIS = tuple((b, "mahalanobis") for b in BLOCKS)
 FUSED_CANDIDATES = (
     ("fused-blocks+etf", (*BLOCK_MAHALANOBIS, ("detection", "etf")), "sum"),
@@ -41,7 +41,7 @@ FUSED_CANDIDATES = (
     ("fused-block1+etf", (("block1", "mahalanobis"), ("detection", "etf")), "sum"),
     ("fused-blocks+ddu", (*BLOCK_MAHALANOBIS, ("detection", "ddu")), "sum"),
     ("fused-blocks+ddu+vim", (*BLOCK_MAHALANOBIS, ("detection", "ddu"), ("detection", "vim")), "sum"),
-    ("fused", None, "sum"),  # the default of ncguard train/export (ncguard.scores.fused.default_components)
+    ("fused", None, None),  # the default of ncguard train/export: components and combine from ncguard.scores.fused.default_fused
     # Near-OOD round 2 (issue 16): block1's pixel statistics drowned the semantic signal on split c, so
     # the default ("fused" above) became block3 + DDU; round 1's default and a second semantic component beside it
     ("fused-block1+block3+ddu", (("block1", "mahalanobis"), ("block3", "mahalanobis"), ("detection", "ddu")), "sum"),
@@ -54,6 +54,9 @@ FUSED_CANDIDATES = (
     # Round 7: the default's block part scored given the head's features (runs trained since it exists;
     # older runs skip it, their statistics hold no joint statistic)
     ("fused-conditional", (("block3", "conditional-mahalanobis"), ("detection", "ddu-lowrank")), "sum"),
+    # Round 8: the default adds those two parts as one density (combine "joint") when the run streams the joint
+    # statistic and trained on enough images; the default of rounds 3-7 (the same parts unconditioned, summed) beside it
+    ("fused-block3+ddu-lowrank", (("block3", "mahalanobis"), ("detection", "ddu-lowrank")), "sum"),
 )
 CALIBRATION = "cal"  # the key of the run's held-out split in the feature cache
 # Feature scores that need no classifier, so they read any layer; the others (vim, nci, neco and the

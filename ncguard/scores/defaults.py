@@ -8,7 +8,7 @@ both back from the run, and `ncguard fit` asks here; the TPR default is
 
 Why each entry:
 - etf, plain -> "fused": the quality benchmark's winner on both heads (benchmarks/results/quality.md,
-  check/ and near/; its components and why: `ncguard.scores.fused.default_components`): on
+  check/ and near/; its components, its combine and why: `ncguard.scores.fused.default_fused`): on
   Fashion-MNIST it beats the best standard score of the plain model on 8 of 9 far-OOD sets, and it is
   the best of the ID-only candidates on near OOD.
 - l2 -> "ddu": Haas et al.'s L2-normalized model is scored with DDU's density in their paper, and the
