@@ -25,7 +25,7 @@ from .plan import NEAR_SPLITS, PROXY_HELD_OUT, Budget, ModelSpec, proxy_spec
 from .report import OURS, PLAIN, _mean_sd, beats, oracle, row_table
 from .select import DEFAULT_COMBINATION, ROUND1_DEFAULT, ROUND2_DEFAULT, choose, objective
 
-EARLIER_DEFAULTS = {"round 1": ROUND1_DEFAULT, "round 2": ROUND2_DEFAULT}  # shown beside today's default
+EARLIER_DEFAULTS = {"round 1": ROUND1_DEFAULT, "round 2": ROUND2_DEFAULT}  # shown beside the rounds 3-7 default
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 HELD_OUT = NEAR_OOD[0]
@@ -249,20 +249,20 @@ def _markdown(payload: dict, budget: Budget) -> list[str]:
               "objective averaged over its proxies; the pooled choice averages over every proxy of every split (each proxy counts once). Search space: a block part, Mahalanobis on block1 and block3 (`blocks`) or on block3 alone (`block3`), with weight "
               "w in {0, 0.1, 0.25, 0.5, 1}, plus one or two semantic components (DDU, ETF, KNN, Mahalanobis on the detection or the transfer layer, "
               "ViM on the detection layer) with weight 1, each standardized on held-out ID data; objective: (AUROC + 1 - FPR95) / 2 on the proxy; "
-              "guard fixed in advance: w >= 0.1 (the proxy cannot value the far-OOD components). `block3*1+detection:ddu-lowrank` is today's default `fused`; `block3*1+detection:ddu` was round 2's, `blocks*1+detection:ddu` round 1's.", ""]
+              "guard fixed in advance: w >= 0.1 (the proxy cannot value the far-OOD components). `block3*1+detection:ddu-lowrank` was the default `fused` of rounds 3-7 (today's, the block given the head added as one density, is outside this space: conditional_study.md); `block3*1+detection:ddu` was round 2's, `blocks*1+detection:ddu` round 1's.", ""]
     if payload.get("stale_proxies"):
         lines += ["Left out of every choice (not a planned proxy, or trained on other classes than plan.py's pair now names): "
                   + ", ".join(payload["stale_proxies"]) + ".", ""]
     for key, sel in selection.items():
         if key == "pooled":
             lines += [f"### Pooled over {sel['n_proxies']} proxies of splits {', '.join(sel['splits'])} (one combination for every split: the product-default candidate)", "",
-                      f"Proxies: {', '.join(sel['proxies'])}. Chosen: `{sel['chosen']}`; unguarded: `{sel['unguarded']}`; the default ranks {_rank(sel)}", ""]
+                      f"Proxies: {', '.join(sel['proxies'])}. Chosen: `{sel['chosen']}`; unguarded: `{sel['unguarded']}`; the rounds 3-7 default ranks {_rank(sel)}", ""]
         else:
             lines += [f"### Proxies of split {key} ({sel['n_proxies']} of {sel['planned_proxies']} trained)", "",
                       f"Chosen over the mean of {'its ' + str(sel['n_proxies']) + ' proxies' if sel['n_proxies'] > 1 else 'its one proxy'}: `{sel['chosen']}`; "
-                      f"unguarded: `{sel['unguarded']}`; the default ranks {_rank(sel)}"
+                      f"unguarded: `{sel['unguarded']}`; the rounds 3-7 default ranks {_rank(sel)}"
                       + (f" Not trained yet: {', '.join(sel['not_trained'])}." if sel["not_trained"] else ""), "",
-                      "| proxy | held out (plays unseen) | trained on | its own choice | its own unguarded choice | default's rank | split's choice: rank / objective on this proxy |",
+                      "| proxy | held out (plays unseen) | trained on | its own choice | its own unguarded choice | rounds 3-7 default's rank | split's choice: rank / objective on this proxy |",
                       "| --- | --- | --- | --- | --- | ---: | ---: |"]
             for own in sel["proxies"]:
                 rank = "n/a" if own["split_choice_rank"] is None else str(own["split_choice_rank"] + 1)
