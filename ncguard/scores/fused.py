@@ -91,15 +91,17 @@ def default_fused(statistics: StatisticsBundle) -> tuple[tuple[tuple[str, str], 
     density, -log p(block, detection), with no weight chosen by anyone. Otherwise `default_components`,
     combined "sum".
 
-    Why (issue 16, round 8; benchmarks/results/near/conditional_study.md): the unconditioned sum counts the
-    class content twice (the block statistics move with what an image shows), and its equal weights after
-    standardization are a convention, not a model. On the 9 ID-only proxy models (known classes held out)
-    the joint density has the best objective of every combination studied (0.6748 against 0.6669 for
-    `default_components` summed); on the near benchmark it is the first default that beats the plain
-    model's per-split oracle on all three splits (it was 2 of 3), and it keeps every far set the former
-    default kept (the near models' 24 of 27; 8 of 9 on both 10-class check models). A standardized sum of
-    the same two parts ties it on the proxies (0.6746) but loses split c; the joint weights were tried
-    after a screen of block weights, and are taken for their principle and the proxies' (tied) verdict.
+    Why (issue 16, round 8; benchmarks/results/near/conditional_study.md and README.md there): the
+    unconditioned sum counts the class content twice (the block statistics move with what an image shows),
+    and its equal weights after standardization are a convention, not a model. On the 9 ID-only proxy models
+    (known classes held out) the joint density has the best objective of the block parts without the grid
+    (0.6748 against 0.6669 for `default_components` summed; the gridded ones score higher, 0.677-0.679, but
+    lose shift-blur on a bf16 model and cost a 768-wide whitening). On the near benchmark it is the first
+    default that beats the plain model's per-split oracle on all three splits (it was 2 of 3), and it keeps
+    the far sets the former default kept (the near models' 24 of 27; 8 of 9 on both 10-class check models,
+    their blocks pooled without a grid). A standardized sum of the same two parts ties it on the proxies
+    (0.6746) but loses split c; the joint weights were tried after a screen of block weights, and are taken
+    for their principle and the proxies' (tied) verdict.
     """
     detection = classifier_layer(statistics) or "detection"
     components = default_components(tuple(statistics.layers), detection)
