@@ -146,7 +146,7 @@ def standardized_sums(spec: ModelSpec, work: Path, sets: list[str], split_held_o
         standardized[key] = {name: (np.asarray(score(cached[name])) - mean) / sd for name in sets}
     semantic = grid_study._name(SEMANTIC)
     sums = {(part, semantic): {name: standardized[part][name] + sum(standardized[f"{layer}:{score}"][name] for layer, score in SEMANTIC)
-                               for name in sets}
+                              for name in sets}
             for part in BLOCK_PARTS}
     for part, (gridded, given) in JOINT_PARTS.items():
         fitted = block_statistics({BLOCK: grid["fit"][:, columns[gridded]], **head}, grid["fit_y"], bundle, given)
