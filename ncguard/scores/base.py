@@ -129,7 +129,7 @@ class Detector:
     - `calibrate(held_out, tpr)` sets `threshold_` (`ncguard.calibration.calibrate_threshold`) from
       held-out ID scores or features; `is_ood(...)` is then `score > threshold_`, as served.
     - `component_names()` / `component_scores(...)` explain a score by its parts ([N, K]; a single
-      score is its own one component; `Fused` gives each part's standardized score).
+      score is its own one component; `Fused` gives each part's weighted standardized score).
     - `build_graph(builder, inputs)` writes the same formula as ONNX nodes (`ncguard.scores.graph`):
       each score's NumPy formula (`_score`) and its graph (`_graph`) live in the same file, and the
       parity tests (tests/test_export_score_graph.py) hold the two together.
