@@ -86,10 +86,11 @@ def default_fused(statistics: StatisticsBundle) -> tuple[tuple[tuple[str, str], 
     """(components, combine) of the default `fused` score for these statistics: the one place it is decided.
 
     With the joint statistic and enough fit rows (`conditioned_default`): the last block given the head
-    (`conditional-mahalanobis`, -log p(block | head) up to a constant) plus low-rank DDU on the detection
-    layer (-log p(head)), combined "joint", i.e. added as the negative log-densities they are: one
-    density, -log p(block, detection), with no weight chosen by anyone. Otherwise `default_components`,
-    combined "sum".
+    (`conditional-mahalanobis`, -log p(block | detection, transfer) up to a constant) plus low-rank DDU on
+    the detection layer (-log p(detection)), combined "joint", i.e. added as the negative log-densities
+    they are, with no weight chosen by anyone: the joint density of the three layers but for the transfer
+    layer's own term, log p(transfer | detection), which no component scores. Otherwise
+    `default_components`, combined "sum".
 
     Why (issue 16, round 8; benchmarks/results/near/conditional_study.md and README.md there): the
     unconditioned sum counts the class content twice (the block statistics move with what an image shows),
@@ -210,9 +211,9 @@ class Fused(Detector):
     regressor fitted on OOD validation data). "joint" needs every component to be a Gaussian negative
     log-density (`log_density_scale` c_l: 1 for DDU, 1/2 for a squared Mahalanobis distance) and takes
     w_l = c_l sigma_l / mean_k(c_k sigma_k), so the sum is sum_l c_l s_l / mean_k(c_k sigma_k) plus a
-    constant: -log of one density over all the components' layers (when each part is conditioned on
-    the ones after it, as `conditional-mahalanobis` is), in units that keep its held-out spread near
-    that of "sum". `layers` is every layer a component reads, feature layers in component order, then
+    constant: the parts' negative log-densities added in their own units (-log of one density over their
+    layers when each part is conditioned on exactly the layers the others score), in units that keep
+    its held-out spread near that of "sum". `layers` is every layer a component reads, feature layers in component order, then
     "logits" if any reads them; `component_scores` are the weighted standardized parts, which is how
     the score explains a decision (an early block: the input looks different at the pixel level; the
     detection layer: it looks like no known class). `combine` None: the default's combine for default
