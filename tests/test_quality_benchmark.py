@@ -125,7 +125,7 @@ def test_near_splits_hold_every_class_out_and_proxies_use_known_classes_only():
     assert unseen == set(range(10)), "every class is unseen in at least one split"
     near = model_specs(BUDGETS["near"])
     assert {s.task for s in near} == {"near", "proxy"}, "the near budget trains no 10-class model"
-    assert sorted(s.name for s in near if s.task == "near") == sorted(f"near-{k}-{h}-s{seed}" for k in NEAR_SPLITS for h in ("etf", "plain") for seed in (0, 1))
+    assert sorted(s.name for s in near if s.task == "near") == sorted(f"near-{k}-{h}-s{seed}" for k in NEAR_SPLITS for h in ("etf", "plain") for seed in (0, 1, 2))
     assert [s.seed for s in near] == sorted(s.seed for s in near), "every seed-0 model (and proxy) before any seed-1 model"
     full = {s.name: s for s in model_specs(BUDGETS["full"])}
     for spec in near:  # the near size trains the full size's near-OOD runs: same names, same flags
