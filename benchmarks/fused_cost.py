@@ -79,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             path = Path(folder) / "model.onnx"
             export_run(run, str(path), score="fused", components=components, provider="cpu")
             costs = ood_cost_both_ways(path, BATCHES, calls=args.calls)
+            metadata = load_model(path).metadata
             rows[row] = {
-                "components": load_model(path).metadata.ood_components,
-                "combine": load_model(path).metadata.extra["fused"]["combine"],
+                "components": metadata.ood_components,
+                "combine": metadata.extra["fused"]["combine"],
                 **{batch: {"ood_share": s["ood_share"], "ood_adds": s["ood_adds"], "ood_us": s["ood_us"], "rest_us": s["rest_us"],
                            "ood_nodes": len(s["ood_nodes"]), "wall_adds": s["wall_adds"]} for batch, s in costs.items()},
             }

@@ -126,7 +126,7 @@ BUDGETS = {
     "study": Budget("study", seeds=(0,), epochs=None, id_test=None, ood_per_set=2000, ablations=True, near_splits=(), proxies_per_split=0, published="study"),
     # The near-OOD round alone: 3 splits x 2 heads x 3 seeds + 3 x 3 proxies (seed 0 of every split with its
     # first proxy comes first: about 1.2 hours on 2 quiet cores; then the other 6 proxies, about 0.7 more
-    # (~6-10 min each); seeds 1 and 2 about 0.3 each on today's faster network); seeds 0-1 are the full size's runs.
+    # (~6-10 min each); seeds 1 and 2 about 0.3 each on today's faster network); same runs as the full size's.
     # Seed 2 since round 8 (issue 16), whose default won every split by margins inside the 2-seed spread.
     "near": Budget("near", seeds=(0,), epochs=None, id_test=None, ood_per_set=2000, ablations=False, near_seeds=(0, 1, 2), full_models=False, published="near", settle_seconds=0.0),
     # The two 10-class models at the defaults, seed 0, nothing else: the check of the defaults' goals that

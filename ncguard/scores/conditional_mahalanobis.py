@@ -39,11 +39,12 @@ class ConditionalMahalanobis(Mahalanobis):
     split whose unseen classes share the known classes' textures its class-driven variation is noise
     (split c: the block part alone scores the unseen classes at AUROC 0.68 and pulls the sum from
     0.87 to 0.82). Conditioned on the head, the sum reads as one joint density, -log p(b | f) -
-    log p(f) (but for the head layers a semantic part does not score), when the parts are added in their own units (`fused --combine joint`, this score's
-    `log_density_scale` 1/2 as Mahalanobis's). benchmarks/results/near/conditional_study.md: on the 9
-    ID-only proxy models the objective rises from 0.667 to 0.675 (block3 given detection and transfer,
-    8 of 9 proxies better) with the far-OOD sets kept; added as one density, it is the default for
-    runs with enough training data (`ncguard.scores.fused.default_fused`). Lee et al. (2018) fit one Gaussian per layer and
+    log p(f) (but for the head layers a semantic part does not score), when the parts are added in
+    their own units (`fused --combine joint`, this score's `log_density_scale` 1/2 as Mahalanobis's).
+    benchmarks/results/near/conditional_study.md: on the 9 ID-only proxy models the objective rises
+    from 0.667 to 0.675 (block3 given detection and transfer, 8 of 9 proxies better) with the far-OOD
+    sets kept; added as one density, it is the default for runs with enough training data
+    (`ncguard.scores.fused.default_fused`). Lee et al. (2018) fit one Gaussian per layer and
     combine them as if independent; this is the conditional term of a Gaussian over both layers.
 
     Fitted from the bundle's joint statistics of [b, f] (`StatisticsBundle.joint`, the key

@@ -73,12 +73,13 @@ def conditioned_default(statistics: StatisticsBundle, block: str, detection_laye
     hold the joint statistic `ncguard train` streams for it (the block with the detection and transfer
     layers), the classifier reads "detection" (a trained run), and the fit split had at least
     ROWS_PER_COEFFICIENT rows per coefficient of the regression of the block on the head (head width + 1)."""
-    from .conditional_mahalanobis import HEAD_LAYERS as GIVEN
+    from .conditional_mahalanobis import streamed_joint
 
-    joint = statistics.joint.get(joint_name((block, *GIVEN)))
-    if joint is None or detection_layer != "detection" or not all(layer in statistics.layers for layer in GIVEN):
+    parts = streamed_joint(tuple(statistics.layers))
+    joint = statistics.joint.get(joint_name(parts)) if parts is not None and parts[0] == block else None
+    if joint is None or detection_layer != "detection":
         return False
-    head_width = sum(statistics.layers[layer].means_.shape[1] for layer in GIVEN)
+    head_width = joint.means_.shape[1] - statistics.layers[block].means_.shape[1]
     return int(joint.counts_.sum()) >= ROWS_PER_COEFFICIENT * (head_width + 1)
 
 
@@ -213,10 +214,10 @@ class Fused(Detector):
     w_l = c_l sigma_l / mean_k(c_k sigma_k), so the sum is sum_l c_l s_l / mean_k(c_k sigma_k) plus a
     constant: the parts' negative log-densities added in their own units (-log of one density over their
     layers when each part is conditioned on exactly the layers the others score), in units that keep
-    its held-out spread near that of "sum". `layers` is every layer a component reads, feature layers in component order, then
-    "logits" if any reads them; `component_scores` are the weighted standardized parts, which is how
-    the score explains a decision (an early block: the input looks different at the pixel level; the
-    detection layer: it looks like no known class). `combine` None: the default's combine for default
+    its held-out spread near that of "sum". `layers` is every layer a component reads, feature layers
+    in component order, then "logits" if any reads them; `component_scores` are the weighted
+    standardized parts, which is how the score explains a decision (an early block: the input looks
+    different at the pixel level; the detection layer: it looks like no known class). `combine` None: the default's combine for default
     components (`default_fused`), else "sum"; the one used is `combine_`.
     """
 
